@@ -1,0 +1,318 @@
+"""The user's batch description: pydantic models for globals, instance types, environments and jobs.
+
+The key names are the predecessor's (katapult/cloudsend), so its users' files load unchanged. Keys it
+documented that have no meaning here are accepted and reported through ``BatchConfig.notes``; keys it never
+had are errors. Everything here is pure data and checks: no Prefect, SSH or boto3.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+Provider = Literal["local", "ssh", "aws"]
+
+# Keys the predecessor documented that this tool accepts but does not use, with the reason told to the user.
+IGNORED_GLOBAL_KEYS = {
+    "debug": "verbosity is set with Prefect's logging settings (PREFECT_LOGGING_LEVEL)",
+    "dev": "environments and instances are always reused by content hash",
+    "print_deploy": "bootstrap logs are always kept on the host and shown when a bootstrap fails",
+    "mutualize_uploads": "uploads are always stored once per host by content hash",
+    "job_assign": "jobs are always placed online on whichever instance has free CPUs",
+    "_maestro_name_proj": "there is no maestro instance: the Prefect flow is the controller",
+}
+AWS_ONLY_KEYS = (
+    "region",
+    "type",
+    "gpu",
+    "img_id",
+    "img_username",
+    "disk_size",
+    "disk_type",
+    "eco",
+    "max_bid",
+    "eco_life",
+    "cloud_id",
+)
+SSH_ONLY_KEYS = ("host", "port", "user", "key_file", "host_key", "accept_new_host_key", "remote_dir")
+
+
+def split_ignored(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Drop the predecessor's global keys that mean nothing here, saying why for each."""
+    notes = [f"'{key}' is ignored: {why}" for key, why in IGNORED_GLOBAL_KEYS.items() if key in data]
+    return {k: v for k, v in data.items() if k not in IGNORED_GLOBAL_KEYS}, notes
+
+
+def _as_list(value: Any) -> Any:
+    """The predecessor accepted a comma-separated string wherever a list of names was expected."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InstanceType(_Strict):
+    """A kind of host; ``number`` copies of it are used (``explode`` splits a large CPU need)."""
+
+    provider: Provider | None = Field(
+        None, title="Provider", description="Overrides the global provider for this instance type."
+    )
+    name: str | None = Field(
+        None, title="Name", description="A label for these instances in logs and tables."
+    )
+    cpus: int | None = Field(
+        None,
+        ge=1,
+        title="CPUs",
+        description="CPU slots jobs are packed into. local: defaults to this machine's CPU count; "
+        "aws: defaults to the type's vCPUs.",
+    )
+    number: int = Field(1, ge=1, title="Number", description="How many instances of this type.")
+    explode: bool = Field(
+        False,
+        title="Explode",
+        description="aws: split `cpus` over several instances of at most the type's vCPUs each.",
+    )
+    # aws
+    region: str | None = Field(None, title="Region", description="aws: the EC2 region.")
+    type: str | None = Field(None, title="Instance type", description="aws: the EC2 instance type.")
+    gpu: str | None = Field(None, title="GPU", description="aws: a GPU kind to ask for.")
+    img_id: str | None = Field(
+        None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS)."
+    )
+    img_username: str | None = Field(
+        None, title="Image user", description="aws: the login user of the image."
+    )
+    disk_size: int | None = Field(None, ge=1, title="Disk size (GiB)", description="aws: root volume size.")
+    disk_type: str | None = Field(None, title="Disk type", description="aws: EBS volume type (gp3, io2...).")
+    eco: bool = Field(False, title="Spot", description="aws: use spot capacity.")
+    max_bid: float | None = Field(None, gt=0, title="Max spot price", description="aws: USD per hour.")
+    eco_life: float | None = Field(
+        None, gt=0, title="Spot request life (hours)", description="aws: how long a spot request stays valid."
+    )
+    cloud_id: str | None = Field(None, title="VPC id", description="aws: VPC to use (default VPC otherwise).")
+    # ssh
+    host: str | None = Field(None, title="Host", description="ssh: host name or address.")
+    port: int = Field(22, ge=1, le=65535, title="SSH port", description="ssh: port of the host's sshd.")
+    user: str | None = Field(None, title="User", description="ssh: login user (default: your user name).")
+    key_file: str | None = Field(None, title="Key file", description="ssh: private key file.")
+    host_key: str | None = Field(
+        None, title="Pinned host key", description="ssh: the host's public key line, checked on connect."
+    )
+    accept_new_host_key: bool = Field(
+        False,
+        title="Accept new host key",
+        description="ssh: record an unknown host key on first contact (like StrictHostKeyChecking=accept-new).",
+    )
+    remote_dir: str | None = Field(
+        None, title="Remote base dir", description="Where cloudsend keeps its files on the host."
+    )
+
+    @field_validator("eco_life", mode="before")
+    @classmethod
+    def _hours(cls, value: Any) -> Any:
+        if hasattr(value, "total_seconds"):  # the predecessor's timedelta
+            return value.total_seconds() / 3600
+        return value
+
+    @field_validator("max_bid", mode="before")
+    @classmethod
+    def _bid(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, str) else value
+
+
+class Environment(_Strict):
+    """Software a job runs in, bootstrapped once per host and reused by content hash."""
+
+    name: str | None = Field(
+        None, title="Name", description="Needed when there is more than one environment."
+    )
+    env_pypi: list[str] | str | None = Field(
+        None, title="pip packages", description="A list of requirements, or a requirements.txt file."
+    )
+    env_conda: list[str] | str | None = Field(
+        None, title="conda packages", description="A list of packages, or an environment.yml file."
+    )
+    env_conda_channels: list[str] | None = Field(None, title="conda channels")
+    env_aptget: list[str] | None = Field(None, title="apt packages", description="Installed with apt-get.")
+    env_julia: list[str] | None = Field(None, title="Julia packages", description="Added with Pkg.add.")
+    command: str | None = Field(
+        None,
+        title="Setup command",
+        description="A bash script file (or inline commands) run first when the environment is built.",
+    )
+
+    _norm = field_validator("env_conda_channels", "env_aptget", "env_julia", mode="before")(
+        lambda value: _as_list(value)
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+
+class Job(_Strict):
+    """One script or command; ``repeat`` runs it several times."""
+
+    name: str | None = Field(None, title="Name", description="Names the job's task run and results folder.")
+    run_script: str | None = Field(
+        None,
+        title="Script",
+        description="`path args...`: .py runs with python, .jl with julia, .sh with bash.",
+    )
+    run_command: str | None = Field(None, title="Command", description="Any shell command (bash).")
+    args: list[str] = Field(
+        default_factory=list, title="Arguments", description="Extra arguments passed literally, one per item."
+    )
+    upload_files: list[str] = Field(default_factory=list, title="Files to upload")
+    input_files: list[str] = Field(default_factory=list, title="Input files (uploaded)")
+    output_files: list[str] = Field(
+        default_factory=list, title="Output files", description="Must exist when the job ends; fetched back."
+    )
+    cpus_req: int = Field(1, ge=1, title="CPUs needed")
+    env_name: str | None = Field(None, title="Environment")
+    repeat: int = Field(1, ge=1, title="Repeat", description="Run this many copies.")
+    max_retries: int = Field(0, ge=0, title="Retries on failure")
+    timeout: float | None = Field(
+        None, gt=0, title="Timeout (s)", description="Kill the job after this long."
+    )
+    expected_duration: float | None = Field(None, gt=0, title="Expected duration (s)")
+
+    _lists = field_validator("upload_files", "input_files", "output_files", mode="before")(
+        lambda value: _as_list(value) if value is not None else []
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Job:
+        if bool(self.run_script) == bool(self.run_command):
+            raise ValueError("give exactly one of run_script or run_command")
+        return self
+
+
+class BatchConfig(_Strict):
+    """A whole batch: globals plus the three lists."""
+
+    project: str = Field("cloudsend", title="Project", description="Names and tags what this batch creates.")
+    provider: Provider = Field("local", title="Provider", description="Default provider of instance types.")
+    profile: str | None = Field(None, title="AWS profile", description="aws: profile used without a block.")
+    auto_stop: bool = Field(
+        True, title="Auto stop", description="Stop created instances when the work is done."
+    )
+    recover: bool = Field(
+        True,
+        title="Recover",
+        description="Skip jobs that already finished in an earlier run of the same batch.",
+    )
+    maestro: Literal["local", "remote", "lambda"] = Field(
+        "local",
+        title="Maestro",
+        description="Only 'local': the Prefect flow (or its worker) is the controller.",
+    )
+    poll_interval: float = Field(
+        1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched."
+    )
+    instances: list[InstanceType] = Field(default_factory=lambda: [InstanceType()], min_length=1)
+    environments: list[Environment] = Field(default_factory=list)
+    jobs: list[Job] = Field(default_factory=list)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="<config>")
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_items(cls, data: Any) -> Any:
+        """The predecessor allowed one dict where a list was expected."""
+        if isinstance(data, dict):
+            data = {
+                k: [v] if k in ("instances", "environments", "jobs") and isinstance(v, dict) else v
+                for k, v in data.items()
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _links(self) -> BatchConfig:
+        names = [env.name for env in self.environments]
+        if len(self.environments) > 1 and None in names:
+            raise ValueError(f"environments[{names.index(None)}].name: required when there are several")
+        dupes = {n for n in names if n is not None and names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"environments: duplicate name {sorted(dupes)[0]!r}")
+        for i, job in enumerate(self.jobs):
+            if job.env_name is not None and job.env_name not in names:
+                known = ", ".join(repr(n) for n in names if n) or "none defined"
+                raise ValueError(
+                    f"jobs[{i}].env_name: no environment named {job.env_name!r} (known: {known})"
+                )
+        for i, inst in enumerate(self.instances):
+            provider = inst.provider or self.provider
+            if provider == "ssh" and not inst.host:
+                raise ValueError(f"instances[{i}].host: required for the ssh provider")
+        biggest = max(self.instance_cpus(inst) for inst in self.instances)
+        for i, job in enumerate(self.jobs):
+            if job.cpus_req > biggest:
+                raise ValueError(
+                    f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})"
+                )
+        return self
+
+    def instance_cpus(self, inst: InstanceType) -> int:
+        """CPUs of one instance of this type, before any cloud lookup."""
+        if inst.cpus is not None:
+            return inst.cpus
+        if (inst.provider or self.provider) == "local":
+            return os.cpu_count() or 1
+        return 1 << 30  # unknown until the provider asks the cloud; checked again at provisioning
+
+    def env_for(self, job: Job) -> Environment | None:
+        """The job's environment: the named one, or the only one when there is exactly one."""
+        if job.env_name is not None:
+            return next(env for env in self.environments if env.name == job.env_name)
+        return self.environments[0] if len(self.environments) == 1 else None
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the config (scripts, uploads, env files) are relative to this directory."""
+        return self._base_dir
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings about accepted-but-unused keys, for the CLI and the flow log."""
+        return list(self._notes)
+
+    def located(self, base_dir: Path, source: str, notes: list[str] = []) -> BatchConfig:  # noqa: B006
+        """Attach where the config came from (for relative paths and messages) and the load-time notes."""
+        self._base_dir = base_dir
+        self._source = source
+        self._notes = [*notes, *self._provider_notes()]
+        if self.maestro != "local":
+            self._notes.append(f"maestro '{self.maestro}' is not built: the Prefect flow runs the batch")
+        return self
+
+    def _provider_notes(self) -> list[str]:
+        notes = []
+        for i, inst in enumerate(self.instances):
+            provider = inst.provider or self.provider
+            unused = [k for k in inst.model_fields_set if k in AWS_ONLY_KEYS] if provider != "aws" else []
+            unused += [k for k in inst.model_fields_set if k in SSH_ONLY_KEYS] if provider != "ssh" else []
+            if provider != "aws" and inst.explode:
+                unused.append("explode")
+            if unused:
+                notes.append(
+                    f"instances[{i}]: {', '.join(sorted(unused))} ignored: not used by the {provider} provider"
+                )
+        return notes
