@@ -1,0 +1,382 @@
+#!/bin/sh
+# cloudsend host runtime: the only code that runs on a host. POSIX sh, no Python needed.
+#
+#   host.sh stage    BASE CAPACITY   < manifest   stage jobs (files linked from the store), queue them, start what fits
+#   host.sh status   BASE BATCH                   one JSON line per job of BATCH; catches vanished processes
+#   host.sh cancel   BASE BATCH [KEY...]          kill jobs' process groups (BATCH '*' = every batch)
+#   host.sh missing  BASE            < shas       print the shas not yet in the file store
+#   host.sh env      BASE KEY                     print an environment's state, starting its build if needed
+#   host.sh run|bootstrap|dispatch ...            internal: started by the commands above
+#
+# Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash),
+# jobs/<batch>/<key>/ (run dir: cmd.sh, status, pid, stdout, stderr, outputs), queue/ and running/
+# (host-wide CPU accounting shared by all batches), capacity, lock/.
+set -u
+
+cmd=$1
+BASE=$2
+shift 2
+case $0 in /*) SELF=$0 ;; *) SELF=$PWD/$0 ;; esac
+mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" || exit 3
+BASE=$(cd "$BASE" && pwd) || exit 3
+JOB_SHELL=bash
+command -v bash >/dev/null 2>&1 || JOB_SHELL=sh
+
+now() {
+    t=$(date +%s.%N)
+    case $t in *N) t=$(date +%s) ;; esac
+    printf '%s' "$t"
+}
+
+# Start a command in the background in its own session, holding none of our file descriptors (so an SSH
+# channel closes at once); $! is its pid. A function's own redirections would not do: dash keeps the
+# caller's stdout open in the background subshell.
+detach() {
+    (
+        exec </dev/null >/dev/null 2>&1
+        if command -v setsid >/dev/null 2>&1; then exec setsid "$@"; else exec "$@"; fi
+    ) &
+}
+
+lock() {
+    n=0
+    until mkdir "$BASE/lock" 2>/dev/null; do
+        n=$((n + 1))
+        if [ $n -gt 250 ]; then # about 5 s: steal the lock if its owner died
+            owner=
+            read -r owner <"$BASE/lock/pid" 2>/dev/null
+            if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then rm -rf "$BASE/lock"; fi
+            n=0
+        fi
+        sleep 0.02 2>/dev/null || sleep 1
+    done
+    echo $$ >"$BASE/lock/pid"
+}
+
+unlock() {
+    rm -rf "$BASE/lock"
+}
+
+# write_status DIR STATE REASON: the job's one-line JSON record, replaced atomically.
+write_status() {
+    ws_pid=null ws_start=null ws_end=null ws_exit=null
+    [ -f "$1/pid" ] && read -r ws_pid <"$1/pid"
+    [ -f "$1/start" ] && read -r ws_start <"$1/start"
+    [ -f "$1/end" ] && read -r ws_end <"$1/end"
+    [ -f "$1/exit" ] && read -r ws_exit <"$1/exit"
+    printf '{"key":"%s","state":"%s","pid":%s,"start":%s,"end":%s,"exit":%s,"reason":"%s"}\n' \
+        "${1##*/}" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$3" >"$1/status.tmp" &&
+        mv -f "$1/status.tmp" "$1/status"
+}
+
+# Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone.
+dispatch() {
+    lock
+    cap=1
+    read -r cap <"$BASE/capacity" 2>/dev/null
+    used=0
+    for r in "$BASE"/running/*; do
+        [ -f "$r" ] || continue
+        c=1
+        read -r c <"$r"
+        used=$((used + c))
+    done
+    for q in "$BASE"/queue/*; do
+        [ -f "$q" ] || continue
+        [ "$used" -ge "$cap" ] && break
+        read -r batch key <"$q"
+        d="$BASE/jobs/$batch/$key"
+        if [ ! -d "$d" ]; then
+            rm -f "$q"
+            continue
+        fi
+        read -r c <"$d/cpus"
+        read -r env <"$d/env"
+        if [ "$env" != - ]; then
+            es=
+            read -r es <"$BASE/envs/$env/state" 2>/dev/null
+            case $es in
+            ready) ;;
+            failed)
+                rm -f "$q"
+                write_status "$d" aborted "environment failed to build (see its bootstrap log)"
+                continue
+                ;;
+            *)
+                [ -f "$d/waiting" ] || { : >"$d/waiting" && write_status "$d" waiting "waiting for environment"; }
+                continue
+                ;;
+            esac
+        fi
+        if [ $((used + c)) -le "$cap" ] || [ "$used" -eq 0 ]; then
+            echo "$c" >"$BASE/running/${batch}__$key"
+            rm -f "$q"
+            detach sh "$SELF" run "$BASE" "$batch" "$key"
+            used=$((used + c))
+        fi
+    done
+    unlock
+}
+
+stage() {
+    echo "$1" >"$BASE/capacity"
+    for f in "$BASE"/files/.incoming/*; do
+        [ -f "$f" ] && mv -f "$f" "$BASE/files/${f##*/}"
+    done
+    stamp=$(now)
+    i=0
+    skip=1
+    d=
+    while IFS= read -r line; do
+        tag=${line%% *}
+        rest=${line#* }
+        case $tag in
+        J)
+            # J batch key cpus envkey timeout
+            set -- $rest
+            d="$BASE/jobs/$1/$2"
+            batch=$1 key=$2
+            if [ -f "$d/status" ]; then
+                skip=1 # already known here: re-attach, never start twice
+                continue
+            fi
+            skip=0
+            mkdir -p "$d"
+            echo "$3" >"$d/cpus"
+            echo "$4" >"$d/env"
+            [ "$5" != - ] && echo "$5" >"$d/timeout"
+            : >"$d/outputs"
+            : >"$d/cmd.sh.tmp"
+            ;;
+        F)
+            [ $skip = 1 ] && continue
+            sha=${rest%% *}
+            rest=${rest#* }
+            x=${rest%% *}
+            rel=${rest#* }
+            case $rel in */*) mkdir -p "$d/${rel%/*}" ;; esac
+            [ "$x" = x ] && chmod +x "$BASE/files/$sha"
+            ln -sf "$BASE/files/$sha" "$d/$rel"
+            ;;
+        O) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/outputs" ;;
+        C) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/cmd.sh.tmp" ;;
+        E)
+            [ $skip = 1 ] && continue
+            mv -f "$d/cmd.sh.tmp" "$d/cmd.sh"
+            write_status "$d" queued "waiting for free CPUs"
+            i=$((i + 1))
+            printf '%s %s\n' "$batch" "$key" >"$BASE/queue/$(printf '%s.%07d' "$stamp" "$i")"
+            ;;
+        esac
+    done
+    dispatch
+}
+
+runjob() {
+    d="$BASE/jobs/$1/$2"
+    cd "$d" || exit 1
+    echo $$ >pid
+    now >start
+    write_status "$d" running ""
+    read -r env <env
+    # shellcheck disable=SC1090
+    [ "$env" != - ] && [ -f "$BASE/envs/$env/activate" ] && . "$BASE/envs/$env/activate"
+    read -r CLOUDSEND_CPUS <cpus
+    export CLOUDSEND_CPUS CLOUDSEND_BATCH="$1" CLOUDSEND_JOB="$2"
+    t=
+    [ -f timeout ] && read -r t <timeout
+    if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then
+        timeout -k 10 "$t" "$JOB_SHELL" cmd.sh >stdout 2>stderr
+    else
+        "$JOB_SHELL" cmd.sh >stdout 2>stderr
+    fi
+    ex=$?
+    echo "$ex" >exit
+    now >end
+    if [ -f cancelled ]; then
+        write_status "$d" aborted "cancelled"
+    elif [ "$ex" -eq 0 ]; then
+        missing=
+        while IFS= read -r o; do
+            [ -e "$o" ] || { missing=$o && break; }
+        done <outputs
+        if [ -z "$missing" ]; then
+            write_status "$d" done ""
+        else
+            write_status "$d" aborted "missing output file: $(printf '%s' "$missing" | tr -d '"\\')"
+        fi
+    elif [ -n "$t" ] && [ "$ex" -eq 124 ]; then
+        write_status "$d" failed "timed out after ${t}s"
+    elif [ "$ex" -eq 137 ]; then
+        write_status "$d" failed "killed by SIGKILL (out of memory, or killed by someone)"
+    elif [ "$ex" -gt 128 ]; then
+        write_status "$d" failed "killed by signal $((ex - 128))"
+    else
+        write_status "$d" failed "exit code $ex"
+    fi
+    rm -f "$BASE/running/${1}__$2"
+    dispatch
+}
+
+status() {
+    vanished=0
+    for d in "$BASE/jobs/$1"/*/; do
+        d=${d%/}
+        [ -f "$d/status" ] || continue
+        IFS= read -r line <"$d/status"
+        case $line in *'"state":"running"'*)
+            pid=
+            read -r pid <"$d/pid" 2>/dev/null
+            if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+                IFS= read -r line <"$d/status" # it may have just finished
+                case $line in *'"state":"running"'*)
+                    write_status "$d" aborted "process vanished (killed, or the host restarted)"
+                    rm -f "$BASE/running/${1}__${d##*/}"
+                    vanished=1
+                    IFS= read -r line <"$d/status"
+                    ;;
+                esac
+            fi
+            ;;
+        esac
+        printf '%s\n' "$line"
+    done
+    if [ $vanished = 1 ]; then dispatch; fi
+}
+
+cancel() {
+    batch=$1
+    shift
+    lock
+    pids=
+    for d in "$BASE"/jobs/$batch/*/; do
+        d=${d%/}
+        key=${d##*/}
+        if [ $# -gt 0 ]; then
+            want=0
+            for k in "$@"; do [ "$k" = "$key" ] && want=1; done
+            [ $want = 1 ] || continue
+        fi
+        [ -f "$d/status" ] || continue
+        IFS= read -r line <"$d/status"
+        case $line in
+        *'"state":"queued"'* | *'"state":"waiting"'*)
+            for q in "$BASE"/queue/*; do
+                [ -f "$q" ] || continue
+                read -r qb qk <"$q"
+                [ "$qk" = "$key" ] && [ "$BASE/jobs/$qb/$qk" = "$d" ] && rm -f "$q"
+            done
+            write_status "$d" aborted "cancelled"
+            echo "$key"
+            ;;
+        *'"state":"running"'*)
+            : >"$d/cancelled"
+            pid=
+            read -r pid <"$d/pid" 2>/dev/null
+            if [ -n "$pid" ]; then
+                kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+                pids="$pids $pid"
+            fi
+            echo "$key"
+            ;;
+        esac
+    done
+    unlock
+    [ -z "$pids" ] && return 0
+    sleep 2
+    for pid in $pids; do kill -KILL -"$pid" 2>/dev/null; done
+}
+
+missing() {
+    while read -r sha; do
+        [ -f "$BASE/files/$sha" ] || echo "$sha"
+    done
+}
+
+ensure_env() {
+    e="$BASE/envs/$1"
+    mkdir -p "$e"
+    lock
+    st=
+    read -r st <"$e/state" 2>/dev/null
+    if [ "$st" = building ]; then
+        pid=
+        read -r pid <"$e/pid" 2>/dev/null
+        [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || st=
+    fi
+    if [ "$st" != ready ] && [ "$st" != building ]; then
+        st=building
+        echo building >"$e/state"
+        detach sh "$SELF" bootstrap "$BASE" "$1"
+        echo $! >"$e/pid"
+    fi
+    unlock
+    echo "$st"
+}
+
+bootstrap() {
+    e="$BASE/envs/$1"
+    cd "$e" || exit 1
+    : >activate
+    if (
+        set -e
+        if [ -f conda.txt ] || [ -f environment.yml ]; then
+            echo "conda environments are not supported by this host runtime yet (micromamba is planned)"
+            exit 1
+        fi
+        if [ -f julia.txt ]; then
+            echo "julia environments are not supported by this host runtime yet"
+            exit 1
+        fi
+        if [ -f setup.sh ]; then
+            echo "== setup command"
+            "$JOB_SHELL" setup.sh
+        fi
+        if [ -f apt.txt ]; then
+            echo "== apt-get"
+            if [ "$(id -u)" = 0 ]; then
+                SUDO=
+            elif sudo -n true 2>/dev/null; then
+                SUDO="sudo -n"
+            else
+                echo "apt packages need root or passwordless sudo on this host"
+                exit 1
+            fi
+            $SUDO apt-get update -q
+            # shellcheck disable=SC2046
+            DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $(cat apt.txt)
+        fi
+        if [ -f requirements.txt ]; then
+            echo "== pip"
+            if command -v uv >/dev/null 2>&1; then
+                uv venv -q venv
+                uv pip install -q --python venv/bin/python -r requirements.txt
+            else
+                python3 -m venv venv
+                venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+            fi
+            printf 'VIRTUAL_ENV=%s\nPATH="$VIRTUAL_ENV/bin:$PATH"\nexport VIRTUAL_ENV PATH\n' "$e/venv" >activate
+        fi
+    ) >bootstrap.log 2>&1; then
+        echo ready >state.tmp
+    else
+        echo failed >state.tmp
+    fi
+    mv -f state.tmp state
+    dispatch
+}
+
+case $cmd in
+stage) stage "$@" ;;
+status) status "$@" ;;
+cancel) cancel "$@" ;;
+missing) missing ;;
+env) ensure_env "$@" ;;
+run) runjob "$@" ;;
+bootstrap) bootstrap "$@" ;;
+dispatch) dispatch ;;
+*)
+    echo "host.sh: unknown command $cmd" >&2
+    exit 2
+    ;;
+esac
