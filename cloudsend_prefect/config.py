@@ -64,9 +64,7 @@ class InstanceType(_Strict):
     provider: Provider | None = Field(
         None, title="Provider", description="Overrides the global provider for this instance type."
     )
-    name: str | None = Field(
-        None, title="Name", description="A label for these instances in logs and tables."
-    )
+    name: str | None = Field(None, title="Name", description="A label for these instances in logs and tables.")
     cpus: int | None = Field(
         None,
         ge=1,
@@ -84,12 +82,8 @@ class InstanceType(_Strict):
     region: str | None = Field(None, title="Region", description="aws: the EC2 region.")
     type: str | None = Field(None, title="Instance type", description="aws: the EC2 instance type.")
     gpu: str | None = Field(None, title="GPU", description="aws: a GPU kind to ask for.")
-    img_id: str | None = Field(
-        None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS)."
-    )
-    img_username: str | None = Field(
-        None, title="Image user", description="aws: the login user of the image."
-    )
+    img_id: str | None = Field(None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS).")
+    img_username: str | None = Field(None, title="Image user", description="aws: the login user of the image.")
     disk_size: int | None = Field(None, ge=1, title="Disk size (GiB)", description="aws: root volume size.")
     disk_type: str | None = Field(None, title="Disk type", description="aws: EBS volume type (gp3, io2...).")
     eco: bool = Field(False, title="Spot", description="aws: use spot capacity.")
@@ -131,9 +125,7 @@ class InstanceType(_Strict):
 class Environment(_Strict):
     """Software a job runs in, bootstrapped once per host and reused by content hash."""
 
-    name: str | None = Field(
-        None, title="Name", description="Needed when there is more than one environment."
-    )
+    name: str | None = Field(None, title="Name", description="Needed when there is more than one environment.")
     env_pypi: list[str] | str | None = Field(
         None, title="pip packages", description="A list of requirements, or a requirements.txt file."
     )
@@ -183,9 +175,7 @@ class Job(_Strict):
     env_name: str | None = Field(None, title="Environment")
     repeat: int = Field(1, ge=1, title="Repeat", description="Run this many copies.")
     max_retries: int = Field(0, ge=0, title="Retries on failure")
-    timeout: float | None = Field(
-        None, gt=0, title="Timeout (s)", description="Kill the job after this long."
-    )
+    timeout: float | None = Field(None, gt=0, title="Timeout (s)", description="Kill the job after this long.")
     expected_duration: float | None = Field(None, gt=0, title="Expected duration (s)")
 
     _lists = field_validator("upload_files", "input_files", "output_files", mode="before")(
@@ -205,9 +195,7 @@ class BatchConfig(_Strict):
     project: str = Field("cloudsend", title="Project", description="Names and tags what this batch creates.")
     provider: Provider = Field("local", title="Provider", description="Default provider of instance types.")
     profile: str | None = Field(None, title="AWS profile", description="aws: profile used without a block.")
-    auto_stop: bool = Field(
-        True, title="Auto stop", description="Stop created instances when the work is done."
-    )
+    auto_stop: bool = Field(True, title="Auto stop", description="Stop created instances when the work is done.")
     recover: bool = Field(
         True,
         title="Recover",
@@ -218,9 +206,7 @@ class BatchConfig(_Strict):
         title="Maestro",
         description="Only 'local': the Prefect flow (or its worker) is the controller.",
     )
-    poll_interval: float = Field(
-        1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched."
-    )
+    poll_interval: float = Field(1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched.")
     instances: list[InstanceType] = Field(default_factory=lambda: [InstanceType()], min_length=1)
     environments: list[Environment] = Field(default_factory=list)
     jobs: list[Job] = Field(default_factory=list)
@@ -251,9 +237,7 @@ class BatchConfig(_Strict):
         for i, job in enumerate(self.jobs):
             if job.env_name is not None and job.env_name not in names:
                 known = ", ".join(repr(n) for n in names if n) or "none defined"
-                raise ValueError(
-                    f"jobs[{i}].env_name: no environment named {job.env_name!r} (known: {known})"
-                )
+                raise ValueError(f"jobs[{i}].env_name: no environment named {job.env_name!r} (known: {known})")
         for i, inst in enumerate(self.instances):
             provider = inst.provider or self.provider
             if provider == "ssh" and not inst.host:
@@ -261,9 +245,7 @@ class BatchConfig(_Strict):
         biggest = max(self.instance_cpus(inst) for inst in self.instances)
         for i, job in enumerate(self.jobs):
             if job.cpus_req > biggest:
-                raise ValueError(
-                    f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})"
-                )
+                raise ValueError(f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})")
         return self
 
     def instance_cpus(self, inst: InstanceType) -> int:

@@ -81,9 +81,7 @@ def _literal_config(path: Path, text: str) -> Any:
     except SyntaxError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not valid Python: {exc.msg}") from None
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "config" for t in node.targets
-        ):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "config" for t in node.targets):
             try:
                 return ast.literal_eval(node.value)
             except ValueError:

@@ -77,9 +77,7 @@ def _existing(config: BatchConfig, value: str, field: str) -> Path:
 def _safe_rel(config: BatchConfig, value: str, field: str) -> str:
     rel = PurePosixPath(value)
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise ConfigError(
-            f"{config.source}: {field}: {value!r} must be a relative path inside the run directory"
-        )
+        raise ConfigError(f"{config.source}: {field}: {value!r} must be a relative path inside the run directory")
     return rel.as_posix()
 
 
@@ -124,15 +122,11 @@ def _command(config: BatchConfig, job: Job, field: str, files: list[FileSpec]) -
     try:
         words = shlex.split(job.run_script or "")
     except ValueError as exc:
-        raise ConfigError(
-            f"{config.source}: {field}.run_script: cannot split into path and args: {exc}"
-        ) from None
+        raise ConfigError(f"{config.source}: {field}.run_script: cannot split into path and args: {exc}") from None
     script = _existing(config, words[0], f"{field}.run_script")
     rel = _relative(config.base_dir, script)
     interpreter = INTERPRETERS.get(script.suffix.lower())
-    files.append(
-        FileSpec(local=str(script), rel=rel, sha256=file_digest(script), executable=interpreter is None)
-    )
+    files.append(FileSpec(local=str(script), rel=rel, sha256=file_digest(script), executable=interpreter is None))
     argv = [interpreter, rel] if interpreter else ["./" + rel]
     return shlex.join([*argv, *words[1:], *job.args])
 
@@ -160,9 +154,7 @@ def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobS
         for key in ("upload_files", "input_files"):
             for value in getattr(job, key):
                 path = _existing(config, value, f"{field}.{key}")
-                files.append(
-                    FileSpec(local=str(path), rel=_relative(config.base_dir, path), sha256=file_digest(path))
-                )
+                files.append(FileSpec(local=str(path), rel=_relative(config.base_dir, path), sha256=file_digest(path)))
         outputs = [_safe_rel(config, out, f"{field}.output_files") for out in job.output_files]
         env = envs.get(job.env_name)
         job_hash = digest(

@@ -66,12 +66,16 @@ class HostRuntime:
         line = " ".join(["sh", self._q(self.script), args[0], self._q(self.base), *map(shlex.quote, args[1:])])
         result = self.transport.run(line, stdin=stdin, timeout=timeout)
         if result.exit_code not in (0,):
-            raise HostCommandError(f"{self.transport.name}: host.sh {args[0]} failed ({result.exit_code}): {result.stderr}")
+            raise HostCommandError(
+                f"{self.transport.name}: host.sh {args[0]} failed ({result.exit_code}): {result.stderr}"
+            )
         return result
 
     def install(self) -> None:
         """Ship this version of host.sh unless the host already has it (one round trip when it does)."""
-        check = self.transport.run(f"test -f {self._q(self.script)} && echo present || mkdir -p {self._q(self.base)}/bin")
+        check = self.transport.run(
+            f"test -f {self._q(self.script)} && echo present || mkdir -p {self._q(self.base)}/bin"
+        )
         if "present" in check.stdout:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -115,14 +119,17 @@ class HostRuntime:
             self.transport.put(Path(by_sha[sha].local), f"{self.base}/files/.incoming/{sha}")
         return len(missing)
 
-    def stage(self, batch: str, jobs: list[JobSpec]) -> None:
-        """Upload, stage and queue jobs; the host starts them as its CPUs free up. Known jobs are left alone."""
+    def stage(self, batch: str, jobs: list[JobSpec], rerun: frozenset[str] = frozenset()) -> None:
+        """Upload, stage and queue jobs; the host starts them as its CPUs free up.
+
+        Jobs the host already knows are left alone (re-attached), except ended ones whose key is in ``rerun``.
+        """
         self.upload([f for job in jobs for f in job.files])
         lines = []
         for job in jobs:
             env = job.env.key if job.env else "-"
             timeout = f"{job.timeout:g}" if job.timeout else "-"
-            lines.append(f"J {batch} {job.key} {job.cpus} {env} {timeout}")
+            lines.append(f"J {batch} {job.key} {job.cpus} {env} {timeout} {int(job.key in rerun)}")
             lines += [f"F {f.sha256} {'x' if f.executable else '-'} {f.rel}" for f in job.files]
             lines += [f"O {out}" for out in job.outputs]
             lines += [f"C {text}" for text in job.command.split("\n")]

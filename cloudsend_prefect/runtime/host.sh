@@ -132,13 +132,19 @@ stage() {
         rest=${line#* }
         case $tag in
         J)
-            # J batch key cpus envkey timeout
+            # J batch key cpus envkey timeout rerun: a known job is left alone (re-attached, never started
+            # twice) unless rerun=1 asks to replace it once it has ended (a retry of a failed job).
             set -- $rest
             d="$BASE/jobs/$1/$2"
             batch=$1 key=$2
             if [ -f "$d/status" ]; then
-                skip=1 # already known here: re-attach, never start twice
-                continue
+                skip=1
+                IFS= read -r line <"$d/status"
+                case $line in *'"state":"done"'* | *'"state":"failed"'* | *'"state":"aborted"'*)
+                    [ "$6" = 1 ] && rm -rf "$d" && skip=0
+                    ;;
+                esac
+                [ $skip = 1 ] && continue
             fi
             skip=0
             mkdir -p "$d"

@@ -1,0 +1,181 @@
+"""Online placement of jobs on hosts, and watching them, at one round trip per host per poll.
+
+Each host has one thread. Every tick it takes waiting jobs that fit its window (its CPUs plus a prefetch
+that grows with how fast it finishes jobs), stages them in one ``host.sh stage`` call, reads every job's
+state in one ``host.sh status`` call, and wakes the task threads whose jobs ended. The host itself starts
+queued jobs the moment CPUs free up, so a job never waits for the client's next poll to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.runtime import HostRuntime, JobStatus
+from cloudsend_prefect.specs import JobSpec
+
+log = logging.getLogger("cloudsend.dispatch")
+
+UNREACHABLE_GRACE = 60.0  # seconds of failed round trips before a host's unfinished jobs are aborted
+
+
+@dataclass
+class _Ticket:
+    job: JobSpec
+    rerun: bool = False
+    host: str | None = None
+    status: JobStatus | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _HostState:
+    info: HostInfo
+    runtime: HostRuntime
+    tickets: dict[str, _Ticket] = field(default_factory=dict)
+    unstaged: list[_Ticket] = field(default_factory=list)  # taken, not yet confirmed staged (re-sent)
+    committed: int = 0
+    window: int = 0
+    failing_since: float | None = None
+    lost: str | None = None
+
+
+class Dispatcher:
+    """Runs jobs of one batch on a set of hosts; ``run(job)`` blocks the calling task until the job ends."""
+
+    def __init__(self, batch: str, hosts: list[HostInfo], poll_interval: float = 1.0) -> None:
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.hosts = {
+            h.name: _HostState(h, HostRuntime(connect(h), h.base_dir, h.cpus), window=2 * h.cpus) for h in hosts
+        }
+        self._pending: deque[_Ticket] = deque()
+        self._known: dict[str, tuple[str, JobStatus]] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def runtime(self, host: str) -> HostRuntime:
+        return self.hosts[host].runtime
+
+    def start(self) -> None:
+        """Install the runtime and learn what each host already holds of this batch (to re-attach to it)."""
+        for state in self.hosts.values():
+            state.runtime.install()
+            for key, status in state.runtime.status(self.batch).items():
+                self._known[key] = (state.info.name, status)
+        for name in self.hosts:
+            thread = threading.Thread(target=self._loop, args=(name,), name=f"cloudsend-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def run(self, job: JobSpec, *, rerun: bool = False) -> tuple[str, JobStatus]:
+        """Start the job (or re-attach to it) and wait for its end; returns the host name and final status.
+
+        A job that ended done on a host is not run again; one that ended otherwise is run again, as is any
+        job when ``rerun`` (a retry) is set.
+        """
+        ticket = _Ticket(job, rerun=rerun)
+        with self._cond:
+            known = self._known.pop(job.key, None)
+            if known and known[0] in self.hosts and self.hosts[known[0]].lost is None:
+                host, status = known
+                if status.state == "done":
+                    return host, status
+                if not status.final:  # still queued or running there: watch it
+                    ticket.host = host
+                    self.hosts[host].tickets[job.key] = ticket
+                    self.hosts[host].committed += job.cpus
+                    return self._wait(ticket)
+                ticket.rerun = True
+            self._pending.append(ticket)
+            self._cond.notify_all()
+        return self._wait(ticket)
+
+    def _wait(self, ticket: _Ticket) -> tuple[str, JobStatus]:
+        ticket.done.wait()
+        assert ticket.host is not None and ticket.status is not None
+        return ticket.host, ticket.status
+
+    def _take(self, state: _HostState) -> None:
+        """Waiting jobs this host should take now: first fit, in submission order, within its window."""
+        for ticket in list(self._pending):
+            if state.committed >= state.window:
+                break
+            if state.committed + ticket.job.cpus <= state.window or state.committed == 0:
+                self._pending.remove(ticket)
+                ticket.host = state.info.name
+                state.tickets[ticket.job.key] = ticket
+                state.committed += ticket.job.cpus
+                state.unstaged.append(ticket)
+
+    def _loop(self, name: str) -> None:
+        state = self.hosts[name]
+        while not self._stop.is_set():
+            with self._cond:
+                self._take(state)
+            try:
+                self._tick(state)
+            except Exception as exc:
+                self._failed_tick(state, exc)
+                if state.lost:
+                    return
+            with self._cond:
+                if not self._pending or state.committed >= state.window:
+                    self._cond.wait(self.poll_interval)
+
+    def _tick(self, state: _HostState) -> None:
+        if state.unstaged:
+            rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
+            state.runtime.stage(self.batch, [t.job for t in state.unstaged], rerun)
+            state.unstaged = []
+        if not state.tickets:
+            return
+        statuses = state.runtime.status(self.batch)
+        state.failing_since = None
+        finished = 0
+        with self._cond:
+            for key, ticket in list(state.tickets.items()):
+                status = statuses.get(key)
+                if status is not None and status.final:
+                    finished += 1
+                    self._finish(state, ticket, status)
+            # Keep enough queued on the host to cover a poll interval of finishing jobs.
+            state.window = state.info.cpus + max(state.info.cpus, 2 * finished)
+            if finished:
+                self._cond.notify_all()
+
+    def _finish(self, state: _HostState, ticket: _Ticket, status: JobStatus) -> None:
+        state.tickets.pop(ticket.job.key, None)
+        state.committed -= ticket.job.cpus
+        ticket.status = status
+        ticket.done.set()
+
+    def _failed_tick(self, state: _HostState, exc: Exception) -> None:
+        now = time.monotonic()
+        state.failing_since = state.failing_since or now
+        log.warning("%s: %s (retrying)", state.info.name, exc)
+        if now - state.failing_since < UNREACHABLE_GRACE:
+            time.sleep(min(self.poll_interval, 1.0))
+            return
+        state.lost = f"host {state.info.name} unreachable for {UNREACHABLE_GRACE:.0f}s: {exc}"
+        with self._cond:
+            for ticket in state.unstaged:  # never reached the host: another host can take them
+                state.tickets.pop(ticket.job.key, None)
+                ticket.host = None
+                self._pending.appendleft(ticket)
+            state.unstaged = []
+            for ticket in list(state.tickets.values()):
+                self._finish(state, ticket, JobStatus(key=ticket.job.key, state="aborted", reason=state.lost))
+            self._cond.notify_all()

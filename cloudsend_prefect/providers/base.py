@@ -1,0 +1,47 @@
+"""The provider interface: turn instance types into reachable hosts, report on them, remove them.
+
+A provider module (``local``, ``ssh``, ``aws``) exposes three functions and nothing else; cloud SDKs are
+imported inside them so that using one provider never imports another's dependencies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from cloudsend_prefect.config import BatchConfig, InstanceType
+
+HostHealth = Literal["running", "stopped", "terminated", "unreachable", "unknown"]
+
+
+class HostInfo(BaseModel):
+    """Everything needed to reach one host and run jobs on it (serialisable: it is a task result)."""
+
+    name: str
+    provider: str
+    cpus: int = Field(ge=1)
+    base_dir: str = Field(description="Where the host runtime keeps files on the host (absolute or ~-relative).")
+    address: str | None = None
+    port: int = 22
+    user: str | None = None
+    key_file: str | None = None
+    host_key: str | None = None
+    known_hosts: str | None = None
+    accept_new_host_key: bool = False
+    instance_id: str | None = None
+    created: bool = Field(False, description="This run created the host, so teardown may remove it.")
+
+
+class Provider(Protocol):
+    def provision(self, config: BatchConfig, instances: list[InstanceType], *, create: bool = True) -> list[HostInfo]:
+        """Hosts for these instance types, reusing existing ones; with ``create=False`` only existing ones."""
+        ...
+
+    def status(self, hosts: list[HostInfo]) -> dict[str, HostHealth]:
+        """Each host's state by name, from the provider's own evidence (cloud API, reachability)."""
+        ...
+
+    def teardown(self, hosts: list[HostInfo], *, terminate: bool = False) -> None:
+        """Stop (or terminate) the hosts this provider created; leave users' own machines alone."""
+        ...

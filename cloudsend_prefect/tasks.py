@@ -1,0 +1,117 @@
+"""The Prefect tasks of the ``cloudsend`` flow: provision, bootstrap, plan, run job, teardown."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import task_run
+from prefect.states import Failed, State
+
+from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.planning import Placement, plan
+from cloudsend_prefect.providers import HostInfo, disconnect, get_provider, provision_all
+from cloudsend_prefect.results import JobResult, store_dir
+from cloudsend_prefect.specs import EnvSpec, JobSpec
+
+
+class BootstrapFailed(RuntimeError):
+    pass
+
+
+@task(name="provision")
+def provision(config: BatchConfig) -> list[HostInfo]:
+    hosts = provision_all(config)
+    logger = get_run_logger()
+    for host in hosts:
+        logger.info("host %s (%s): %d CPUs, runtime in %s", host.name, host.provider, host.cpus, host.base_dir)
+    return hosts
+
+
+@task(name="bootstrap")
+def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
+    """Build an environment on a host in the background and wait for it; a no-op when it is already there."""
+    runtime = dispatcher.runtime(host.name)
+    state = runtime.ensure_env(env)
+    logger = get_run_logger()
+    if state == "ready":
+        logger.info("environment %s (%s) already on %s: reused", env.name, env.key, host.name)
+        return "reused"
+    started = time.monotonic()
+    while state == "building":
+        time.sleep(dispatcher.poll_interval)
+        state = runtime.env_state(env)
+    if state != "ready":
+        tail = runtime.env_log_tail(env)
+        raise BootstrapFailed(f"environment {env.name} failed to build on {host.name}; end of its log:\n{tail}")
+    logger.info("environment %s built on %s in %.1fs", env.name, host.name, time.monotonic() - started)
+    return "built"
+
+
+@task(name="plan")
+def plan_batch(jobs: list[JobSpec], hosts: list[HostInfo], batch: str) -> list[Placement]:
+    placements = plan(jobs, hosts)
+    create_table_artifact(
+        key=f"{batch}-plan",
+        table=[p.model_dump() for p in placements],
+        description=f"Expected placement of the {len(jobs)} jobs of {batch} (expected_duration, else 1 s each)",
+    )
+    return placements
+
+
+def job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Jobs are cached by content (command, env, files) and occurrence, never by run: a rerun skips them."""
+    return f"cloudsend-job-{parameters['job'].key}"
+
+
+@task(name="run-job", cache_key_fn=job_cache_key, persist_result=True)
+def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | State[JobResult]:
+    """Run one job to its end on whichever host has room, then keep its outputs and logs client-side."""
+    logger = get_run_logger()
+    host, status = dispatcher.run(job, rerun=task_run.run_count > 1)
+    runtime = dispatcher.runtime(host)
+    store = store_dir(job.key)
+    shutil.rmtree(store, ignore_errors=True)
+    fetched = job.outputs if status.state == "done" else []
+    runtime.fetch(batch, job.key, fetched, store)
+    result = JobResult(
+        name=job.name,
+        key=job.key,
+        state=status.state,
+        reason=status.reason,
+        exit_code=status.exit,
+        duration=status.duration,
+        host=host,
+        outputs=fetched,
+        store=str(store),
+    )
+    if status.state != "done":
+        detail = (store / "stderr.log").read_text(errors="replace").splitlines()[-20:]
+        if "environment" in status.reason and job.env is not None:
+            detail = runtime.env_log_tail(job.env).splitlines()
+        logger.error("%s on %s: %s\n%s", status.state, host, status.reason, "\n".join(detail))
+        # A returned Failed state (not an exception): retried per max_retries, never cached, no traceback.
+        return Failed(message=f"{status.state}: {status.reason}", data=result)
+    logger.info("done on %s in %.2fs; outputs: %s", host, status.duration or 0, ", ".join(fetched) or "none")
+    return result
+
+
+@task(name="teardown")
+def teardown(hosts: list[HostInfo], config: BatchConfig) -> None:
+    logger = get_run_logger()
+    try:
+        for name in sorted({h.provider for h in hosts}):
+            mine = [h for h in hosts if h.provider == name]
+            if config.auto_stop:
+                get_provider(name).teardown(mine)
+            elif any(h.created for h in mine):
+                logger.warning(
+                    "auto_stop is off: %s kept running; `cloudsend down` removes them",
+                    ", ".join(h.name for h in mine if h.created),
+                )
+    finally:
+        disconnect(hosts)
