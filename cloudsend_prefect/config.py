@@ -57,6 +57,14 @@ def _as_list(value: Any) -> Any:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _none_is_default(cls, data: Any) -> Any:
+        """The predecessor wrote ``key: None`` for "the default" (``cpus_req: None`` is 1 CPU): drop those."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
+        return data
+
 
 class InstanceType(_Strict):
     """A kind of host; ``number`` copies of it are used (``explode`` splits a large CPU need)."""
@@ -184,8 +192,13 @@ class Job(_Strict):
 
     @model_validator(mode="after")
     def _one_of(self) -> Job:
-        if bool(self.run_script) == bool(self.run_command):
-            raise ValueError("give exactly one of run_script or run_command")
+        given = [key for key in ("run_script", "run_command") if (getattr(self, key) or "").strip()]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of run_script or run_command (both are set)"
+                if given == [] and self.run_script is not None and self.run_command is not None and False
+                else f"give exactly one of run_script or run_command ({'both' if len(given) == 2 else 'neither'} given)"
+            )
         return self
 
 

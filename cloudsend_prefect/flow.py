@@ -7,12 +7,14 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cloudsend_prefect.config import BatchConfig, Job
@@ -55,7 +57,8 @@ def resolve_config(
 
         if not jobs:
             raise ConfigError(f"cluster {cluster!r}: give the jobs to run as the `jobs` parameter")
-        block = CloudSendCluster.load(cluster)
+        block = CloudSendCluster.load(str(cluster))
+        assert isinstance(block, CloudSendCluster)  # the sync API, as this flow is sync
         cfg = block.to_config(jobs, Path(base_dir or Path.cwd()), source=f"block cloudsend-cluster/{cluster}")
     return cfg, expand_jobs(cfg, jobs)
 
@@ -63,7 +66,7 @@ def resolve_config(
 @flow(
     name="cloudsend",
     flow_run_name=_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS),  # type: ignore[arg-type]
     validate_parameters=True,
 )
 def cloudsend(
@@ -126,10 +129,11 @@ def _run_jobs(
     """Submit one task per job and deliver each job's outputs as it ends (a cached job's from the store)."""
     logger = get_run_logger()
     progress = create_progress_artifact(progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended")
+    assert isinstance(progress, UUID)
     results: dict[str, JobResult] = {}
     last_update = 0.0
 
-    def submit(job: JobSpec, refresh_cache: bool) -> PrefectFuture[JobResult]:
+    def submit(job: JobSpec, refresh_cache: bool) -> PrefectFuture[JobResult | State[JobResult]]:
         options = run_job.with_options(
             task_run_name=job.name,
             retries=job.max_retries,
@@ -140,7 +144,7 @@ def _run_jobs(
 
     by_future = {submit(job, refresh): job for job in specs}
     while by_future:
-        again: dict[PrefectFuture[JobResult], JobSpec] = {}
+        again: dict[PrefectFuture[JobResult | State[JobResult]], JobSpec] = {}
         for future in as_completed(list(by_future)):
             job = by_future[future]
             result = _outcome(future, job)
@@ -165,7 +169,7 @@ def _run_jobs(
     return results
 
 
-def _outcome(future: PrefectFuture[JobResult], job: JobSpec) -> JobResult:
+def _outcome(future: PrefectFuture[JobResult | State[JobResult]], job: JobSpec) -> JobResult:
     value = future.result(raise_on_failure=False)
     if isinstance(value, JobResult):
         return value

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from cloudsend_prefect.providers import HostInfo
+from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.providers.base import host_names
 from cloudsend_prefect.specs import JobSpec
 
 
@@ -17,11 +18,19 @@ class Placement(BaseModel):
     end: float
 
 
-def plan(jobs: list[JobSpec], hosts: list[HostInfo]) -> list[Placement]:
+def planned_hosts(config: BatchConfig) -> dict[str, int]:
+    """CPUs by host name of the hosts the config asks for, without creating or contacting any."""
+    return {
+        name: config.instance_cpus(inst)
+        for i, inst in enumerate(config.instances)
+        for name in host_names(inst, i, inst.provider or config.provider)
+    }
+
+
+def plan(jobs: list[JobSpec], capacity: dict[str, int]) -> list[Placement]:
     """Simulate jobs in order (starts never go back in time, like the hosts' FIFO queues), each on the host
-    where its CPUs free up first."""
-    running: dict[str, list[tuple[float, int]]] = {h.name: [] for h in hosts}  # (end, cpus) of running jobs
-    capacity = {h.name: h.cpus for h in hosts}
+    where its CPUs free up first. ``capacity`` gives each host's CPUs by name."""
+    running: dict[str, list[tuple[float, int]]] = {name: [] for name in capacity}  # (end, cpus) of running jobs
     now = 0.0
     placements = []
     for job in jobs:

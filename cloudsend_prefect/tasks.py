@@ -54,7 +54,7 @@ def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
 
 @task(name="plan")
 def plan_batch(jobs: list[JobSpec], hosts: list[HostInfo], batch: str) -> list[Placement]:
-    placements = plan(jobs, hosts)
+    placements = plan(jobs, {h.name: h.cpus for h in hosts})
     create_table_artifact(
         key=f"{batch}-plan",
         table=[p.model_dump() for p in placements],

@@ -14,14 +14,15 @@ __all__ = ["HostHealth", "HostInfo", "Provider", "connect", "disconnect", "get_p
 
 
 def get_provider(name: str) -> Provider:
-    module = importlib.import_module(f"cloudsend_prefect.providers.{name}")
-    return module  # type: ignore[return-value]
+    """The provider module (imported only when used, so its SDK is too)."""
+    module: Provider = importlib.import_module(f"cloudsend_prefect.providers.{name}")
+    return module
 
 
 def provision_all(config: BatchConfig, *, create: bool = True) -> list[HostInfo]:
-    by_provider: dict[str, list[InstanceType]] = defaultdict(list)
-    for inst in config.instances:
-        by_provider[inst.provider or config.provider].append(inst)
+    by_provider: dict[str, list[tuple[int, InstanceType]]] = defaultdict(list)
+    for index, inst in enumerate(config.instances):
+        by_provider[inst.provider or config.provider].append((index, inst))
     return [
         h for name, insts in by_provider.items() for h in get_provider(name).provision(config, insts, create=create)
     ]

@@ -33,9 +33,18 @@ class HostInfo(BaseModel):
     created: bool = Field(False, description="This run created the host, so teardown may remove it.")
 
 
+def host_names(inst: InstanceType, index: int, provider: str) -> list[str]:
+    """Stable names of the ``number`` hosts of the instance type at ``index`` in the config."""
+    stem = f"{inst.name or provider}-{index}"
+    return [stem] if inst.number == 1 else [f"{stem}.{copy}" for copy in range(inst.number)]
+
+
 class Provider(Protocol):
-    def provision(self, config: BatchConfig, instances: list[InstanceType], *, create: bool = True) -> list[HostInfo]:
-        """Hosts for these instance types, reusing existing ones; with ``create=False`` only existing ones."""
+    def provision(
+        self, config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True
+    ) -> list[HostInfo]:
+        """Hosts for these instance types (with their index in the config, which names them), reusing existing
+        ones; with ``create=False`` only the existing ones, creating nothing."""
         ...
 
     def status(self, hosts: list[HostInfo]) -> dict[str, HostHealth]:

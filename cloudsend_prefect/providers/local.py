@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from cloudsend_prefect.config import BatchConfig, InstanceType
 from cloudsend_prefect.paths import cloudsend_home
-from cloudsend_prefect.providers.base import HostHealth, HostInfo
+from cloudsend_prefect.providers.base import HostHealth, HostInfo, host_names
 
 
-def provision(config: BatchConfig, instances: list[InstanceType], *, create: bool = True) -> list[HostInfo]:
-    hosts = []
-    for i, inst in enumerate(instances):
-        for copy in range(inst.number):
-            name = f"{inst.name or 'local'}-{i}" + (f".{copy}" if inst.number > 1 else "")
-            base = str(cloudsend_home() / "hosts" / name)
-            hosts.append(HostInfo(name=name, provider="local", cpus=config.instance_cpus(inst), base_dir=base))
-    return hosts
+def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True) -> list[HostInfo]:
+    home = cloudsend_home() / "hosts"
+    return [
+        HostInfo(name=name, provider="local", cpus=config.instance_cpus(inst), base_dir=str(home / name))
+        for index, inst in instances
+        for name in host_names(inst, index, "local")
+    ]
 
 
 def status(hosts: list[HostInfo]) -> dict[str, HostHealth]:

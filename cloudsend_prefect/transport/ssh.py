@@ -38,6 +38,7 @@ _NETWORK_ERRORS = (SSHException, OSError, EOFError)
 _KNOWN_HOSTS_WRITE_LOCK = threading.Lock()
 _CHUNK = 32768
 _T = TypeVar("_T")
+_REFUSED_CHANNEL_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class _UnknownHostKey(SSHException):
@@ -264,9 +265,11 @@ class SSHTransport:
         """Call ``open_(transport)`` with a live connection, reconnecting with backoff on failure.
 
         Only for steps that happen before a command runs (opening a channel), so a retry never
-        re-runs anything.
+        re-runs anything. A refused channel (the server's MaxSessions is reached, often by sessions
+        it has not yet reaped) is retried sooner and does not drop the connection.
         """
         delays = iter(self._retry_delays)
+        refusal_delays = iter(_REFUSED_CHANNEL_DELAYS)
         attempts = 0
         while True:
             attempts += 1
@@ -274,23 +277,28 @@ class SSHTransport:
             try:
                 transport = self._transport()
                 return open_(transport)
-            except ChannelException as exc:  # the server refused a channel; the connection is fine
-                reason = (
-                    f"the server refused to open a channel ({exc}); its MaxSessions may be lower than max_channels + 1"
-                )
             except _Retryable as exc:
                 reason = str(exc)
+                delay = next(delays, None)
             except _NETWORK_ERRORS as exc:
-                self._discard(transport)
-                reason = f"connection lost: {exc!r}"
-            delay = next(delays, None)
+                # paramiko keeps one "last error" per connection: when two threads' channel opens are
+                # refused at once, one gets ChannelException and the other a bare "Unable to open
+                # channel." So a live connection means a refusal, unless the open timed out.
+                alive = transport is not None and transport.is_active()
+                if isinstance(exc, ChannelException) or (alive and not str(exc).startswith("Timeout")):
+                    reason = f"the server refused a new channel ({exc!r}); is its MaxSessions below max_channels + 1?"
+                    delay = next(refusal_delays, None)
+                else:
+                    self._discard(transport)
+                    reason = f"connection lost: {exc!r}"
+                    delay = next(delays, None)
             left = _remaining(deadline)
             if delay is None or (left is not None and left < delay):
                 raise self._error(
-                    f"could not {what} after {attempts} attempt(s): {reason}. Check that the host is up "
+                    f"could not {what} after {attempts} attempt(s): {reason} Check that the host is up "
                     f"and sshd listens on port {self.port}."
                 )
-            log.info("%s: could not %s (%s); retrying in %.1fs", self.name, what, reason, delay)
+            log.info("%s: could not %s (%s); retrying in %.2fs", self.name, what, reason, delay)
             time.sleep(delay)
 
     # -- commands ---------------------------------------------------------------------------------
@@ -313,35 +321,45 @@ class SSHTransport:
         finally:
             self._channels.release()
 
+    @staticmethod
+    def _command_line(command: str, stdin: bool) -> str:
+        """The line for the login shell: ``sh -c``, with input that ends before the channel can close.
+
+        Nothing may be sent on a channel after the server has closed it: OpenSSH drops the whole
+        connection ("packet referred to nonexistent channel"), and paramiko sends a separate EOF or
+        data from the caller's thread while its own thread may already have answered the server's
+        close. So without input, stdin is /dev/null and no EOF is sent; with input, the host drains it
+        to our EOF before exiting, so the server cannot close first even if the command reads nothing.
+        """
+        quoted = f"sh -c {shlex.quote(command)}"
+        if not stdin:
+            return f"{quoted} </dev/null"
+        return "sh -c " + shlex.quote(f"{quoted}; s=$?; cat >/dev/null; exit $s")
+
     def _exec(
         self, chan: Channel, command: str, stdin: str | None, deadline: float | None, timeout: float | None
     ) -> CommandResult:
         transport = chan.get_transport()
+        pending = memoryview(stdin.encode() if stdin else b"")
         try:
-            chan.exec_command(f"sh -c {shlex.quote(command)}")
+            chan.exec_command(self._command_line(command, bool(pending)))
         except _NETWORK_ERRORS as exc:
             if transport is None or not transport.is_active():
                 self._discard(transport)
             raise self._error(f"could not start the command ({exc!r}); it may or may not have run") from exc
-        pending = memoryview(stdin.encode() if stdin else b"")
-        if not pending:
-            chan.shutdown_write()
         out, err = bytearray(), bytearray()
         # paramiko signals new data on a pipe; waiting on it avoids polling the channel in a loop
         with selectors.DefaultSelector() as sel:
             sel.register(chan.fileno(), selectors.EVENT_READ)
             while True:
                 if pending:
-                    if chan.eof_received or chan.closed:
-                        pending = memoryview(b"")  # the command is gone without reading all its input
-                    else:
-                        try:
-                            while pending and chan.send_ready():
-                                pending = pending[chan.send(bytes(pending[:_CHUNK])) :]
-                        except OSError:
-                            pending = memoryview(b"")
+                    try:
+                        while pending and chan.send_ready():
+                            pending = pending[chan.send(bytes(pending[:_CHUNK])) :]
                         if not pending:
                             chan.shutdown_write()
+                    except OSError:  # only if the connection died: the host waits for our EOF
+                        pending = memoryview(b"")
                 while chan.recv_ready():
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
@@ -368,17 +386,20 @@ class SSHTransport:
 
         Closing the channel alone leaves the command running. OpenSSH (>= 7.9) honours the "signal"
         channel request, except for root logins (no privilege-separated child) and ForceCommand
-        sessions, so this is best effort. paramiko has no API for it, so the request is built here.
+        sessions, so this is best effort. paramiko has no API for it, so the request is built here,
+        and sent under the channel lock so it cannot follow our reply to the server's close (see
+        ``_command_line``).
         """
-        with contextlib.suppress(Exception):
-            m = Message()
-            m.add_byte(cMSG_CHANNEL_REQUEST)
-            m.add_int(chan.remote_chanid)
-            m.add_string("signal")
-            m.add_boolean(False)
-            m.add_string("TERM")
-            transport: Any = chan.get_transport()
-            transport._send_user_message(m)
+        with contextlib.suppress(Exception), chan.lock:
+            if not (chan.closed or chan.eof_received):
+                m = Message()
+                m.add_byte(cMSG_CHANNEL_REQUEST)
+                m.add_int(chan.remote_chanid)
+                m.add_string("signal")
+                m.add_boolean(False)
+                m.add_string("TERM")
+                transport: Any = chan.get_transport()
+                transport._send_user_message(m)
         chan.close()
 
     # -- files ------------------------------------------------------------------------------------
