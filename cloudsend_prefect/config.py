@@ -194,11 +194,8 @@ class Job(_Strict):
     def _one_of(self) -> Job:
         given = [key for key in ("run_script", "run_command") if (getattr(self, key) or "").strip()]
         if len(given) != 1:
-            raise ValueError(
-                "give exactly one of run_script or run_command (both are set)"
-                if given == [] and self.run_script is not None and self.run_command is not None and False
-                else f"give exactly one of run_script or run_command ({'both' if len(given) == 2 else 'neither'} given)"
-            )
+            which = "both are" if given else "neither is"
+            raise ValueError(f"give exactly one of run_script or run_command ({which} set)")
         return self
 
 
@@ -294,6 +291,8 @@ class BatchConfig(_Strict):
         self._base_dir = base_dir
         self._source = source
         self._notes = [*notes, *self._provider_notes()]
+        if self.profile is not None and all((inst.provider or self.provider) != "aws" for inst in self.instances):
+            self._notes.append("'profile' is ignored: it selects AWS credentials and no instance uses the aws provider")
         if self.maestro != "local":
             self._notes.append(f"maestro '{self.maestro}' is not built: the Prefect flow runs the batch")
         return self
@@ -302,8 +301,10 @@ class BatchConfig(_Strict):
         notes = []
         for i, inst in enumerate(self.instances):
             provider = inst.provider or self.provider
-            unused = [k for k in inst.model_fields_set if k in AWS_ONLY_KEYS] if provider != "aws" else []
-            unused += [k for k in inst.model_fields_set if k in SSH_ONLY_KEYS] if provider != "ssh" else []
+            # only keys given a value other than their default: `eco: False` or `region: None` asks for nothing
+            given = [k for k in inst.model_fields_set if getattr(inst, k) != InstanceType.model_fields[k].default]
+            unused = [k for k in given if k in AWS_ONLY_KEYS] if provider != "aws" else []
+            unused += [k for k in given if k in SSH_ONLY_KEYS] if provider != "ssh" else []
             if provider != "aws" and inst.explode:
                 unused.append("explode")
             if unused:

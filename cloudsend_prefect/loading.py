@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import runpy
 from pathlib import Path
 from typing import Any
@@ -47,20 +48,35 @@ def parse_config(data: Any, *, source: str, base_dir: Path) -> BatchConfig:
     return config.located(base_dir, source, notes)
 
 
+# Location parts pydantic adds for the members of a union (`str | list[str]`), not keys of the config.
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|(list|dict|literal|function-\w+)\[.*\])")
+
+
 def describe_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
+    """One line per bad field, ``<file>: jobs[1].cpus_req: <problem> (got <value>)``."""
+    problems: dict[str, list[str]] = {}
     for err in exc.errors():
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        loc = [p for p in err["loc"] if isinstance(p, int) or not _UNION_TAG.fullmatch(p)]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against the config reference)"
-        lines.append(f"{source}: {where + ': ' if where else ''}{msg}")
-    return "\n".join(lines)
+        elif not isinstance(err.get("input"), dict | list) and "input" in err:
+            got = repr(err["input"])
+            msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
+        if msg not in problems.setdefault(where, []):
+            problems[where].append(msg)
+    return "\n".join(
+        f"{source}: {where + ': ' if where else ''}{', or '.join(msgs)}" for where, msgs in problems.items()
+    )
 
 
 def _read_mapping(path: Path, allow_exec: bool) -> Any:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     try:
         if suffix in (".yaml", ".yml"):
             return yaml.safe_load(text)
@@ -71,22 +87,67 @@ def _read_mapping(path: Path, allow_exec: bool) -> Any:
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
     if suffix == ".py":
-        return runpy.run_path(str(path)).get("config") if allow_exec else _literal_config(path, text)
+        return _exec_config(path) if allow_exec else _literal_config(path, text)
     raise ConfigError(f"{path}: unknown config format {suffix!r} (use .yaml, .json, .toml or .py)")
 
 
+def _exec_config(path: Path) -> Any:
+    try:
+        namespace = runpy.run_path(str(path), run_name="__cloudsend_config__")
+    except (Exception, SystemExit) as exc:
+        raise ConfigError(f"{path}: running it as Python failed: {type(exc).__name__}: {exc}") from None
+    if "config" not in namespace:
+        raise ConfigError(f"{path}: the file ran but defined no `config` variable")
+    return namespace["config"]
+
+
+_MUTATORS = {"append", "extend", "insert", "update", "setdefault", "pop", "popitem", "remove", "clear", "__setitem__"}
+
+
+def _root_name(node: ast.expr) -> str | None:
+    """``config`` for ``config``, ``config['jobs']``, ``config.update``, ``config['jobs'][0].append``..."""
+    while isinstance(node, ast.Subscript | ast.Attribute | ast.Call):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
 def _literal_config(path: Path, text: str) -> Any:
+    """The value of the file's ``config = {...}``, read as a literal; refused if the file changes it later."""
     try:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not valid Python: {exc.msg}") from None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "config" for t in node.targets):
-            try:
-                return ast.literal_eval(node.value)
-            except ValueError:
-                raise ConfigError(
-                    f"{path}:{node.lineno}: `config = ...` must be a literal dict to be read without running "
-                    "the file; pass --exec-python-config to run it as Python instead"
-                ) from None
-    raise ConfigError(f"{path}: no `config = {{...}}` assignment found")
+    hint = "pass --exec-python-config (allow_exec=True) to run the file as Python instead"
+    assigned: ast.expr | None = None
+    lineno = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id == "config" and not isinstance(node, ast.AugAssign):
+                    if assigned is not None or node not in tree.body:
+                        raise ConfigError(
+                            f"{path}:{node.lineno}: `config` is assigned more than once or inside a block; "
+                            f"it can only be read without running the file when it is one top-level literal; {hint}"
+                        )
+                    assigned, lineno = node.value, node.lineno
+                elif _root_name(target) == "config":
+                    raise ConfigError(f"{path}:{node.lineno}: `config` is modified after it is defined; {hint}")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in _MUTATORS
+            and _root_name(node.func) == "config"
+        ):
+            raise ConfigError(f"{path}:{node.lineno}: `config` is modified by .{node.func.attr}(); {hint}")
+        elif isinstance(node, ast.Delete) and any(_root_name(t) == "config" for t in node.targets):
+            raise ConfigError(f"{path}:{node.lineno}: `config` is modified after it is defined; {hint}")
+    if assigned is None:
+        raise ConfigError(f"{path}: no `config = {{...}}` assignment found")
+    try:
+        return ast.literal_eval(assigned)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError(
+            f"{path}:{lineno}: `config = ...` must be a literal dict (no calls, names or operators) to be read "
+            f"without running the file; {hint}"
+        ) from None

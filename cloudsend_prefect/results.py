@@ -17,6 +17,8 @@ class JobResult(BaseModel):
     reason: str = ""
     exit_code: int | None = None
     duration: float | None = None
+    started: float | None = None  # epoch seconds, host clock
+    ended: float | None = None
     host: str | None = None
     outputs: list[str] = []
     store: str | None = None  # client-side copy of the outputs and logs, which survives the hosts

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
@@ -23,7 +24,7 @@ class BootstrapFailed(RuntimeError):
     pass
 
 
-@task(name="provision")
+@task(name="provision", cache_policy=NO_CACHE)
 def provision(config: BatchConfig) -> list[HostInfo]:
     hosts = provision_all(config)
     logger = get_run_logger()
@@ -32,7 +33,7 @@ def provision(config: BatchConfig) -> list[HostInfo]:
     return hosts
 
 
-@task(name="bootstrap")
+@task(name="bootstrap", cache_policy=NO_CACHE)
 def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
     """Build an environment on a host in the background and wait for it; a no-op when it is already there."""
     runtime = dispatcher.runtime(host.name)
@@ -52,7 +53,7 @@ def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
     return "built"
 
 
-@task(name="plan")
+@task(name="plan", cache_policy=NO_CACHE)
 def plan_batch(jobs: list[JobSpec], hosts: list[HostInfo], batch: str) -> list[Placement]:
     placements = plan(jobs, {h.name: h.cpus for h in hosts})
     create_table_artifact(
@@ -85,6 +86,8 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
         reason=status.reason,
         exit_code=status.exit,
         duration=status.duration,
+        started=status.start,
+        ended=status.end,
         host=host,
         outputs=fetched,
         store=str(store),
@@ -100,7 +103,7 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
     return result
 
 
-@task(name="teardown")
+@task(name="teardown", cache_policy=NO_CACHE)
 def teardown(hosts: list[HostInfo], config: BatchConfig) -> None:
     logger = get_run_logger()
     try:

@@ -115,7 +115,10 @@ class SSHTransport:
             raise ValueError("host_key pins the key; accept_new_host_key would contradict it")
         self._pinned: paramiko.PKey | None = None
         if host_key is not None:
-            entry = HostKeyEntry.from_line(f"pinned {host_key.strip()}")
+            try:
+                entry = HostKeyEntry.from_line(f"pinned {host_key.strip()}")
+            except Exception:  # paramiko raises InvalidHostKey, or lets the decoder's errors through
+                entry = None
             if entry is None or entry.key is None:
                 raise ValueError(f"host_key is not an OpenSSH public key line: {host_key[:40]!r}...")
             self._pinned = entry.key
