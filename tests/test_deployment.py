@@ -1,0 +1,258 @@
+"""The deployment `cloudsend/batch` end to end: a real Prefect server, `prefect deploy`, a process worker, a run.
+
+Everything here talks to its own server (SQLite in a temporary PREFECT_HOME, on 127.0.0.1) through environment
+variables given to subprocesses, so the session's test harness and the other tests are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _base_env(tmp: Path) -> dict[str, str]:
+    """This process's environment without any Prefect setting (the harness's must not leak in), plus isolation."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp / "prefect-home"),
+        PREFECT_PROFILES_PATH=str(tmp / "prefect-home" / "profiles.toml"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+class Processes:
+    """Long-running subprocesses, each in its own session, stopped last-started-first by pid."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.started.append((name, proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for _name, proc, log in reversed(self.started):
+            try:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)  # a worker/server shuts down cleanly on Ctrl-C
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.terminate()
+                        try:
+                            proc.wait(timeout=10)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait(timeout=10)
+                # Children it left behind (flow-run processes, uvicorn) are in its session's process group.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            finally:
+                log.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = Processes(logs)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+@pytest.fixture
+def timings() -> Iterator[dict[str, float]]:
+    measured: dict[str, float] = {}
+    yield measured
+    print("\ndeployment test timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in measured.items()))
+
+
+@pytest.fixture
+def server(tmp_path: Path, procs: Processes, timings: dict[str, float]) -> dict[str, str]:
+    """A `prefect server` of its own; returns the environment for its clients (PREFECT_API_URL set)."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = _base_env(tmp_path)
+    server_env = {**env, "PREFECT_SERVER_UI_API_URL": api}
+    started = time.monotonic()
+    proc = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env)
+    deadline = started + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{procs.log('server')[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"prefect server not healthy after 90 s:\n{procs.log('server')[-4000:]}")
+        time.sleep(0.25)
+    timings["server start"] = time.monotonic() - started
+    return {**env, "PREFECT_API_URL": api}
+
+
+def _prefect(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, f"prefect {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _write_config(tmp_path: Path) -> Path:
+    config = {
+        "project": "deploy-test",
+        "instances": [{"cpus": 2}],
+        "jobs": [
+            {"name": "alpha", "run_command": "echo alpha-output > out.txt", "output_files": ["out.txt"]},
+            {"name": "beta", "run_command": "printf 'beta %s\\n' 42 > out.txt", "output_files": ["out.txt"]},
+            {
+                "name": "gamma",
+                "run_command": "mkdir -p sub && echo gamma-output > sub/result.txt",
+                "output_files": ["sub/result.txt"],
+            },
+        ],
+    }
+    path = tmp_path / "config" / "batch.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _read_api(api: str, coro_fn: Any) -> Any:
+    """Run ``coro_fn(client)`` against our server, not the session harness's."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def main() -> Any:
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return asyncio.run(main())
+
+
+def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Processes, timings: dict[str, float]):
+    env = server
+    api = env["PREFECT_API_URL"]
+    config = _write_config(tmp_path)
+    results = tmp_path / "results"
+
+    _prefect(["work-pool", "create", "cloudsend-pool", "--type", "process"], env)
+    started = time.monotonic()
+    _prefect(["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env)
+    timings["deploy"] = time.monotonic() - started
+
+    worker_env = {
+        **env,
+        "CLOUDSEND_HOME": str(tmp_path / "cloudsend-home"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+    worker = procs.start("worker", [PREFECT, "worker", "start", "--pool", "cloudsend-pool"], worker_env)
+
+    started = time.monotonic()
+    run = subprocess.run(
+        [
+            PREFECT, "deployment", "run", "cloudsend/batch",
+            "--param", f"config={config}",
+            "--param", f"results_dir={results}",
+            "--param", "batch=Deploy Test",
+            "--watch", "--watch-timeout", "120",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    timings["run to completed"] = time.monotonic() - started
+    assert worker.poll() is None, f"worker died:\n{procs.log('worker')[-4000:]}"
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- worker log ---\n{procs.log('worker')[-6000:]}"
+    match = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout)
+    assert match, run.stdout
+    flow_run_id = match.group(1)
+
+    async def read(client: Any) -> tuple[Any, Any, list[Any]]:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        flow_run = await client.read_flow_run(flow_run_id)
+        deployment = await client.read_deployment_by_name("cloudsend/batch")
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+        return flow_run, deployment, artifacts
+
+    flow_run, deployment, artifacts = _read_api(api, read)
+
+    # The deployment is the one prefect.yaml describes.
+    assert deployment.entrypoint == "flows/cloudsend_batch.py:cloudsend"
+    assert deployment.work_pool_name == "cloudsend-pool"
+    assert deployment.parameters["config"] == "examples/quickstart.yaml"
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ], deployment.pull_steps
+    assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 3 * * *", False)]
+    assert {"config", "cluster", "jobs", "batch", "results_dir"} <= set(deployment.parameter_openapi_schema["properties"])
+
+    # The run: completed, with the parameters given on the command line over the deployment's defaults.
+    assert flow_run.state.is_completed(), flow_run.state
+    assert flow_run.deployment_id == deployment.id
+    assert flow_run.name == "Deploy Test"
+    assert flow_run.parameters["config"] == str(config)
+    assert flow_run.parameters["results_dir"] == str(results)
+
+    # Outputs in <results_dir>/<batch>/<job>/.
+    batch = results / "deploy-test"
+    assert (batch / "alpha" / "out.txt").read_text() == "alpha-output\n"
+    assert (batch / "beta" / "out.txt").read_text() == "beta 42\n"
+    assert (batch / "gamma" / "sub" / "result.txt").read_text() == "gamma-output\n"
+
+    # The UI's view of it: the job table and progress artifacts.
+    by_key = {a.key: a for a in artifacts}
+    assert {"deploy-test-jobs", "deploy-test-progress"} <= set(by_key), sorted(by_key)
+    table = by_key["deploy-test-jobs"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert sorted((row["name"], row["state"]) for row in rows) == [("alpha", "done"), ("beta", "done"), ("gamma", "done")]
