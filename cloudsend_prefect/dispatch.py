@@ -47,8 +47,9 @@ class _HostState:
 class Dispatcher:
     """Runs jobs of one batch on a set of hosts; ``run(job)`` blocks the calling task until the job ends."""
 
-    def __init__(self, batch: str, hosts: list[HostInfo], poll_interval: float = 1.0) -> None:
+    def __init__(self, batch: str, hosts: list[HostInfo], poll_interval: float = 1.0, *, rerun: bool = False) -> None:
         self.batch = batch
+        self.rerun = rerun  # run again jobs that already ended done on a host
         self.poll_interval = poll_interval
         self.hosts = {
             h.name: _HostState(h, HostRuntime(connect(h), h.base_dir, h.cpus), window=2 * h.cpus) for h in hosts
@@ -91,7 +92,7 @@ class Dispatcher:
             known = self._known.pop(job.key, None)
             if known and known[0] in self.hosts and self.hosts[known[0]].lost is None:
                 host, status = known
-                if status.state == "done":
+                if status.state == "done" and not self.rerun:
                     return host, status
                 if not status.final:  # still queued or running there: watch it
                     ticket.host = host

@@ -96,7 +96,8 @@ def cloudsend(
     name = batch_slug(batch or cfg.project)
     dest = Path(results_dir) / name
     hosts = provision(cfg)
-    dispatcher = Dispatcher(name, hosts, cfg.poll_interval)
+    refresh = rerun or not cfg.recover
+    dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh)
     results: dict[str, JobResult] = {}
     try:
         dispatcher.start()
@@ -107,7 +108,7 @@ def cloudsend(
             for env in envs.values()
         ]
         plan_batch(specs, hosts, name)
-        results = _run_jobs(specs, name, dispatcher, dest, refresh=rerun or not cfg.recover)
+        results = _run_jobs(specs, name, dispatcher, dest, refresh=refresh)
         for boot in boots:
             boot.wait()
     finally:

@@ -93,7 +93,8 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
         store=str(store),
     )
     if status.state != "done":
-        detail = (store / "stderr.log").read_text(errors="replace").splitlines()[-20:]
+        stderr = store / "stderr.log"
+        detail = stderr.read_text(errors="replace").splitlines()[-20:] if stderr.exists() else []
         if "environment" in status.reason and job.env is not None:
             detail = runtime.env_log_tail(job.env).splitlines()
         logger.error("%s on %s: %s\n%s", status.state, host, status.reason, "\n".join(detail))

@@ -149,10 +149,15 @@ class HostRuntime:
     def fetch(self, batch: str, key: str, outputs: list[str], dest: Path) -> list[Path]:
         """Copy a finished job's output files (and its stdout/stderr) into ``dest``."""
         got = []
-        for rel, name in [*((o, o) for o in outputs), ("stdout", "stdout.log"), ("stderr", "stderr.log")]:
-            target = dest / name
-            self.transport.get(f"{self.job_dir(batch, key)}/{rel}", target)
-            got.append(target)
+        for rel in outputs:
+            self.transport.get(f"{self.job_dir(batch, key)}/{rel}", dest / rel)
+            got.append(dest / rel)
+        for stream in ("stdout", "stderr"):  # absent when the job never started
+            try:
+                self.transport.get(f"{self.job_dir(batch, key)}/{stream}", dest / f"{stream}.log")
+            except FileNotFoundError:
+                continue
+            got.append(dest / f"{stream}.log")
         return got
 
     def tail(self, batch: str, key: str, stream: str = "stderr", lines: int = 20) -> str:

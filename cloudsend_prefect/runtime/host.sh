@@ -324,7 +324,8 @@ bootstrap() {
     e="$BASE/envs/$1"
     cd "$e" || exit 1
     : >activate
-    if (
+    # Not an `if (...)`: set -e is ignored in a tested context, and every step must stop the build.
+    (
         set -e
         if [ -f conda.txt ] || [ -f environment.yml ]; then
             echo "conda environments are not supported by this host runtime yet (micromamba is planned)"
@@ -363,11 +364,8 @@ bootstrap() {
             fi
             printf 'VIRTUAL_ENV=%s\nPATH="$VIRTUAL_ENV/bin:$PATH"\nexport VIRTUAL_ENV PATH\n' "$e/venv" >activate
         fi
-    ) >bootstrap.log 2>&1; then
-        echo ready >state.tmp
-    else
-        echo failed >state.tmp
-    fi
+    ) >bootstrap.log 2>&1
+    if [ $? = 0 ]; then echo ready >state.tmp; else echo failed >state.tmp; fi
     mv -f state.tmp state
     dispatch
 }

@@ -1,0 +1,276 @@
+"""The `cloudsend` flow end to end on the local provider, checked the way a user would check a batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from cloudsend_prefect.block import CloudSendCluster
+from cloudsend_prefect.config import Job
+from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.results import BatchSummary
+
+COUNTING_SCRIPT = """\
+import sys, pathlib
+# Count runs in a file outside the run directory: the test reads how often each job really ran.
+with open(sys.argv[1], "a") as fh:
+    fh.write(sys.argv[2] + "\\n")
+pathlib.Path("out.txt").write_text(f"{sys.argv[2]} squared is {int(sys.argv[2]) ** 2}\\n")
+"""
+
+
+def write_project(root: Path, config: dict, files: dict[str, str] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, text in (files or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    path = root / "batch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, tmp_path: Path, **kw: object) -> BatchSummary:
+    return cloudsend(config=str(config), results_dir=str(tmp_path / "results"), **kw)
+
+
+def by_name(summary: BatchSummary) -> dict:
+    return {job.name: job for job in summary.jobs}
+
+
+def test_issue_minimal_config_runs_as_is(tmp_path: Path) -> None:
+    """The minimal file from the spine issue, with a numpy pip environment, runs unchanged."""
+    config = tmp_path / "proj" / "demo.yaml"
+    files = {
+        "analyse.py": textwrap.dedent(
+            """\
+            import sys, numpy as np
+            lo, hi = int(sys.argv[1]), int(sys.argv[2])
+            rows = open("data/input.csv").read().split()
+            open("result.txt", "w").write(f"{np.arange(lo, hi).sum()} {len(rows)}\\n")
+            """
+        ),
+        "data/input.csv": "a\nb\nc\n",
+    }
+    write_project(tmp_path / "proj", {}, files)
+    config.write_text(
+        textwrap.dedent(
+            """\
+            project: demo
+            provider: local
+            instances: [{cpus: 4}]
+            environments: [{name: sci, env_pypi: [numpy]}]
+            jobs:
+              - {run_script: analyse.py 1 10, env_name: sci, cpus_req: 1,
+                 upload_files: [data/input.csv], output_files: [result.txt], repeat: 2}
+              - {run_command: "echo done > done.txt", output_files: done.txt}
+            """
+        )
+    )
+    summary = run(config, tmp_path)
+    assert summary.ok, summary.jobs
+    assert [j.name for j in summary.jobs] == ["analyse-1", "analyse-2", "echo"]
+    results = tmp_path / "results" / "demo"
+    for name in ("analyse-1", "analyse-2"):
+        assert (results / name / "result.txt").read_text() == "45 3\n"
+    assert (results / "echo" / "done.txt").read_text() == "done\n"
+
+
+def test_outcomes_failures_do_not_stop_others_and_args_are_literal(tmp_path: Path) -> None:
+    tricky = ["a b", "it's", '"q"', "$(touch pwned)", "; touch pwned2", "`touch pwned3`"]
+    config = write_project(
+        tmp_path / "proj",
+        {
+            "project": "outcomes",
+            "instances": [{"cpus": 2}],
+            "jobs": [
+                {"name": "ok", "run_command": "echo fine > ok.txt", "output_files": ["ok.txt"]},
+                {"name": "boom", "run_command": "echo 'something broke' >&2; exit 3"},
+                {"name": "forgot", "run_command": "true", "output_files": ["never.txt"]},
+                {"name": "args", "run_script": "show.py", "args": tricky, "output_files": ["argv.json"]},
+            ],
+        },
+        {"show.py": "import json, sys\njson.dump(sys.argv[1:], open('argv.json', 'w'))\n"},
+    )
+    summary = run(config, tmp_path)
+    jobs = by_name(summary)
+    assert jobs["ok"].state == "done"
+    assert (jobs["boom"].state, jobs["boom"].exit_code, jobs["boom"].reason) == ("failed", 3, "exit code 3")
+    assert jobs["forgot"].state == "aborted" and "missing output file: never.txt" in jobs["forgot"].reason
+    assert jobs["args"].state == "done"
+    results = tmp_path / "results" / "outcomes"
+    assert json.loads((results / "args" / "argv.json").read_text()) == tricky
+    assert "something broke" in (results / "boom" / "stderr.log").read_text()
+    assert not list(tmp_path.rglob("pwned*")) and not list(Path(jobs["args"].store or "").rglob("pwned*"))
+    assert not summary.ok
+
+
+def test_jobs_share_cpus_and_never_exceed_them(tmp_path: Path) -> None:
+    """8 one-CPU jobs and 2 two-CPU jobs on 4 CPUs: concurrency reaches 4 CPUs and never exceeds it."""
+    jobs = [{"run_command": f"sleep 1; echo {i} > n.txt", "output_files": ["n.txt"]} for i in range(8)]
+    jobs += [{"run_command": f"sleep 1 # big {i}", "cpus_req": 2} for i in range(2)]
+    config = write_project(tmp_path / "proj", {"project": "packing", "instances": [{"cpus": 4}], "jobs": jobs})
+    t0 = time.monotonic()
+    summary = run(config, tmp_path)
+    elapsed = time.monotonic() - t0
+    assert summary.ok
+    spans = []
+    for spec_job, result in zip(jobs, summary.jobs, strict=True):
+        assert result.started is not None and result.ended is not None
+        spans.append((result.started, result.ended, int(spec_job.get("cpus_req", 1))))
+    events = sorted([(s, c) for s, _, c in spans] + [(e, -c) for _, e, c in spans], key=lambda x: (x[0], x[1]))
+    load = peak = 0
+    for _, delta in events:
+        load += delta
+        peak = max(peak, load)
+    assert peak == 4
+    # 12 CPU-seconds of work on 4 CPUs: 3 s ideal; queued jobs start as soon as CPUs free up.
+    assert max(e for _, e, _ in spans) - min(s for s, _, _ in spans) < 4.5
+    assert elapsed < 30
+
+
+def test_rerun_skips_finished_jobs_and_still_delivers_outputs(tmp_path: Path) -> None:
+    counter = tmp_path / "runs.log"
+    jobs = [{"run_script": f"count.py {counter} {n}", "output_files": ["out.txt"]} for n in (2, 3, 4)]
+    config = write_project(
+        tmp_path / "proj", {"project": "rerun", "instances": [{"cpus": 2}], "jobs": jobs}, {"count.py": COUNTING_SCRIPT}
+    )
+    first = run(config, tmp_path)
+    assert first.ok
+    results = tmp_path / "results" / "rerun"
+    shutil.rmtree(results)
+    second = run(config, tmp_path)
+    assert second.ok
+    assert sorted(counter.read_text().split()) == ["2", "3", "4"]  # nothing ran twice
+    assert {p.name for p in results.iterdir()} == {"count-1", "count-2", "count-3"}
+    for name, text in (("count-1", "2 squared is 4"), ("count-2", "3 squared is 9"), ("count-3", "4 squared is 16")):
+        assert (results / name / "out.txt").read_text() == text + "\n"
+
+    # An edited script is a new job: all three run again, exactly once more.
+    (tmp_path / "proj" / "count.py").write_text(COUNTING_SCRIPT + "# edited\n")
+    third = run(config, tmp_path)
+    assert third.ok
+    assert sorted(counter.read_text().split()) == ["2", "2", "3", "3", "4", "4"]
+
+    # rerun=True runs everything again even though nothing changed.
+    run(config, tmp_path, rerun=True)
+    assert len(counter.read_text().split()) == 9
+
+
+def test_failed_jobs_run_again_on_the_next_run_and_retries_apply(tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    counter = tmp_path / "attempts.log"
+    jobs = [
+        # Fails until the flag file exists.
+        {"name": "flaky", "run_command": f"echo x >> {counter}; test -f {flag}"},
+        # Fails on its first attempt only; max_retries brings it to done in the same run.
+        {
+            "name": "retried",
+            "run_command": f"echo r >> {counter}.r; test $(wc -l < {counter}.r) -ge 2",
+            "max_retries": 1,
+        },
+    ]
+    config = write_project(tmp_path / "proj", {"project": "retry", "instances": [{"cpus": 2}], "jobs": jobs})
+    first = by_name(run(config, tmp_path))
+    assert first["flaky"].state == "failed"
+    assert first["retried"].state == "done"
+    assert len(Path(f"{counter}.r").read_text().split()) == 2
+    flag.touch()
+    second = by_name(run(config, tmp_path))
+    assert second["flaky"].state == "done" and second["retried"].state == "done"
+    assert len(counter.read_text().split()) == 2  # flaky ran once per run
+    assert len(Path(f"{counter}.r").read_text().split()) == 2  # retried was cached
+
+
+def test_environment_failure_aborts_only_its_jobs_with_the_log(tmp_path: Path) -> None:
+    config = write_project(
+        tmp_path / "proj",
+        {
+            "project": "envfail",
+            "instances": [{"cpus": 2}],
+            "environments": [
+                {"name": "broken", "command": "echo 'setting up'; echo 'no compiler here' >&2; exit 7"},
+                {"name": "conda", "env_conda": ["numpy"]},
+                {"name": "fine", "command": "echo ready-to-go"},
+            ],
+            "jobs": [
+                {"name": "needs-broken", "run_command": "echo hi", "env_name": "broken"},
+                {"name": "needs-conda", "run_command": "echo hi", "env_name": "conda"},
+                {"name": "needs-fine", "run_command": "echo hi > hi.txt", "env_name": "fine", "output_files": "hi.txt"},
+                {"name": "no-env", "run_command": "echo hi > hi.txt", "output_files": "hi.txt"},
+            ],
+        },
+    )
+    jobs = by_name(run(config, tmp_path))
+    assert jobs["needs-broken"].state == "aborted" and "environment" in jobs["needs-broken"].reason
+    assert jobs["needs-conda"].state == "aborted"
+    assert jobs["needs-fine"].state == "done" and jobs["no-env"].state == "done"
+
+
+def test_environment_is_built_once_and_reused(tmp_path: Path, cloudsend_home: Path) -> None:
+    marker = tmp_path / "built.log"
+    config = write_project(
+        tmp_path / "proj",
+        {
+            "project": "envreuse",
+            "instances": [{"cpus": 2}],
+            "environments": [{"name": "e", "command": f"echo built >> {marker}", "env_pypi": ["six"]}],
+            "jobs": [
+                {"run_command": "python -c 'import six; print(six.__version__)' > v.txt", "output_files": "v.txt"}
+            ],
+        },
+    )
+    assert run(config, tmp_path).ok
+    assert run(config, tmp_path, rerun=True).ok
+    assert marker.read_text() == "built\n"
+    assert (tmp_path / "results" / "envreuse" / "python" / "v.txt").read_text().strip()
+
+
+def test_cluster_block_with_jobs_as_parameters(tmp_path: Path) -> None:
+    CloudSendCluster(project="blockrun", instances=[{"cpus": 2}]).save("test-cluster", overwrite=True)
+    (tmp_path / "in.txt").write_text("payload\n")
+    jobs = [Job(run_command="cat in.txt > copy.txt", upload_files=["in.txt"], output_files=["copy.txt"], repeat=2)]
+    summary = cloudsend(
+        cluster="test-cluster", jobs=jobs, base_dir=str(tmp_path), results_dir=str(tmp_path / "results")
+    )
+    assert summary.ok and summary.batch == "blockrun"
+    assert (tmp_path / "results" / "blockrun" / "cat-2" / "copy.txt").read_text() == "payload\n"
+
+
+@pytest.mark.parametrize("bad", ["no-such-cluster"])
+def test_missing_block_is_a_clear_error(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match=bad):
+        cloudsend(cluster=bad, jobs=[Job(run_command="true")], results_dir=str(tmp_path))
+
+
+def _artifacts(keys: list[str]) -> dict:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {a.key: a for a in found}
+
+
+def test_table_and_progress_artifacts(tmp_path: Path) -> None:
+    config = write_project(
+        tmp_path / "proj",
+        {"project": "artifacts", "instances": [{"cpus": 2}], "jobs": [{"run_command": "true", "repeat": 3}]},
+    )
+    assert run(config, tmp_path).ok
+    keys = ["artifacts-jobs", "artifacts-progress", "artifacts-plan"]
+    found: dict = {}
+    for _ in range(50):  # the test server records artifacts asynchronously
+        found = _artifacts(keys)
+        if len(found) == 3:
+            break
+        time.sleep(0.2)
+    assert set(found) == set(keys)
+    table = found["artifacts-jobs"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["state"] for r in rows] == ["done"] * 3
+    assert float(found["artifacts-progress"].data) == 100.0
