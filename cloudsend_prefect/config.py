@@ -127,7 +127,12 @@ class InstanceType(_Strict):
     @field_validator("max_bid", mode="before")
     @classmethod
     def _bid(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, str) else value
+        if isinstance(value, str):  # the predecessor's max_bid was a string, e.g. '0.01'
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a price in USD per hour, like 0.05") from None
+        return value
 
 
 class Environment(_Strict):

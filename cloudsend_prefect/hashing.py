@@ -1,17 +1,35 @@
 """Content hashes that name environments and jobs, stable across machines.
 
-Both are SHA-256 over canonical JSON (sorted keys, no whitespace) in which every file is represented by
-its path relative to the config's directory and the SHA-256 of its bytes, so moving the project or cloning
-it elsewhere keeps the hashes, while editing any file changes them.
+Both are SHA-256 (hex) of canonical JSON (``json.dumps`` with sorted keys, ``(",", ":")`` separators, UTF-8)
+in which every file is represented by its content, or by its path relative to the config's directory and the
+SHA-256 of its bytes, so moving the project or cloning it elsewhere keeps the hashes, while editing any file
+changes them. Absolute paths, mtimes, user and host names never enter a hash.
+
+Environment hash (``specs.resolve_env``): ``digest`` of the files the host builds the environment from,
+``{file name: text}``: ``requirements.txt`` (``env_pypi`` list, or the named file's text), ``environment.yml``
+(``env_conda`` file) or ``conda.txt`` (list), ``conda-channels.txt``, ``apt.txt``, ``julia.txt`` and
+``setup.sh`` (``command``: the script's text, or the inline commands). The environment's ``name`` is not part
+of it: renaming an environment reuses what hosts already built.
+
+Job hash (``specs.expand_jobs``): ``digest`` of ``{"command": the shell line (interpreter, script path, args),
+"env": the environment hash or null, "files": sorted [relative path, SHA-256 of contents] of the script,
+uploads and inputs, "outputs": sorted output paths}``. An edited script, upload or input is a new job; an
+unchanged one keeps its hash, so a finished run is reused. Copies from ``repeat`` share the hash and are told
+apart by their key (``<hash[:16]>-<n>``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+# A file modified this recently may be edited again within the filesystem's timestamp granularity without its
+# mtime changing, so it is always read (git's "racily clean" rule).
+_RACY_NS = 2_000_000_000
 
 
 def digest(obj: Any) -> str:
@@ -20,13 +38,21 @@ def digest(obj: Any) -> str:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes; cached by (path, mtime, size, inode) for files not modified just now."""
+    resolved = str(path.resolve())
     stat = path.stat()
-    return _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if time.time_ns() - stat.st_mtime_ns < _RACY_NS:
+        return _read_digest(resolved)
+    return _file_digest(resolved, stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 @lru_cache(maxsize=4096)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    # mtime and size are part of the cache key only, so an edited file is read again.
+def _file_digest(path: str, mtime_ns: int, size: int, inode: int) -> str:
+    # mtime, size and inode are part of the cache key only, so an edited or replaced file is read again.
+    return _read_digest(path)
+
+
+def _read_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -55,19 +55,22 @@ _UNION_TAG = re.compile(r"(str|int|float|bool|none|(list|dict|literal|function-\
 def describe_validation_error(exc: ValidationError, source: str) -> str:
     """One line per bad field, ``<file>: jobs[1].cpus_req: <problem> (got <value>)``."""
     problems: dict[str, list[str]] = {}
+    inputs: dict[str, str] = {}
     for err in exc.errors():
         loc = [p for p in err["loc"] if isinstance(p, int) or not _UNION_TAG.fullmatch(p)]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against the config reference)"
-        elif not isinstance(err.get("input"), dict | list) and "input" in err:
-            got = repr(err["input"])
-            msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
+        elif "input" in err and where and (not isinstance(err["input"], dict | list) or err["type"].endswith("_type")):
+            value = err["input"]  # a container is only worth naming when a scalar was expected
+            got = "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else repr(value)
+            inputs[where] = f" (got {got if len(got) <= 60 else got[:57] + '...'})"
         if msg not in problems.setdefault(where, []):
             problems[where].append(msg)
     return "\n".join(
-        f"{source}: {where + ': ' if where else ''}{', or '.join(msgs)}" for where, msgs in problems.items()
+        f"{source}: {where + ': ' if where else ''}{', or '.join(msgs)}{inputs.get(where, '')}"
+        for where, msgs in problems.items()
     )
 
 
@@ -84,7 +87,14 @@ def _read_mapping(path: Path, allow_exec: bool) -> Any:
             return json.loads(text)
         if suffix == ".toml":
             return tomllib.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        context = exc.context_mark and exc.context and f" ({exc.context} at line {exc.context_mark.line + 1})"
+        raise ConfigError(f"{path}{where}: not valid YAML: {exc.problem or exc.context}{context or ''}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
     if suffix == ".py":
         return _exec_config(path) if allow_exec else _literal_config(path, text)

@@ -69,8 +69,14 @@ def _relative(base: Path, path: Path) -> str:
 
 def _existing(config: BatchConfig, value: str, field: str) -> Path:
     path = (config.base_dir / os.path.expanduser(value)).resolve()
+    if path.is_dir():
+        raise ConfigError(f"{config.source}: {field}: {value} is a directory, expected a file")
     if not path.is_file():
-        raise ConfigError(f"{config.source}: {field}: file not found: {value} (looked in {config.base_dir})")
+        hint = ""
+        if (Path.cwd() / value).is_file() and Path.cwd().resolve() != config.base_dir.resolve():
+            # the predecessor resolved paths against the working directory
+            hint = "; it exists relative to the working directory, but paths are relative to the config's directory"
+        raise ConfigError(f"{config.source}: {field}: file not found: {value} (looked in {config.base_dir}{hint})")
     return path
 
 
@@ -123,6 +129,8 @@ def _command(config: BatchConfig, job: Job, field: str, files: list[FileSpec]) -
         words = shlex.split(job.run_script or "")
     except ValueError as exc:
         raise ConfigError(f"{config.source}: {field}.run_script: cannot split into path and args: {exc}") from None
+    if not words:
+        raise ConfigError(f"{config.source}: {field}.run_script: empty")
     script = _existing(config, words[0], f"{field}.run_script")
     rel = _relative(config.base_dir, script)
     interpreter = INTERPRETERS.get(script.suffix.lower())
@@ -135,7 +143,11 @@ def _base_name(job: Job) -> str:
     if job.name:
         return job.name
     source = job.run_script or job.run_command or "job"
-    word = shlex.split(source)[0] if source.strip() else "job"
+    try:
+        words = shlex.split(source)
+    except ValueError:  # unbalanced quotes: the shell's business for a command
+        words = source.split()
+    word = words[0] if words else "job"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(word).stem).strip("-.") or "job"
 
 
