@@ -1,6 +1,6 @@
 """The ``cloudsend`` flow: provision → bootstrap environments → plan → run jobs (fetching outputs) → teardown."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: served flows are cloudpickled by value; list[Job] must not be a string.
 
 import os
 import re
@@ -21,6 +21,7 @@ from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.paths import cloudsend_home
+from cloudsend_prefect.providers import connect
 from cloudsend_prefect.results import BatchSummary, JobResult, deliver
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, run_job, teardown
@@ -113,14 +114,24 @@ def cloudsend(
             boot.wait()
     finally:
         dispatcher.stop()
+        trips = {host.name: connect(host).round_trips for host in hosts}
         teardown(hosts, cfg)
-    summary = BatchSummary(batch=name, results_dir=str(dest), jobs=[results[job.key] for job in specs])
+    summary = BatchSummary(
+        batch=name, results_dir=str(dest), jobs=[results[job.key] for job in specs], round_trips=trips
+    )
     create_table_artifact(
         key=f"{name}-jobs",
         table=[r.model_dump(exclude={"store"}) for r in summary.jobs],
         description=f"Jobs of batch {name}: " + ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())),
     )
-    logger.info("batch %s: %s; results in %s", name, summary.counts, dest)
+    logger.info(
+        "batch %s: %s; results in %s; %d round trips to hosts for %d jobs",
+        name,
+        summary.counts,
+        dest,
+        sum(trips.values()),
+        len(specs),
+    )
     return summary
 
 

@@ -32,6 +32,7 @@ class BatchSummary(BaseModel):
     batch: str
     results_dir: str
     jobs: list[JobResult]
+    round_trips: dict[str, int] = {}  # per host: commands and file transfers this run made
 
     @property
     def counts(self) -> dict[str, int]:

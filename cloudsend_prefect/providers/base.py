@@ -35,7 +35,7 @@ class HostInfo(BaseModel):
 
 def host_names(inst: InstanceType, index: int, provider: str) -> list[str]:
     """Stable names of the ``number`` hosts of the instance type at ``index`` in the config."""
-    stem = f"{inst.name or provider}-{index}"
+    stem = inst.name or f"{provider}-{index}"
     return [stem] if inst.number == 1 else [f"{stem}.{copy}" for copy in range(inst.number)]
 
 

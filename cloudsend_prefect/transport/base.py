@@ -35,6 +35,7 @@ class Transport(Protocol):
     """One host. Implementations must be safe to call from many threads at once."""
 
     name: str
+    round_trips: int  # commands and transfers so far: what watching a batch costs
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float | None = None) -> CommandResult:
         """Run ``command`` with ``/bin/sh -c`` on the host, from the login user's home directory.

@@ -15,9 +15,11 @@ class LocalTransport:
 
     def __init__(self, name: str = "local") -> None:
         self.name = name
+        self.round_trips = 0
         self._home = Path.home()
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float | None = None) -> CommandResult:
+        self.round_trips += 1
         try:
             proc = subprocess.run(
                 ["/bin/sh", "-c", command],
@@ -35,9 +37,11 @@ class LocalTransport:
         return Path(os.path.expanduser(remote)) if remote.startswith("~") else self._home / remote
 
     def put(self, local: Path, remote: str) -> None:
+        self.round_trips += 1
         shutil.copyfile(local, self._path(remote))
 
     def get(self, remote: str, local: Path) -> None:
+        self.round_trips += 1
         local.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(remote), local)
 
