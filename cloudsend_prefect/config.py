@@ -253,10 +253,15 @@ class BatchConfig(_Strict):
             if job.env_name is not None and job.env_name not in names:
                 known = ", ".join(repr(n) for n in names if n) or "none defined"
                 raise ValueError(f"jobs[{i}].env_name: no environment named {job.env_name!r} (known: {known})")
+        labels = [inst.name for inst in self.instances if inst.name]
+        if len(labels) != len(set(labels)):
+            raise ValueError(f"instances: duplicate name {next(n for n in labels if labels.count(n) > 1)!r}")
         for i, inst in enumerate(self.instances):
             provider = inst.provider or self.provider
             if provider == "ssh" and not inst.host:
                 raise ValueError(f"instances[{i}].host: required for the ssh provider")
+            if provider == "ssh" and inst.number != 1:
+                raise ValueError(f"instances[{i}].number: an ssh host is one machine; list each host once")
         biggest = max(self.instance_cpus(inst) for inst in self.instances)
         for i, job in enumerate(self.jobs):
             if job.cpus_req > biggest:
