@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +15,9 @@ from rich.table import Table
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.loading import ConfigError, load_config
 from cloudsend_prefect.specs import JobSpec, expand_jobs
+
+if TYPE_CHECKING:
+    from cloudsend_prefect.runtime import HostRuntime, JobStatus
 
 app = typer.Typer(help="Run batches of scripts on local, SSH and EC2 hosts through Prefect.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -127,28 +131,47 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command()
-def status(config: ConfigArg, batch: BatchOpt = None, exec_python_config: ExecOpt = False) -> None:
-    """Show the state of every job of a batch, read from its hosts (one round trip per host)."""
-    from cloudsend_prefect.flow import batch_slug
-    from cloudsend_prefect.providers import connect, disconnect, provision_all
+def _find_jobs(cfg: BatchConfig, batch: str) -> tuple[dict[str, tuple[str, JobStatus]], dict[str, HostRuntime]]:
+    """Every job of the batch the hosts know, by key, with its host; one round trip per host."""
+    from cloudsend_prefect.providers import connect, provision_all
     from cloudsend_prefect.runtime import HostRuntime
     from cloudsend_prefect.transport import TransportError
 
+    found: dict[str, tuple[str, JobStatus]] = {}
+    runtimes = {}
+    for host in provision_all(cfg, create=False):
+        runtime = HostRuntime(connect(host), host.base_dir, host.cpus)
+        try:
+            states = runtime.status(batch)
+        except (TransportError, OSError) as exc:
+            console.print(f"[yellow]{host.name}: unreachable: {exc}[/yellow]")
+            continue
+        runtimes[host.name] = runtime
+        found.update({key: (host.name, st) for key, st in states.items()})
+    return found, runtimes
+
+
+def _batch_name(cfg: BatchConfig, batch: str | None) -> str:
+    from cloudsend_prefect.flow import batch_slug
+
+    return batch_slug(batch or cfg.project)
+
+
+def _select(jobs: list[JobSpec], names: list[str]) -> list[JobSpec]:
+    known = {job.name: job for job in jobs}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        console.print(f"[red]error:[/red] no job named {', '.join(unknown)} (jobs: {', '.join(known)})")
+        raise typer.Exit(2)
+    return [known[n] for n in names]
+
+
+@app.command()
+def status(config: ConfigArg, batch: BatchOpt = None, exec_python_config: ExecOpt = False) -> None:
+    """Show the state of every job of a batch, read from its hosts (one round trip per host)."""
     cfg, jobs = _load(config, exec_python_config)
-    name = batch_slug(batch or cfg.project)
-    hosts = provision_all(cfg, create=False)
-    found = {}
-    try:
-        for host in hosts:
-            try:
-                states = HostRuntime(connect(host), host.base_dir, host.cpus).status(name)
-            except (TransportError, OSError) as exc:
-                console.print(f"[yellow]{host.name}: unreachable: {exc}[/yellow]")
-                continue
-            found.update({key: (host.name, st) for key, st in states.items()})
-    finally:
-        disconnect(hosts)
+    name = _batch_name(cfg, batch)
+    found, _ = _find_jobs(cfg, name)
     table = Table(title=f"batch {name}")
     for col in ("job", "state", "host", "exit", "duration (s)", "reason"):
         table.add_column(col)
@@ -161,6 +184,59 @@ def status(config: ConfigArg, batch: BatchOpt = None, exec_python_config: ExecOp
         exit_code = str(st.exit) if st.exit is not None else "-"
         table.add_row(job.name, _styled(st.state), host_name, exit_code, duration, st.reason)
     out.print(table)
+
+
+@app.command()
+def logs(
+    config: ConfigArg,
+    job: Annotated[str, typer.Argument(help="Job name, as in `cloudsend status`.")],
+    stderr: Annotated[bool, typer.Option("--stderr", help="Show stderr instead of stdout.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    batch: BatchOpt = None,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Print a job's stdout (or stderr) from its host; --follow tails it live."""
+    cfg, jobs = _load(config, exec_python_config)
+    (spec,) = _select(jobs, [job])
+    name = _batch_name(cfg, batch)
+    found, runtimes = _find_jobs(cfg, name)
+    if spec.key not in found:
+        console.print(f"[red]error:[/red] job {job} has not started on any host of batch {name}")
+        raise typer.Exit(1)
+    host, st = found[spec.key]
+    runtime, stream, offset = runtimes[host], "stderr" if stderr else "stdout", 0
+    while True:
+        chunk = runtime.read_log(name, spec.key, stream, offset)
+        offset += len(chunk.encode())
+        out.print(chunk, end="", markup=False, highlight=False)
+        if not follow or st.final:
+            break
+        time.sleep(cfg.poll_interval)
+        st = runtime.status(name).get(spec.key, st)
+    if follow:
+        console.print(f"[dim]{job}: {_styled(st.state)} {st.reason}[/dim]")
+
+
+@app.command()
+def cancel(
+    config: ConfigArg,
+    jobs: Annotated[list[str] | None, typer.Argument(help="Job names; none means every job of the batch.")] = None,
+    every_batch: Annotated[bool, typer.Option("--all", help="Cancel every job of every batch on the hosts.")] = False,
+    batch: BatchOpt = None,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Cancel jobs: queued ones are dropped, running ones have their process group killed."""
+    from cloudsend_prefect.providers import connect, provision_all
+    from cloudsend_prefect.runtime import HostRuntime
+
+    cfg, specs = _load(config, exec_python_config)
+    name = "*" if every_batch else _batch_name(cfg, batch)
+    keys = [s.key for s in _select(specs, jobs or [])]
+    names = {s.key: s.name for s in specs}
+    for host in provision_all(cfg, create=False):
+        cancelled = HostRuntime(connect(host), host.base_dir, host.cpus).cancel(name, keys)
+        for key in cancelled:
+            out.print(f"{host.name}: cancelled {names.get(key, key)}")
 
 
 if __name__ == "__main__":

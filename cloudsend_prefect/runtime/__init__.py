@@ -160,6 +160,11 @@ class HostRuntime:
             got.append(dest / f"{stream}.log")
         return got
 
+    def read_log(self, batch: str, key: str, stream: str, offset: int) -> str:
+        """A job's stdout or stderr from byte ``offset`` on (one round trip): what ``logs --follow`` polls."""
+        path = self._q(f"{self.job_dir(batch, key)}/{stream}")
+        return self.transport.run(f"tail -c +{int(offset) + 1} {path} 2>/dev/null").stdout
+
     def tail(self, batch: str, key: str, stream: str = "stderr", lines: int = 20) -> str:
         path = self._q(f"{self.job_dir(batch, key)}/{stream}")
         return self.transport.run(f"tail -n {int(lines)} {path} 2>/dev/null").stdout

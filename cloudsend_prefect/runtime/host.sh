@@ -23,9 +23,9 @@ JOB_SHELL=bash
 command -v bash >/dev/null 2>&1 || JOB_SHELL=sh
 
 now() {
-    t=$(date +%s.%N)
-    case $t in *N) t=$(date +%s) ;; esac
-    printf '%s' "$t"
+    now_t=$(date +%s.%N)
+    case $now_t in *N) now_t=$(date +%s) ;; esac
+    printf '%s' "$now_t"
 }
 
 # Start a command in the background in its own session, holding none of our file descriptors (so an SSH
@@ -254,7 +254,7 @@ cancel() {
     batch=$1
     shift
     lock
-    pids=
+    killed=
     for d in "$BASE"/jobs/$batch/*/; do
         d=${d%/}
         key=${d##*/}
@@ -279,18 +279,30 @@ cancel() {
             : >"$d/cancelled"
             pid=
             read -r pid <"$d/pid" 2>/dev/null
-            if [ -n "$pid" ]; then
-                kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-                pids="$pids $pid"
-            fi
+            [ -n "$pid" ] && { kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
+            killed="$killed$d
+"
             echo "$key"
             ;;
         esac
     done
     unlock
-    [ -z "$pids" ] && return 0
-    sleep 2
-    for pid in $pids; do kill -KILL -"$pid" 2>/dev/null; done
+    [ -z "$killed" ] && return 0
+    sleep 1
+    # The job's wrapper died with its process group: record the end here.
+    old_ifs=$IFS
+    IFS='
+'
+    for d in $killed; do
+        pid=
+        read -r pid <"$d/pid" 2>/dev/null
+        [ -n "$pid" ] && kill -KILL -"$pid" 2>/dev/null
+        write_status "$d" aborted "cancelled"
+        b=${d%/*}
+        rm -f "$BASE/running/${b##*/}__${d##*/}"
+    done
+    IFS=$old_ifs
+    dispatch
 }
 
 missing() {

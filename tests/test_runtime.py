@@ -1,0 +1,121 @@
+"""The host runtime (host.sh) driven directly through the local transport and through a real sshd host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudsend_prefect.runtime import HostRuntime, JobStatus
+from cloudsend_prefect.specs import EnvSpec, JobSpec
+from cloudsend_prefect.transport.local import LocalTransport
+from tests.sshd import SshdHost
+
+
+def job(key: str, command: str, cpus: int = 1, outputs: list[str] | None = None, env: EnvSpec | None = None) -> JobSpec:
+    return JobSpec(
+        index=0, name=key, key=key, hash=key, command=command, files=[], outputs=outputs or [], cpus=cpus, env=env
+    )
+
+
+def wait_final(rt: HostRuntime, batch: str, keys: list[str], timeout: float = 30) -> dict[str, JobStatus]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = rt.status(batch)
+        if all(k in states and states[k].final for k in keys):
+            return states
+        time.sleep(0.1)
+    raise AssertionError(f"jobs did not end: {rt.status(batch)}")
+
+
+@pytest.fixture(params=["local", "ssh"])
+def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> HostRuntime:
+    if request.param == "local":
+        rt = HostRuntime(LocalTransport(), str(tmp_path / "host"), capacity=2)
+    else:
+        host: SshdHost = request.getfixturevalue("sshd_hosts")[0]
+        rt = HostRuntime(host.transport(), f"{host.home}/{tmp_path.name}", capacity=2)
+    rt.install()
+    return rt
+
+
+def test_capacity_is_respected_and_queued_jobs_start_when_cpus_free(runtime: HostRuntime) -> None:
+    jobs = [job(f"j{i}", "sleep 0.6") for i in range(4)] + [job("big", "sleep 0.6", cpus=2)]
+    runtime.stage("b", jobs)
+    states = wait_final(runtime, "b", [j.key for j in jobs])
+    spans = sorted((s.start or 0, s.end or 0, 2 if s.key == "big" else 1) for s in states.values())
+    for start, _, _ in spans:
+        assert sum(c for s, e, c in spans if s <= start < e) <= 2
+    assert all(s.state == "done" for s in states.values())
+    makespan = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+    assert makespan < 0.6 * 3 + 1.0  # three waves of 0.6 s: queued jobs start without waiting for a poll
+
+
+def test_staging_a_known_job_again_does_not_run_it_twice(runtime: HostRuntime, tmp_path: Path) -> None:
+    spec = job("once", "echo ran >> count.txt; sleep 0.3", outputs=["count.txt"])
+    runtime.stage("b", [spec])
+    runtime.stage("b", [spec])  # e.g. a rerun of the client while the job runs
+    wait_final(runtime, "b", ["once"])
+    runtime.stage("b", [spec])  # and after it ended
+    time.sleep(0.3)
+    assert runtime.status("b")["once"].state == "done"
+    got = runtime.fetch("b", "once", ["count.txt"], tmp_path / "out")
+    assert (tmp_path / "out" / "count.txt").read_text() == "ran\n" and len(got) == 3
+    runtime.stage("b", [spec], rerun=frozenset({"once"}))  # an explicit rerun replaces the ended job
+    wait_final(runtime, "b", ["once"])
+    runtime.fetch("b", "once", ["count.txt"], tmp_path / "again")
+    assert (tmp_path / "again" / "count.txt").read_text() == "ran\n"
+
+
+def test_cancel_kills_the_whole_process_group(runtime: HostRuntime, tmp_path: Path) -> None:
+    marker = tmp_path / "child-survived"
+    spec = job("long", f"(sleep 3; touch {marker}) & sleep 30")
+    queued = job("queued", "sleep 30", cpus=2)
+    runtime.stage("b", [spec, queued])
+    deadline = time.monotonic() + 10
+    while runtime.status("b")["long"].state != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert sorted(runtime.cancel("b")) == ["long", "queued"]
+    states = runtime.status("b")
+    assert (states["long"].state, states["long"].reason) == ("aborted", "cancelled")
+    assert (states["queued"].state, states["queued"].reason) == ("aborted", "cancelled")
+    time.sleep(3.5)
+    assert not marker.exists()
+
+
+def test_a_vanished_process_is_reported_aborted(tmp_path: Path) -> None:
+    rt = HostRuntime(LocalTransport(), str(tmp_path / "host"), capacity=1)
+    rt.install()
+    rt.stage("b", [job("victim", "sleep 30"), job("next", "echo next > n.txt", outputs=["n.txt"])])
+    deadline = time.monotonic() + 10
+    while (pid := rt.status("b")["victim"].pid) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(pid, signal.SIGKILL)  # the wrapper and the job die without recording anything
+    states = wait_final(rt, "b", ["victim", "next"])
+    assert states["victim"].state == "aborted" and "vanished" in states["victim"].reason
+    assert states["next"].state == "done"  # the freed CPU went to the queued job
+
+
+def test_jobs_wait_for_their_environment(runtime: HostRuntime) -> None:
+    env = EnvSpec(name="slow", hash="e" * 64, files={"setup.sh": "sleep 1; echo built\n"})
+    spec = job("uses-env", "echo in-env", env=env)
+    runtime.stage("b", [spec])
+    assert runtime.status("b")["uses-env"].state == "waiting"
+    assert runtime.ensure_env(env) == "building"
+    states = wait_final(runtime, "b", ["uses-env"])
+    assert states["uses-env"].state == "done"
+    assert runtime.env_state(env) == "ready"
+    assert "built" in runtime.env_log_tail(env)
+    assert runtime.ensure_env(env) == "ready"  # reused, not rebuilt
+
+
+def test_timeout_kills_the_job(runtime: HostRuntime) -> None:
+    spec = job("slow", "sleep 20").model_copy(update={"timeout": 0.5})
+    runtime.stage("b", [spec])
+    state = wait_final(runtime, "b", ["slow"])["slow"]
+    assert (state.state, state.reason) == ("failed", "timed out after 0.5s")
