@@ -1,0 +1,107 @@
+"""The `cloudsend` command line, as a user types it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from cloudsend_prefect.cli import app
+from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.results import BatchSummary
+
+runner = CliRunner()
+
+
+def write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_validate_accepts_a_good_config_and_names_the_field_of_a_bad_one(tmp_path: Path) -> None:
+    good = write(tmp_path, {"instances": [{"cpus": 2}], "jobs": [{"run_command": "true", "repeat": 3}]})
+    result = runner.invoke(app, ["validate", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "3 job run(s)" in result.output
+    bad = write(tmp_path, {"instances": [{"cpus": 2}], "jobs": [{"run_command": "true", "cpus_req": 3}]})
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "batch.yaml" in result.output and "jobs[0].cpus_req" in result.output
+
+
+def test_plan_shows_the_assignment_and_starts_nothing(tmp_path: Path, cloudsend_home: Path) -> None:
+    config = write(
+        tmp_path,
+        {
+            "instances": [{"cpus": 2, "name": "box"}],
+            "jobs": [{"run_command": "sleep 1", "expected_duration": 10, "repeat": 3}],
+        },
+    )
+    result = runner.invoke(app, ["plan", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "sleep-3" in result.output and "box (2 CPUs)" in result.output
+    assert " 10 " in result.output and " 20 " in result.output  # the third job waits for a free CPU
+    assert not cloudsend_home.exists()
+
+
+def test_run_status_and_logs(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        {
+            "project": "cli-run",
+            "instances": [{"cpus": 2}],
+            "jobs": [
+                {
+                    "name": "hello",
+                    "run_command": "echo hello-out; echo hello-err >&2; echo hi > hi.txt",
+                    "output_files": "hi.txt",
+                },
+                {"name": "broken", "run_command": "echo oops >&2; exit 4"},
+            ],
+        },
+    )
+    results = tmp_path / "results"
+    result = runner.invoke(app, ["run", str(config), "--results-dir", str(results)])
+    assert result.exit_code == 1, result.output  # a job is not done
+    assert "1 done, 1 failed" in result.output and "exit code 4" in result.output
+    assert (results / "cli-run" / "hello" / "hi.txt").read_text() == "hi\n"
+
+    status = runner.invoke(app, ["status", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "hello" in status.output and "done" in status.output and "failed" in status.output
+
+    out = runner.invoke(app, ["logs", str(config), "hello"])
+    assert out.exit_code == 0 and out.output == "hello-out\n"
+    err = runner.invoke(app, ["logs", str(config), "broken", "--stderr"])
+    assert err.exit_code == 0 and err.output == "oops\n"
+    unknown = runner.invoke(app, ["logs", str(config), "nope"])
+    assert unknown.exit_code == 2 and "no job named nope" in unknown.output
+
+
+def test_cancel_a_running_batch(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        {
+            "project": "cli-cancel",
+            "poll_interval": 0.2,
+            "instances": [{"cpus": 1}],
+            "jobs": [{"run_command": "sleep 60", "repeat": 2}],
+        },
+    )
+    summary: list[BatchSummary] = []
+    thread = threading.Thread(target=lambda: summary.append(cloudsend(config=str(config), results_dir=str(tmp_path))))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while "running" not in runner.invoke(app, ["status", str(config)]).output:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.3)
+    result = runner.invoke(app, ["cancel", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "cancelled sleep-1" in result.output and "cancelled sleep-2" in result.output
+    thread.join(timeout=60)
+    assert summary, "the flow did not end after the cancel"
+    assert [(j.state, j.reason) for j in summary[0].jobs] == [("aborted", "cancelled")] * 2
