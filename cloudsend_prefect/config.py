@@ -37,6 +37,9 @@ AWS_ONLY_KEYS = (
     "max_bid",
     "eco_life",
     "cloud_id",
+    "address",
+    "fallback_types",
+    "zones",
 )
 SSH_ONLY_KEYS = ("host", "port", "user", "key_file", "host_key", "accept_new_host_key", "remote_dir")
 
@@ -100,6 +103,22 @@ class InstanceType(_Strict):
         None, gt=0, title="Spot request life (hours)", description="aws: how long a spot request stays valid."
     )
     cloud_id: str | None = Field(None, title="VPC id", description="aws: VPC to use (default VPC otherwise).")
+    zones: list[str] = Field(
+        default_factory=list,
+        title="Availability zones",
+        description="aws: zones to try in order when one lacks capacity (default: the VPC's default subnet).",
+    )
+    fallback_types: list[str] = Field(
+        default_factory=list,
+        title="Fallback instance types",
+        description="aws: types tried in order when `type` has no capacity or quota left.",
+    )
+    address: str = Field(
+        "public",
+        title="Reach instances by",
+        description="aws: 'public' address (default), 'private' (when running inside the VPC), or the name "
+        "of an address resolver registered in cloudsend_prefect.providers.aws.ADDRESS_RESOLVERS.",
+    )
     # ssh
     host: str | None = Field(None, title="Host", description="ssh: host name or address.")
     port: int = Field(22, ge=1, le=65535, title="SSH port", description="ssh: port of the host's sshd.")
@@ -210,7 +229,30 @@ class BatchConfig(_Strict):
     project: str = Field("cloudsend", title="Project", description="Names and tags what this batch creates.")
     provider: Provider = Field("local", title="Provider", description="Default provider of instance types.")
     profile: str | None = Field(None, title="AWS profile", description="aws: profile used without a block.")
-    auto_stop: bool = Field(True, title="Auto stop", description="Stop created instances when the work is done.")
+    auto_stop: bool | Literal["terminate"] = Field(
+        True,
+        title="Auto stop",
+        description="Stop instances cloudsend created when the batch is over ('terminate' removes them; "
+        "false keeps them running, and says how to remove them).",
+    )
+    idle_minutes: float = Field(
+        30,
+        gt=0,
+        title="Idle shutdown (minutes)",
+        description="aws: each instance shuts itself down after this long without a running job, even if the "
+        "client died.",
+    )
+    aws_credentials: str | None = Field(
+        None,
+        title="AWS credentials block",
+        description="aws: name of a prefect-aws AwsCredentials block (else `profile`, else the default chain).",
+    )
+    ssh_from: list[str] | None = Field(
+        None,
+        title="SSH allowed from",
+        description="aws: CIDRs allowed to reach instances' SSH port (default: your public address as /32, "
+        "looked up once). 0.0.0.0/0 only if you write it here.",
+    )
     recover: bool = Field(
         True,
         title="Recover",

@@ -106,16 +106,19 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
 
 @task(name="teardown", cache_policy=NO_CACHE)
 def teardown(hosts: list[HostInfo], config: BatchConfig) -> None:
+    """Stop or terminate the batch's cloud instances; when asked to keep them, say so and how to remove them."""
     logger = get_run_logger()
     try:
         for name in sorted({h.provider for h in hosts}):
             mine = [h for h in hosts if h.provider == name]
+            billed = [h for h in mine if h.instance_id]
             if config.auto_stop:
-                get_provider(name).teardown(mine)
-            elif any(h.created for h in mine):
+                get_provider(name).teardown(mine, terminate=config.auto_stop == "terminate")
+            elif billed:
                 logger.warning(
-                    "auto_stop is off: %s kept running; `cloudsend down` removes them",
-                    ", ".join(h.name for h in mine if h.created),
+                    "auto_stop is false: %s kept running (and billing); remove them with `cloudsend down %s`",
+                    ", ".join(f"{h.name} ({h.instance_id})" for h in billed),
+                    config.source,
                 )
     finally:
         disconnect(hosts)

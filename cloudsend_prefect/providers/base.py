@@ -30,6 +30,9 @@ class HostInfo(BaseModel):
     known_hosts: str | None = None
     accept_new_host_key: bool = False
     instance_id: str | None = None
+    region: str | None = None
+    aws_credentials: str | None = Field(None, description="AwsCredentials block name the instance was made with.")
+    aws_profile: str | None = None
     created: bool = Field(False, description="This run created the host, so teardown may remove it.")
 
 

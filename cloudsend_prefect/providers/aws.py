@@ -1,0 +1,540 @@
+"""The ``aws`` provider: EC2 instances cloudsend creates, finds again by their tags, and stops or terminates.
+
+boto3 is imported here only. Every instance carries three tags — project, cluster hash (what the machine
+is) and rank (which copy) — so a later run, or the rerun of a crashed one, reuses it instead of creating a
+duplicate. Whatever fails while instances are being created, the ones this call created are terminated
+before the error is raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cloudsend_prefect.config import BatchConfig, InstanceType
+from cloudsend_prefect.hashing import digest
+from cloudsend_prefect.providers.base import HostHealth, HostInfo
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+else:
+    EC2Client = Any
+
+log = logging.getLogger("cloudsend.aws")
+
+TAG_PROJECT, TAG_CLUSTER, TAG_RANK = "cloudsend:project", "cloudsend:cluster", "cloudsend:rank"
+ALIVE = ["pending", "running", "stopping", "stopped"]
+CAPACITY_ERRORS = {
+    "InsufficientInstanceCapacity",
+    "InstanceLimitExceeded",
+    "VcpuLimitExceeded",
+    "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow",
+    "Unsupported",
+    "InsufficientCapacity",
+}
+UBUNTU_SSM = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+CANONICAL = "099720109477"
+REMOTE_DIR = ".cloudsend"
+
+
+class AwsError(RuntimeError):
+    """An EC2 problem explained for the user (what failed, and what to do)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the client's SSH connection to an instance goes; user and key only when a resolver overrides them."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+    key_file: str | None = None
+
+
+def _public(instance: dict[str, Any]) -> Endpoint:
+    if not instance.get("PublicIpAddress"):
+        raise AwsError(f"{instance['InstanceId']} has no public address: set `address: private` inside the VPC")
+    return Endpoint(instance["PublicIpAddress"])
+
+
+# How the client reaches an instance, by the name an instance type's `address` gives. Register more (a jump
+# host, a tunnel, the tests' loopback sshd hosts) by adding a function here.
+ADDRESS_RESOLVERS: dict[str, Callable[[dict[str, Any]], Endpoint]] = {
+    "public": _public,
+    "private": lambda instance: Endpoint(instance["PrivateIpAddress"]),
+}
+
+
+def config_dir() -> Path:
+    """Keys and known hosts live here, never in the working directory."""
+    return Path(os.environ.get("XDG_CONFIG_HOME", "~/.config")).expanduser() / "cloudsend"
+
+
+# -- sessions -------------------------------------------------------------------------------------------
+def ec2_client(region: str | None, *, credentials: str | None = None, profile: str | None = None) -> EC2Client:
+    """An EC2 client from the named AwsCredentials block, else the profile, else boto3's default chain."""
+    if credentials:
+        from prefect_aws import AwsCredentials
+
+        creds: Any = AwsCredentials.load(credentials)
+        if region:
+            creds = creds.model_copy(update={"region_name": region})
+        if not creds.region_name:
+            raise AwsError(f"no region: set `region` on the instance type or in block {credentials}")
+        return creds.get_client("ec2")
+    import boto3
+
+    session = boto3.Session(profile_name=profile) if profile else boto3.Session()
+    region = region or session.region_name
+    if not region:
+        raise AwsError("no region: set `region` on the instance type, in the AWS profile, or AWS_DEFAULT_REGION")
+    return session.client("ec2", region_name=region)
+
+
+def _config_client(config: BatchConfig, region: str | None) -> EC2Client:
+    return ec2_client(region, credentials=config.aws_credentials, profile=config.profile)
+
+
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+# -- keys and network -----------------------------------------------------------------------------------
+def key_path(config: BatchConfig, region: str) -> Path:
+    return config_dir() / "keys" / f"{config.project}-{region}.pem"
+
+
+def ensure_key(ec2: EC2Client, config: BatchConfig, region: str) -> tuple[str, Path]:
+    """This project's key pair in this region: generated locally (private key 0600), imported to EC2."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = key_path(config, region)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private)
+    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    # Named by the key's fingerprint: a lost local key gives a new pair instead of breaking or deleting the old.
+    name = f"cloudsend-{config.project}-{hashlib.sha256(public).hexdigest()[:10]}"
+    existing = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
+    if not existing:
+        ec2.import_key_pair(
+            KeyName=name,
+            PublicKeyMaterial=public,
+            TagSpecifications=[{"ResourceType": "key-pair", "Tags": [{"Key": TAG_PROJECT, "Value": config.project}]}],
+        )
+    return name, path
+
+
+def my_cidrs(config: BatchConfig) -> list[str]:
+    """Who may reach SSH: the configured CIDRs, else this machine's public address as a /32."""
+    if config.ssh_from:
+        return config.ssh_from
+    with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=10) as resp:
+        return [resp.read().decode().strip() + "/32"]
+
+
+def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> tuple[str, list[str]]:
+    """The project's security group (SSH from ``my_cidrs`` only) and the subnets to try, in order."""
+    if inst.cloud_id:
+        vpc = inst.cloud_id
+    else:
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise AwsError("no default VPC in this region: set `cloud_id` to the VPC to use")
+        vpc = vpcs[0]["VpcId"]
+    name = f"cloudsend-{config.project}"
+    groups = ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]}]
+    )["SecurityGroups"]
+    if groups:
+        group = groups[0]["GroupId"]
+    else:
+        group = ec2.create_security_group(
+            GroupName=name,
+            Description=f"cloudsend project {config.project}: SSH from the client only",
+            VpcId=vpc,
+            TagSpecifications=[
+                {"ResourceType": "security-group", "Tags": [{"Key": TAG_PROJECT, "Value": config.project}]}
+            ],
+        )["GroupId"]
+    ranges = [{"CidrIp": cidr, "Description": "cloudsend client"} for cidr in my_cidrs(config)]
+    try:
+        ec2.authorize_security_group_ingress(
+            GroupId=group, IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": ranges}]
+        )
+    except Exception as exc:
+        if _code(exc) != "InvalidPermission.Duplicate":
+            raise
+    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
+    by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in sorted(subnets, key=lambda s: not s.get("DefaultForAz"))}
+    if inst.zones:
+        missing = [z for z in inst.zones if z not in by_zone]
+        if missing:
+            raise AwsError(f"no subnet of VPC {vpc} in zone(s) {', '.join(missing)} (zones: {', '.join(by_zone)})")
+        return group, [by_zone[z] for z in inst.zones]
+    if not by_zone:
+        raise AwsError(f"VPC {vpc} has no subnet")
+    return group, [next(iter(by_zone.values()))]
+
+
+# -- images and types -----------------------------------------------------------------------------------
+def resolve_image(ec2: EC2Client, config: BatchConfig, inst: InstanceType, region: str) -> dict[str, Any]:
+    """The image to boot (given, or the latest Ubuntu LTS); a bad id lists images that would work."""
+    image_id = inst.img_id
+    if image_id is None:
+        image_id = _latest_ubuntu(ec2, config, region)
+    try:
+        images = ec2.describe_images(ImageIds=[image_id])["Images"]
+    except Exception as exc:
+        if not _code(exc).startswith("InvalidAMIID"):
+            raise
+        images = []
+    if not images:
+        usable = ec2.describe_images(
+            Owners=[CANONICAL, "amazon"],
+            Filters=[{"Name": "architecture", "Values": ["x86_64"]}, {"Name": "state", "Values": ["available"]}],
+        )["Images"]
+        usable = sorted(usable, key=lambda i: i.get("CreationDate", ""), reverse=True)[:10]
+        listing = "\n".join(f"  {i['ImageId']}  {i.get('Name', '')}" for i in usable)
+        raise AwsError(f"image {image_id} does not exist in {region}; usable images there include:\n{listing}")
+    return images[0]
+
+
+def _latest_ubuntu(ec2: EC2Client, config: BatchConfig, region: str) -> str:
+    import boto3
+
+    try:
+        ssm = boto3.Session(profile_name=config.profile).client("ssm", region_name=region)
+        return str(ssm.get_parameter(Name=UBUNTU_SSM)["Parameter"]["Value"])
+    except Exception:
+        images = ec2.describe_images(
+            Owners=[CANONICAL], Filters=[{"Name": "name", "Values": ["ubuntu/images/*ubuntu-*-24.04-amd64-server-*"]}]
+        )["Images"]
+        if not images:
+            raise AwsError(f"cannot find the latest Ubuntu LTS image in {region}: set `img_id`") from None
+        return str(max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"])
+
+
+def vcpus_of(ec2: EC2Client, instance_type: str) -> int:
+    try:
+        info = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+    except Exception as exc:
+        raise AwsError(f"unknown instance type {instance_type!r}: {exc}") from None
+    return int(info[0]["VCpuInfo"]["DefaultVCpus"])
+
+
+# -- instances ------------------------------------------------------------------------------------------
+@dataclass
+class _Want:
+    rank: str
+    cpus: int
+
+
+def _wanted(inst: InstanceType, index: int, vcpus: int) -> list[_Want]:
+    """Ranks and CPUs: `number` copies, each split over several instances when `explode` asks for it."""
+    cpus = inst.cpus or vcpus
+    parts = math.ceil(cpus / vcpus) if inst.explode and cpus > vcpus else 1
+    wants = []
+    for copy in range(inst.number):
+        left = cpus
+        for part in range(parts):
+            share = min(vcpus, left) if parts > 1 else cpus
+            left -= share
+            rank = str(index) + (f".{copy}" if inst.number > 1 else "") + (f".{part}" if parts > 1 else "")
+            wants.append(_Want(rank, share))
+    return wants
+
+
+def cluster_hash(inst: InstanceType, region: str) -> str:
+    """What the machine is: instances differing in any of this are never reused for each other."""
+    fields = ("type", "img_id", "disk_size", "disk_type", "eco", "max_bid", "gpu", "cloud_id")
+    return digest({"region": region, **{f: getattr(inst, f) for f in fields}})[:12]
+
+
+def _user_data(config: BatchConfig) -> str:
+    """An idle timer on the instance: it powers off after `idle_minutes` without a job, even if we died."""
+    limit = int(config.idle_minutes * 60)
+    return f"""#!/bin/sh
+cat > /usr/local/bin/cloudsend-idle <<'EOF'
+#!/bin/sh
+last=$(date +%s)
+while sleep 60; do
+    for d in /root/{REMOTE_DIR} /home/*/{REMOTE_DIR}; do
+        [ -n "$(ls -A "$d/running" "$d/queue" 2>/dev/null)" ] && last=$(date +%s)
+    done
+    [ $(( $(date +%s) - last )) -ge {limit} ] && shutdown -h now
+done
+EOF
+chmod +x /usr/local/bin/cloudsend-idle
+nohup /usr/local/bin/cloudsend-idle >/dev/null 2>&1 &
+"""
+
+
+def _run_params(
+    config: BatchConfig, inst: InstanceType, image: dict[str, Any], key: str, group: str, want: _Want, cluster: str
+) -> dict[str, Any]:
+    root: dict[str, Any] = {"DeleteOnTermination": True}
+    if inst.disk_size:
+        root["VolumeSize"] = inst.disk_size
+    if inst.disk_type:
+        root["VolumeType"] = inst.disk_type
+    tags = [
+        {"Key": "Name", "Value": f"cloudsend-{config.project}-{want.rank}"},
+        {"Key": TAG_PROJECT, "Value": config.project},
+        {"Key": TAG_CLUSTER, "Value": cluster},
+        {"Key": TAG_RANK, "Value": want.rank},
+    ]
+    params: dict[str, Any] = {
+        "ImageId": image["ImageId"],
+        "MinCount": 1,
+        "MaxCount": 1,
+        "KeyName": key,
+        "SecurityGroupIds": [group],
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        "InstanceInitiatedShutdownBehavior": "terminate" if config.auto_stop == "terminate" or inst.eco else "stop",
+        "UserData": _user_data(config),
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
+        "BlockDeviceMappings": [{"DeviceName": image.get("RootDeviceName", "/dev/sda1"), "Ebs": root}],
+    }
+    if inst.eco:
+        spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+        if inst.max_bid:
+            spot["MaxPrice"] = f"{inst.max_bid:g}"
+        params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+    return params
+
+
+def _create(ec2: EC2Client, params: dict[str, Any], types: list[str], subnets: list[str]) -> dict[str, Any]:
+    """run_instances over (type, subnet) choices in order until one has capacity."""
+    tried = []
+    for instance_type in types:
+        for subnet in subnets:
+            try:
+                return ec2.run_instances(**params, InstanceType=instance_type, SubnetId=subnet)["Instances"][0]
+            except Exception as exc:
+                if _code(exc) not in CAPACITY_ERRORS:
+                    raise
+                tried.append(f"{instance_type} in {subnet}: {_code(exc)}")
+                log.warning("no capacity for %s in %s (%s); trying the next choice", instance_type, subnet, _code(exc))
+    raise AwsError(
+        "no capacity or quota left for any choice:\n  " + "\n  ".join(tried) + "\nadd `fallback_types` "
+        "or `zones`, or ask AWS for a higher quota"
+    )
+
+
+def _find(ec2: EC2Client, project: str, cluster: str | None = None) -> Iterator[dict[str, Any]]:
+    filters = [{"Name": f"tag:{TAG_PROJECT}", "Values": [project]}, {"Name": "instance-state-name", "Values": ALIVE}]
+    if cluster:
+        filters.append({"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]})
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+        for reservation in page["Reservations"]:
+            yield from reservation["Instances"]
+
+
+def _tag(instance: dict[str, Any], key: str) -> str | None:
+    return next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == key), None)
+
+
+def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True) -> list[HostInfo]:
+    hosts: list[HostInfo] = []
+    created: list[tuple[EC2Client, str]] = []
+    try:
+        for index, inst in instances:
+            hosts += _provision_type(config, index, inst, create, created)
+    except BaseException:
+        for ec2, instance_id in created:  # nothing this call created outlives its failure
+            ec2.terminate_instances(InstanceIds=[instance_id])
+        if created:
+            log.error("provisioning failed: terminated the %d instance(s) it had created", len(created))
+        raise
+    return hosts
+
+
+def _provision_type(
+    config: BatchConfig, index: int, inst: InstanceType, create: bool, created: list[tuple[EC2Client, str]]
+) -> list[HostInfo]:
+    if not inst.type:
+        raise AwsError(f"instances[{index}].type: required for the aws provider (e.g. t3.large)")
+    ec2 = _config_client(config, inst.region)
+    region = ec2.meta.region_name
+    cluster = cluster_hash(inst, region)
+    wants = _wanted(inst, index, vcpus_of(ec2, inst.type))
+    existing = {_tag(i, TAG_RANK): i for i in _find(ec2, config.project, cluster)}
+    if not create:
+        return [_host(config, inst, index, w, existing[w.rank], region) for w in wants if w.rank in existing]
+    key, _ = ensure_key(ec2, config, region)
+    group, subnets = ensure_network(ec2, config, inst)
+    image = resolve_image(ec2, config, inst, region)
+    stopped = [i["InstanceId"] for w in wants if (i := existing.get(w.rank)) and i["State"]["Name"] != "running"]
+    if stopped:
+        _start(ec2, stopped)
+
+    def one(want: _Want) -> dict[str, Any]:
+        if want.rank in existing:
+            log.info("reusing %s for rank %s", existing[want.rank]["InstanceId"], want.rank)
+            return existing[want.rank]
+        params = _run_params(config, inst, image, key, group, want, cluster)
+        instance = _create(ec2, params, [inst.type or "", *inst.fallback_types], subnets)
+        created.append((ec2, instance["InstanceId"]))
+        log.info("created %s (%s) for rank %s", instance["InstanceId"], instance["InstanceType"], want.rank)
+        return instance
+
+    with ThreadPoolExecutor(max_workers=min(16, len(wants))) as pool:
+        launched = list(pool.map(one, wants))
+    ids = [i["InstanceId"] for i in launched]
+    ec2.get_waiter("instance_running").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+    described = {
+        i["InstanceId"]: i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]
+    }
+    fresh = {instance_id for _, instance_id in created}
+    hosts = [
+        _host(config, inst, index, w, described[i["InstanceId"]], region, i["InstanceId"] in fresh)
+        for w, i in zip(wants, launched, strict=True)
+    ]
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        list(pool.map(_wait_for_ssh, hosts))
+    return hosts
+
+
+def _wait_for_ssh(host: HostInfo, timeout: float = 600) -> None:
+    """Running is not reachable: sshd starts a while after the instance does."""
+    from cloudsend_prefect.providers import connect
+    from cloudsend_prefect.transport import TransportError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect(host).run("true", timeout=30)
+            return
+        except (TransportError, TimeoutError, OSError) as exc:
+            if time.monotonic() > deadline:
+                msg = f"{host.name} ({host.instance_id}) runs but SSH did not answer in {timeout:.0f}s: {exc}"
+                raise AwsError(msg) from exc
+            time.sleep(3)
+
+
+def _start(ec2: EC2Client, ids: list[str]) -> None:
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+    ec2.start_instances(InstanceIds=ids)
+
+
+def _host(
+    config: BatchConfig,
+    inst: InstanceType,
+    index: int,
+    want: _Want,
+    instance: dict[str, Any],
+    region: str,
+    created: bool = False,
+) -> HostInfo:
+    resolver = ADDRESS_RESOLVERS.get(inst.address)
+    if resolver is None:
+        raise AwsError(f"instances[{index}].address: unknown {inst.address!r} (known: {', '.join(ADDRESS_RESOLVERS)})")
+    endpoint = resolver(instance)
+    known_hosts = config_dir() / "known_hosts" / instance["InstanceId"]
+    known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return HostInfo(
+        name=f"{inst.name or 'aws'}-{want.rank}",
+        provider="aws",
+        cpus=want.cpus,
+        base_dir=REMOTE_DIR,
+        address=endpoint.host,
+        port=endpoint.port,
+        user=endpoint.user or inst.img_username or "ubuntu",
+        key_file=endpoint.key_file or str(key_path(config, region)),
+        # A new instance's key is trusted on first contact and pinned per instance id from then on
+        # (addresses are recycled between instances, so they cannot key the pin).
+        known_hosts=str(known_hosts),
+        accept_new_host_key=True,
+        instance_id=instance["InstanceId"],
+        region=region,
+        aws_credentials=config.aws_credentials,
+        aws_profile=config.profile,
+        created=created,
+    )
+
+
+# -- status and teardown --------------------------------------------------------------------------------
+def _by_region(hosts: list[HostInfo]) -> dict[str | None, list[HostInfo]]:
+    groups: dict[str | None, list[HostInfo]] = {}
+    for host in hosts:
+        if host.instance_id:
+            groups.setdefault(host.region, []).append(host)
+    return groups
+
+
+def _client_for(host: HostInfo) -> EC2Client:
+    return ec2_client(host.region, credentials=host.aws_credentials, profile=host.aws_profile)
+
+
+def status(hosts: list[HostInfo]) -> dict[str, HostHealth]:
+    """Each instance's state from the EC2 API (the evidence that decides whether a host is lost)."""
+    health: dict[str, HostHealth] = {}
+    for group in _by_region(hosts).values():
+        ec2 = _client_for(group[0])
+        states = {
+            i["InstanceId"]: i["State"]["Name"]
+            for r in ec2.describe_instances(InstanceIds=[h.instance_id for h in group if h.instance_id])["Reservations"]
+            for i in r["Instances"]
+        }
+        for host in group:
+            state = states.get(host.instance_id or "", "terminated")
+            health[host.name] = (
+                "running"
+                if state in ("pending", "running")
+                else "stopped"
+                if state in ("stopping", "stopped")
+                else "terminated"
+            )
+    return health
+
+
+def teardown(hosts: list[HostInfo], *, terminate: bool = False) -> None:
+    """Stop (or terminate) the batch's instances: nothing keeps billing compute once the batch is over."""
+    for group in _by_region(hosts).values():
+        ec2 = _client_for(group[0])
+        ids = [h.instance_id for h in group if h.instance_id]
+        if terminate:
+            ec2.terminate_instances(InstanceIds=ids)
+        else:
+            ec2.stop_instances(InstanceIds=ids)
+        log.info("%s %d instance(s): %s", "terminated" if terminate else "stopped", len(ids), ", ".join(ids))
+
+
+def down(config: BatchConfig, regions: list[str | None]) -> list[str]:
+    """Remove everything the project created in these regions, found by its tags: instances (terminated and
+    waited for), then its security group and key pairs. Returns what was removed."""
+    removed = []
+    for region in regions:
+        ec2 = _config_client(config, region)
+        ids = [i["InstanceId"] for i in _find(ec2, config.project)]
+        if ids:
+            ec2.terminate_instances(InstanceIds=ids)
+            ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+            removed += [f"instance {i}" for i in ids]
+        project_filter = [{"Name": f"tag:{TAG_PROJECT}", "Values": [config.project]}]
+        for group in ec2.describe_security_groups(Filters=project_filter)["SecurityGroups"]:
+            ec2.delete_security_group(GroupId=group["GroupId"])
+            removed.append(f"security group {group['GroupId']} ({group['GroupName']})")
+        for pair in ec2.describe_key_pairs(Filters=project_filter)["KeyPairs"]:
+            ec2.delete_key_pair(KeyName=pair["KeyName"])
+            removed.append(f"key pair {pair['KeyName']}")
+        key_path(config, ec2.meta.region_name).unlink(missing_ok=True)
+    return removed
