@@ -239,5 +239,35 @@ def cancel(
             out.print(f"{host.name}: cancelled {names.get(key, key)}")
 
 
+@app.command()
+def down(
+    config: ConfigArg,
+    project: Annotated[str | None, typer.Option(help="Project to remove (default: the config's).")] = None,
+    region: Annotated[
+        list[str] | None, typer.Option(help="Region(s) to clean (default: the config's instance regions).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Remove everything a project created on AWS (instances, security group, key pair), found by its tags."""
+    from cloudsend_prefect.providers import aws
+
+    cfg, _ = _load(config, exec_python_config)
+    if project:
+        cfg = cfg.model_copy(update={"project": project})
+    regions: list[str | None] = list(
+        region or {i.region for i in cfg.instances if (i.provider or cfg.provider) == "aws"}
+    )
+    if not regions:
+        regions = [None]
+    where = ", ".join(r or "the default region" for r in regions)
+    if not yes and not typer.confirm(f"Terminate every instance of project {cfg.project} in {where}?"):
+        raise typer.Exit(1)
+    removed = aws.down(cfg, regions)
+    for item in removed:
+        out.print(f"removed {item}")
+    out.print(f"project {cfg.project}: {len(removed)} resource(s) removed" if removed else "nothing to remove")
+
+
 if __name__ == "__main__":
     app()

@@ -98,9 +98,10 @@ def cloudsend(
     dest = Path(results_dir) / name
     hosts = provision(cfg)
     refresh = rerun or not cfg.recover
-    dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh)
     results: dict[str, JobResult] = {}
-    try:
+    dispatcher: Dispatcher | None = None
+    try:  # from here on, whatever happens, teardown runs
+        dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh)
         dispatcher.start()
         envs = {job.env.key: job.env for job in specs if job.env}
         boots = [
@@ -113,7 +114,8 @@ def cloudsend(
         for boot in boots:
             boot.wait()
     finally:
-        dispatcher.stop()
+        if dispatcher is not None:
+            dispatcher.stop()
         trips = {host.name: connect(host).round_trips for host in hosts}
         teardown(hosts, cfg)
     summary = BatchSummary(

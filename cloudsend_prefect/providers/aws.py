@@ -290,7 +290,11 @@ nohup /usr/local/bin/cloudsend-idle >/dev/null 2>&1 &
 def _run_params(
     config: BatchConfig, inst: InstanceType, image: dict[str, Any], key: str, group: str, want: _Want, cluster: str
 ) -> dict[str, Any]:
-    root: dict[str, Any] = {"DeleteOnTermination": True}
+    root_name = image.get("RootDeviceName", "/dev/sda1")
+    # The image's own root volume (snapshot, size), resized or retyped as asked, on its real device name.
+    mapped = next((m.get("Ebs", {}) for m in image.get("BlockDeviceMappings", []) if m["DeviceName"] == root_name), {})
+    root: dict[str, Any] = {k: v for k, v in mapped.items() if k in ("SnapshotId", "VolumeSize", "VolumeType")}
+    root["DeleteOnTermination"] = True
     if inst.disk_size:
         root["VolumeSize"] = inst.disk_size
     if inst.disk_type:
@@ -311,8 +315,9 @@ def _run_params(
         "InstanceInitiatedShutdownBehavior": "terminate" if config.auto_stop == "terminate" or inst.eco else "stop",
         "UserData": _user_data(config),
         "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
-        "BlockDeviceMappings": [{"DeviceName": image.get("RootDeviceName", "/dev/sda1"), "Ebs": root}],
     }
+    if inst.disk_size or inst.disk_type:
+        params["BlockDeviceMappings"] = [{"DeviceName": root_name, "Ebs": root}]
     if inst.eco:
         spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
         if inst.max_bid:
@@ -510,12 +515,17 @@ def teardown(hosts: list[HostInfo], *, terminate: bool = False) -> None:
     """Stop (or terminate) the batch's instances: nothing keeps billing compute once the batch is over."""
     for group in _by_region(hosts).values():
         ec2 = _client_for(group[0])
-        ids = [h.instance_id for h in group if h.instance_id]
-        if terminate:
-            ec2.terminate_instances(InstanceIds=ids)
-        else:
-            ec2.stop_instances(InstanceIds=ids)
-        log.info("%s %d instance(s): %s", "terminated" if terminate else "stopped", len(ids), ", ".join(ids))
+        reservations = ec2.describe_instances(InstanceIds=[h.instance_id for h in group if h.instance_id])
+        instances = [i for r in reservations["Reservations"] for i in r["Instances"]]
+        # A one-time spot instance cannot be stopped: it is terminated.
+        doomed = [i["InstanceId"] for i in instances if terminate or i.get("InstanceLifecycle") == "spot"]
+        stopped = [i["InstanceId"] for i in instances if i["InstanceId"] not in doomed]
+        if doomed:
+            ec2.terminate_instances(InstanceIds=doomed)
+            log.info("terminated %s", ", ".join(doomed))
+        if stopped:
+            ec2.stop_instances(InstanceIds=stopped)
+            log.info("stopped %s (their disks remain, at EBS prices)", ", ".join(stopped))
 
 
 def down(config: BatchConfig, regions: list[str | None]) -> list[str]:
