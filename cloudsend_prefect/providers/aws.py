@@ -292,7 +292,8 @@ def _run_params(
 ) -> dict[str, Any]:
     root_name = image.get("RootDeviceName", "/dev/sda1")
     # The image's own root volume (snapshot, size), resized or retyped as asked, on its real device name.
-    mapped: dict[str, Any] = next(
+    mappings = image.get("BlockDeviceMappings", [])
+    mapped: dict[str, Any] = next((m.get("Ebs", {}) for m in mappings if m["DeviceName"] == root_name), {})
         (m.get("Ebs", {}) for m in image.get("BlockDeviceMappings", []) if m["DeviceName"] == root_name), {}
     )
     root: dict[str, Any] = {k: v for k, v in mapped.items() if k in ("SnapshotId", "VolumeSize", "VolumeType")}
