@@ -294,8 +294,6 @@ def _run_params(
     # The image's own root volume (snapshot, size), resized or retyped as asked, on its real device name.
     mappings = image.get("BlockDeviceMappings", [])
     mapped: dict[str, Any] = next((m.get("Ebs", {}) for m in mappings if m["DeviceName"] == root_name), {})
-        (m.get("Ebs", {}) for m in image.get("BlockDeviceMappings", []) if m["DeviceName"] == root_name), {}
-    )
     root: dict[str, Any] = {k: v for k, v in mapped.items() if k in ("SnapshotId", "VolumeSize", "VolumeType")}
     root["DeleteOnTermination"] = True
     if inst.disk_size:
