@@ -470,6 +470,8 @@ def _host(
         known_hosts=str(known_hosts),
         accept_new_host_key=True,
         instance_id=instance["InstanceId"],
+        instance_type=instance.get("InstanceType"),
+        spot=instance.get("InstanceLifecycle") == "spot",
         region=region,
         aws_credentials=config.aws_credentials,
         aws_profile=config.profile,

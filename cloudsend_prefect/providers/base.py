@@ -33,6 +33,8 @@ class HostInfo(BaseModel):
     region: str | None = None
     aws_credentials: str | None = Field(None, description="AwsCredentials block name the instance was made with.")
     aws_profile: str | None = None
+    instance_type: str | None = None
+    spot: bool = False
     created: bool = Field(False, description="This run created the host, so teardown may remove it.")
 
 
