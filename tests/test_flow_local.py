@@ -83,7 +83,9 @@ def test_issue_minimal_config_runs_as_is(tmp_path: Path) -> None:
     assert (results / "echo" / "done.txt").read_text() == "done\n"
 
 
-def test_outcomes_failures_do_not_stop_others_and_args_are_literal(tmp_path: Path) -> None:
+def test_outcomes_failures_do_not_stop_others_and_args_are_literal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     tricky = ["a b", "it's", '"q"', "$(touch pwned)", "; touch pwned2", "`touch pwned3`"]
     config = write_project(
         tmp_path / "proj",
@@ -108,6 +110,9 @@ def test_outcomes_failures_do_not_stop_others_and_args_are_literal(tmp_path: Pat
     results = tmp_path / "results" / "outcomes"
     assert json.loads((results / "args" / "argv.json").read_text()) == tricky
     assert "something broke" in (results / "boom" / "stderr.log").read_text()
+    # The failed job's task run log says why, with the tail of its stderr.
+    boom = [r.getMessage() for r in caplog.records if getattr(r, "task_run_name", "") == "boom"]
+    assert any("exit code 3" in m and "something broke" in m for m in boom), boom
     assert not list(tmp_path.rglob("pwned*")) and not list(Path(jobs["args"].store or "").rglob("pwned*"))
     assert not summary.ok
 
