@@ -6,6 +6,7 @@ variables given to subprocesses, so the session's test harness and the other tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,8 +27,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def _free_port() -> int:
@@ -68,31 +68,39 @@ class Processes:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
-        for _name, proc, log in reversed(self.started):
+        for name, proc, log in reversed(self.started):
+            started, how = time.monotonic(), "exited"
             try:
                 if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)  # a worker/server shuts down cleanly on Ctrl-C
+                    how = "SIGINT"  # workers, runners and the server shut down cleanly on Ctrl-C
+                    proc.send_signal(signal.SIGINT)
                     try:
                         proc.wait(timeout=20)
                     except subprocess.TimeoutExpired:
+                        how = "SIGTERM"
                         proc.terminate()
                         try:
                             proc.wait(timeout=10)
                         except subprocess.TimeoutExpired:
+                            how = "SIGKILL"
                             proc.kill()
                             proc.wait(timeout=10)
                 # Children it left behind (flow-run processes, uvicorn) are in its session's process group.
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             finally:
                 log.close()
+                print(f"{name} stopped ({how}) in {time.monotonic() - started:.1f}s")
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    logs = tmp_path / "logs"
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deployment")
+
+
+@pytest.fixture(scope="module")
+def procs(work_dir: Path) -> Iterator[Processes]:
+    logs = work_dir / "logs"
     logs.mkdir()
     processes = Processes(logs)
     try:
@@ -101,19 +109,19 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         processes.stop_all()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def timings() -> Iterator[dict[str, float]]:
     measured: dict[str, float] = {}
     yield measured
     print("\ndeployment test timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in measured.items()))
 
 
-@pytest.fixture
-def server(tmp_path: Path, procs: Processes, timings: dict[str, float]) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def server(work_dir: Path, procs: Processes, timings: dict[str, float]) -> dict[str, str]:
     """A `prefect server` of its own; returns the environment for its clients (PREFECT_API_URL set)."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = _base_env(tmp_path)
+    env = _base_env(work_dir)
     server_env = {**env, "PREFECT_SERVER_UI_API_URL": api}
     started = time.monotonic()
     proc = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env)
@@ -177,7 +185,10 @@ def _read_api(api: str, coro_fn: Any) -> Any:
         return asyncio.run(main())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Processes, timings: dict[str, float]):
+    """Work-pool route: prefect.yaml deployed, a process worker runs `prefect deployment run cloudsend/batch`."""
     env = server
     api = env["PREFECT_API_URL"]
     config = _write_config(tmp_path)
@@ -231,11 +242,12 @@ def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Pro
     assert deployment.entrypoint == "flows/cloudsend_batch.py:cloudsend"
     assert deployment.work_pool_name == "cloudsend-pool"
     assert deployment.parameters["config"] == "examples/quickstart.yaml"
-    assert deployment.pull_steps == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
-    ], deployment.pull_steps
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}], (
+        deployment.pull_steps
+    )
     assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 3 * * *", False)]
-    assert {"config", "cluster", "jobs", "batch", "results_dir"} <= set(deployment.parameter_openapi_schema["properties"])
+    schema = deployment.parameter_openapi_schema["properties"]
+    assert {"config", "cluster", "jobs", "batch", "results_dir"} <= set(schema)
 
     # The run: completed, with the parameters given on the command line over the deployment's defaults.
     assert flow_run.state.is_completed(), flow_run.state
@@ -255,4 +267,101 @@ def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Pro
     assert {"deploy-test-jobs", "deploy-test-progress"} <= set(by_key), sorted(by_key)
     table = by_key["deploy-test-jobs"].data
     rows = json.loads(table) if isinstance(table, str) else table
-    assert sorted((row["name"], row["state"]) for row in rows) == [("alpha", "done"), ("beta", "done"), ("gamma", "done")]
+    states = sorted((row["name"], row["state"]) for row in rows)
+    assert states == [("alpha", "done"), ("beta", "done"), ("gamma", "done")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_serve_with_cluster_block_and_jobs(
+    tmp_path: Path, server: dict[str, str], procs: Processes, timings: dict[str, float]
+):
+    """Serve route: flows/cloudsend_batch.py serves the flow; a run from a saved cluster block plus `jobs` JSON."""
+    env = server
+    api = env["PREFECT_API_URL"]
+    results = tmp_path / "results"
+    _prefect(["block", "register", "-m", "cloudsend_prefect"], env)
+    save = "from cloudsend_prefect import CloudSendCluster; CloudSendCluster(instances=[{'cpus': 2}]).save('two-cpus')"
+    subprocess.run([sys.executable, "-c", save], cwd=ROOT, env=env, check=True, timeout=60)
+
+    serve_env = {**env, "CLOUDSEND_HOME": str(tmp_path / "cloudsend-home"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    started = time.monotonic()
+    served = procs.start(
+        "serve", [sys.executable, "flows/cloudsend_batch.py", "--name", "served", "--batch", "served"], serve_env
+    )
+
+    async def served_deployment(client: Any) -> Any:
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            return await client.read_deployment_by_name("cloudsend/served")
+        except ObjectNotFound:
+            return None
+
+    while (deployment := _read_api(api, served_deployment)) is None:
+        assert served.poll() is None, f"serve exited:\n{procs.log('serve')[-4000:]}"
+        assert time.monotonic() - started < 60, f"deployment not served after 60 s:\n{procs.log('serve')[-4000:]}"
+        time.sleep(0.5)
+    timings["serve to deployment visible"] = time.monotonic() - started
+    assert deployment.entrypoint == "cloudsend_prefect.flow.cloudsend"
+    assert deployment.parameters == {"batch": "served"}
+
+    jobs = [
+        {"name": "one", "run_command": "echo one > one.txt", "output_files": ["one.txt"]},
+        {
+            "name": "two",
+            "run_command": "echo two-$CLOUDSEND_CPUS > two.txt",
+            "output_files": ["two.txt"],
+            "cpus_req": 2,
+        },
+    ]
+    started = time.monotonic()
+    run = subprocess.run(
+        [
+            PREFECT, "deployment", "run", "cloudsend/served",
+            "--param", "config=null",  # JSON: None
+            "--param", "cluster=two-cpus",
+            "--param", f"jobs={json.dumps(jobs)}",
+            "--param", f"base_dir={tmp_path}",
+            "--param", f"results_dir={results}",
+            "--watch", "--watch-timeout", "120",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    timings["served run to completed"] = time.monotonic() - started
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n--- serve log ---\n{procs.log('serve')[-6000:]}"
+    assert (results / "served" / "one" / "one.txt").read_text() == "one\n"
+    assert (results / "served" / "two" / "two.txt").read_text() == "two-2\n"
+
+
+def test_flow_parameters_validate_after_cloudpickle(tmp_path: Path):
+    """`serve()` runs the flow object cloudpickled into a fresh process, where `list[Job]` must still resolve.
+
+    The flow function is pickled by value (its module attribute is the Flow, not the function), carrying only the
+    globals its code uses; a string annotation (``from __future__ import annotations``) then names a missing `Job`.
+    """
+    script = tmp_path / "child.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import cloudpickle
+            flow = cloudpickle.loads(sys.stdin.buffer.read())
+            params = flow.validate_parameters({"cluster": "c", "jobs": [{"run_command": "true"}]})
+            print(type(params["jobs"][0]).__name__)
+            """
+        )
+    )
+    import cloudpickle
+
+    from cloudsend_prefect.flow import cloudsend
+
+    child = subprocess.run(
+        [sys.executable, str(script)],
+        input=cloudpickle.dumps(cloudsend),
+        capture_output=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
+    )
+    assert child.returncode == 0, child.stderr.decode(errors="replace")[-3000:]
+    assert child.stdout.decode().split()[-1] == "Job"
