@@ -17,6 +17,7 @@ from cloudsend_prefect.loading import ConfigError, load_config
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 
 if TYPE_CHECKING:
+    from cloudsend_prefect.planning import PlannedHost
     from cloudsend_prefect.runtime import HostRuntime, JobStatus
 
 app = typer.Typer(help="Run batches of scripts on local, SSH and EC2 hosts through Prefect.", no_args_is_help=True)
@@ -62,21 +63,100 @@ def validate(config: ConfigArg, exec_python_config: ExecOpt = False) -> None:
 
 
 @app.command()
-def plan(config: ConfigArg, exec_python_config: ExecOpt = False) -> None:
-    """Show where jobs would run and when (by expected_duration, else 1 s each); nothing is started."""
+def plan(
+    config: ConfigArg,
+    spot_prices: Annotated[
+        bool,
+        typer.Option("--spot-prices", help="Ask EC2 for current spot prices (the only AWS call plan makes)."),
+    ] = False,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Show the hosts, where jobs would run and when (by expected_duration, else 1 s each), and what it would
+    cost; nothing is created, and AWS is not contacted unless --spot-prices is given."""
     from cloudsend_prefect.planning import plan as simulate
-    from cloudsend_prefect.planning import planned_hosts
+    from cloudsend_prefect.planning import planned
 
     cfg, jobs = _load(config, exec_python_config)
-    hosts = planned_hosts(cfg)
+    hosts = planned(cfg)
+    placements = simulate(jobs, {h.name: h.cpus for h in hosts})
     table = Table(title=f"plan for {cfg.project}: {len(jobs)} jobs on {len(hosts)} host(s)")
     for col in ("job", "host", "cpus", "env", "expected start (s)", "expected end (s)"):
         table.add_column(col)
-    for job, place in zip(jobs, simulate(jobs, hosts), strict=True):
+    for job, place in zip(jobs, placements, strict=True):
         env = job.env.name if job.env else "-"
         table.add_row(job.name, place.host, str(job.cpus), env, f"{place.start:g}", f"{place.end:g}")
     out.print(table)
-    out.print("hosts: " + ", ".join(f"{name} ({cpus} CPUs)" for name, cpus in hosts.items()))
+    out.print("hosts: " + ", ".join(f"{h.name} ({h.cpus} CPUs)" for h in hosts))
+    _plan_cost(cfg, hosts, max((p.end for p in placements), default=0.0), spot_prices)
+
+
+def _plan_cost(cfg: BatchConfig, hosts: list[PlannedHost], seconds: float, live: bool) -> None:
+    """The instances table: each instance type's hosts, their price and the cost of keeping them up for the
+    simulated makespan (every host lives from provisioning to teardown)."""
+    from cloudsend_prefect import catalog
+
+    prices = {h.name: catalog.offline_price(h, h.max_bid) for h in hosts}
+    if live and any(h.spot for h in hosts if h.provider == "aws"):
+        from cloudsend_prefect.providers.aws import ec2_client
+
+        def client(host: PlannedHost) -> object:
+            return ec2_client(host.region, credentials=cfg.aws_credentials, profile=cfg.profile)
+
+        found = catalog.live_spot_prices(hosts, client)
+        missed = sorted({h.instance_type or "?" for h in hosts if h.spot and h.name not in found})
+        if missed:
+            console.print(f"[yellow]note:[/yellow] no spot price from EC2 for {', '.join(missed)}: offline price used")
+        prices.update(found)
+    estimate = catalog.estimate(hosts, seconds, prices)
+    by_name = {row.host: row for row in estimate.rows}
+    table = Table(title=f"instances: estimated cost for {seconds:g} s of jobs")
+    for col in ("hosts", "type", "vCPUs", "GiB", "count", "market", "$/h", "est. cost"):
+        table.add_column(col, overflow="fold", justify="left" if col in ("hosts", "type", "market") else "right")
+    bases = []
+    for index in sorted({h.index for h in hosts}):
+        group = [h for h in hosts if h.index == index]
+        rows = [by_name[h.name] for h in group]
+        first, row = group[0], rows[0]
+        names = first.name if len(group) == 1 else f"{first.name}..{group[-1].name}"
+        if first.provider != "aws":
+            table.add_row(names, first.provider, str(first.cpus), "-", str(len(group)), row.market, "-", "$0")
+            continue
+        info = catalog.instance_info(first.instance_type)
+        costs = [r.cost for r in rows]
+        table.add_row(
+            names,
+            first.instance_type or "-",
+            str(info.vcpus) if info else "?",
+            f"{info.memory_gib:g}" if info else "?",
+            str(len(group)),
+            row.market,
+            catalog.usd(row.usd_per_hour) if row.usd_per_hour is not None else "?",
+            catalog.usd(sum(c for c in costs if c is not None)) if None not in costs else "?",
+        )
+        bases.append(f"{first.instance_type}: {row.basis}")
+    out.print(table)
+    if not any(h.provider == "aws" for h in hosts):
+        out.print("cost: $0 (own machines)")
+        return
+    unknown = "" if estimate.complete else " (types not in the catalog are not counted)"
+    out.print(
+        f"estimated cost: {catalog.usd(estimate.total)}{unknown}: each instance billed for the jobs' makespan "
+        f"({catalog.billed_hours(seconds):.4f} h; per second, 60 s minimum); boot and environment setup time, "
+        "EBS disks and data transfer are not counted"
+    )
+    out.print("prices: " + "; ".join(dict.fromkeys(bases)), highlight=False)
+    regions = {h.region for h in hosts if h.provider == "aws"}
+    if regions - {catalog.CATALOG_REGION}:
+        out.print(
+            f"note: catalog prices are {catalog.CATALOG_REGION} list prices; "
+            f"{', '.join(sorted(r or '(default region)' for r in regions))} may differ",
+            highlight=False,
+        )
+    for h in hosts:
+        if not h.cpus_known:
+            console.print(
+                f"[yellow]note:[/yellow] {h.name}: type {h.instance_type} is not in the catalog: planned as 1 CPU"
+            )
 
 
 @app.command()

@@ -17,11 +17,12 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.paths import cloudsend_home
-from cloudsend_prefect.providers import connect
+from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.results import BatchSummary, JobResult, deliver
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, run_job, teardown
@@ -96,6 +97,7 @@ def cloudsend(
         logger.warning("%s: %s", cfg.source, note)
     name = batch_slug(batch or cfg.project)
     dest = Path(results_dir) / name
+    provisioning = time.time()  # billed time of every aws host runs from here to teardown (an upper bound)
     hosts = provision(cfg)
     refresh = rerun or not cfg.recover
     results: dict[str, JobResult] = {}
@@ -118,8 +120,9 @@ def cloudsend(
             dispatcher.stop()
         trips = {host.name: connect(host).round_trips for host in hosts}
         teardown(hosts, cfg)
+        cost = _report_cost(name, hosts, time.time() - provisioning, kept=not cfg.auto_stop)
     summary = BatchSummary(
-        batch=name, results_dir=str(dest), jobs=[results[job.key] for job in specs], round_trips=trips
+        batch=name, results_dir=str(dest), jobs=[results[job.key] for job in specs], round_trips=trips, cost=cost
     )
     create_table_artifact(
         key=f"{name}-jobs",
@@ -135,6 +138,30 @@ def cloudsend(
         len(specs),
     )
     return summary
+
+
+def _report_cost(batch: str, hosts: list[HostInfo], seconds: float, *, kept: bool) -> float | None:
+    """The aws instances' billed hours and cost as the `<batch>-cost` table artifact and a log line; the total,
+    or None without aws hosts. Never raises: a failed report must not hide the batch's own outcome."""
+    logger = get_run_logger()
+    try:
+        report = cost_report(hosts, seconds)
+        if report is None:
+            return None
+        still = " Instances were kept running (auto_stop: false): they are still billing." if kept else ""
+        create_table_artifact(
+            key=f"{batch}-cost",
+            table=report.table(),
+            description=f"Cost of batch {batch}'s EC2 instances in USD: billed time, upper bound: from provisioning "
+            "to teardown, per second with a 60 s minimum; on-demand prices from cloudsend's catalog (us-east-1 list "
+            "prices; other regions differ), spot prices from EC2 when it answered. EBS disks and data transfer "
+            "are not included." + still,
+        )
+        logger.info("batch %s %s%s", batch, cost_line(report, seconds), still)
+        return report.total
+    except Exception as exc:
+        logger.warning("batch %s: no cost report: %s: %s", batch, type(exc).__name__, exc)
+        return None
 
 
 def _run_jobs(

@@ -33,6 +33,7 @@ class BatchSummary(BaseModel):
     results_dir: str
     jobs: list[JobResult]
     round_trips: dict[str, int] = {}  # per host: commands and file transfers this run made
+    cost: float | None = None  # USD of the aws instances, provisioning to teardown (upper bound); None: no aws host
 
     @property
     def counts(self) -> dict[str, int]:
