@@ -1,0 +1,374 @@
+"""Benchmark: many short jobs across real sshd hosts, through the `cloudsend` flow and through GNU parallel.
+
+Run from the repository root:
+
+    .venv/bin/python bench/dispatch.py                               # both workloads below
+    .venv/bin/python bench/dispatch.py --jobs 600 --sleep 0.5        # 600 x `sleep 0.5`
+    .venv/bin/python bench/dispatch.py --jobs 2000 --command true    # 2000 x `true`
+    .venv/bin/python bench/dispatch.py --hosts 3 --slots 4 --poll-interval 0.2 --parallel cm,plain
+
+It starts its own sshd hosts on loopback ports (``tests/sshd.py``: one home per host, so root's
+``.bashrc`` is not sourced) in a temporary directory, runs a one-job warm-up flow (Prefect's temporary
+server start-up, reported apart), then each workload through the real ``cloudsend`` flow (ssh provider,
+``cpus: SLOTS`` per host), then the same commands with GNU parallel ``--sshlogin SLOTS/ssh ...`` on the
+same hosts, with a pre-opened ControlMaster connection per host (``cm``) and without (``plain``).
+
+Times: the job phase is read from the jobs' own start/end timestamps on the hosts (loopback hosts share
+this machine's clock); the flow wall time is the ``cloudsend(...)`` call; the gap before the first job
+starts is the flow's fixed start-up (flow run, provisioning, runtime install, plan, first staging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # `tests.sshd` lives in the repository, not in the package
+
+
+@dataclass
+class Workload:
+    jobs: int
+    command: str
+    nominal: float | None  # seconds of work per job when known (`sleep S`), else measured on the hosts
+
+    @property
+    def label(self) -> str:
+        return f"{self.jobs} x {self.command}"
+
+
+@dataclass
+class FlowRun:
+    wall: float = 0.0  # the cloudsend() call
+    startup: float = 0.0  # call -> first job start
+    phase: float = 0.0  # first job start -> last job end (host clock)
+    tail: float = 0.0  # last job end -> call returns
+    work: float = 0.0  # sum of job durations measured on the hosts
+    round_trips: int = 0
+    rss_mb: float = 0.0  # this process's peak RSS during the call
+    states: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    workload: Workload
+    slots: int
+    flow: FlowRun
+    parallel: dict[str, float] = field(default_factory=dict)  # mode -> wall seconds
+
+    @property
+    def ideal(self) -> float:
+        per_job = self.workload.nominal if self.workload.nominal is not None else self.flow.work / self.workload.jobs
+        return self.workload.jobs * per_job / self.slots
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident set size of this process (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so each run reports its own peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def child_rss_mb(pattern: str) -> float:
+    """Summed peak RSS of this process's descendants whose command line contains ``pattern``."""
+    total = 0.0
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        ppid = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("PPid:")), 0)
+        if ppid == me and pattern in cmd:
+            total += next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")), 0) / 1024
+    return total
+
+
+# -- cloudsend ---------------------------------------------------------------------------------------
+
+
+def write_config(root: Path, name: str, hosts: list[Any], slots: int, poll: float, wl: Workload) -> Path:
+    import yaml
+
+    project = root / "projects" / name
+    project.mkdir(parents=True, exist_ok=True)
+    config = {
+        "project": name,
+        "poll_interval": poll,
+        "instances": [
+            {
+                "provider": "ssh",
+                "name": h.name,
+                "host": "127.0.0.1",
+                "port": h.port,
+                "user": h.user,
+                "key_file": str(h.key_file),
+                "host_key": h.host_public_key,
+                "cpus": slots,
+                "remote_dir": f"{h.home}/cloudsend",
+            }
+            for h in hosts
+        ],
+        "jobs": [{"run_command": wl.command, "name": "job", "repeat": wl.jobs}],
+    }
+    path = project / "batch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_flow(root: Path, name: str, hosts: list[Any], slots: int, poll: float, wl: Workload) -> FlowRun:
+    from cloudsend_prefect.flow import cloudsend
+
+    config = write_config(root, name, hosts, slots, poll, wl)
+    os.environ["CLOUDSEND_HOME"] = str(root / "cloudsend-home" / name)  # nothing cached from an earlier run
+    reset_peak_rss()
+    t0 = time.time()
+    summary = cloudsend(config=str(config), results_dir=str(root / "results"))
+    t1 = time.time()
+    run = FlowRun(wall=t1 - t0, rss_mb=vm_hwm_mb(), states=summary.counts)
+    starts = [j.started for j in summary.jobs if j.started is not None]
+    ends = [j.ended for j in summary.jobs if j.ended is not None]
+    if starts and ends:
+        run.startup = min(starts) - t0
+        run.phase = max(ends) - min(starts)
+        run.tail = t1 - max(ends)
+    run.work = sum(j.duration or 0.0 for j in summary.jobs)
+    run.round_trips = sum(summary.round_trips.values())
+    return run
+
+
+# -- GNU parallel -------------------------------------------------------------------------------------
+
+
+def ssh_command(h: Any, extra: str = "") -> str:
+    return (
+        f"ssh -p {h.port} -i {h.key_file} -o UserKnownHostsFile={h.known_hosts_file} "
+        f"-o StrictHostKeyChecking=yes -o BatchMode=yes {extra}{h.user}@127.0.0.1"
+    )
+
+
+@contextlib.contextmanager
+def control_masters(root: Path, hosts: list[Any]) -> Iterator[list[str]]:
+    """One ControlMaster connection per host, opened before timing; yields the ssh command per host."""
+    paths = [str(root / f"cm-{i}") for i in range(len(hosts))]
+    opened = []
+    try:
+        for h, path in zip(hosts, paths, strict=True):
+            base = ssh_command(h).split()
+            subprocess.run(
+                [base[0], "-MNf", "-o", "ControlPersist=yes", "-o", f"ControlPath={path}", *base[1:]],
+                check=True,
+                timeout=30,
+            )
+            opened.append((h, path))
+        yield [ssh_command(h, f"-o ControlMaster=no -o ControlPath={p} ") for h, p in zip(hosts, paths, strict=True)]
+    finally:
+        for h, path in opened:
+            base = ssh_command(h).split()
+            subprocess.run(
+                [base[0], "-o", f"ControlPath={path}", "-O", "exit", *base[1:]],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+
+
+def run_parallel(logins: list[str], slots: int, wl: Workload) -> float:
+    args = ["parallel", "-N0", "--halt", "now,fail=1"]
+    for login in logins:
+        args += ["--sshlogin", f"{slots}/{login}"]
+    args.append(wl.command)
+    feed = "".join(f"{i}\n" for i in range(wl.jobs))
+    t0 = time.time()
+    proc = subprocess.run(args, input=feed, capture_output=True, text=True, check=False)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"GNU parallel exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return wall
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--jobs", type=int, help="number of jobs (default: both standard workloads)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sleep", type=float, help="each job runs `sleep SLEEP`")
+    g.add_argument("--command", help="each job runs this command line")
+    p.add_argument("--hosts", type=int, default=3, help="sshd hosts (default 3)")
+    p.add_argument("--slots", type=int, default=4, help="job slots per host (`cpus`, parallel's N/) (default 4)")
+    p.add_argument("--poll-interval", type=float, default=0.2, help="cloudsend poll_interval (default 0.2)")
+    p.add_argument(
+        "--parallel",
+        default="cm,plain",
+        help="GNU parallel modes, comma-separated: cm (ControlMaster), plain; 'none' skips it (default cm,plain)",
+    )
+    p.add_argument("--no-warmup", action="store_true", help="skip the one-job warm-up flow run")
+    p.add_argument("--prefect-home", help="PREFECT_HOME (default: a fresh one in the temporary directory)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = p.parse_args(argv)
+    if args.sleep is not None or args.command is not None or args.jobs is not None:
+        jobs = args.jobs or 600
+        if args.command is not None:
+            args.workloads = [Workload(jobs, args.command, None)]
+        else:
+            sleep = 0.5 if args.sleep is None else args.sleep
+            args.workloads = [Workload(jobs, f"sleep {sleep:g}", sleep)]
+    else:
+        args.workloads = [Workload(600, "sleep 0.5", 0.5), Workload(2000, "true", None)]
+    args.modes = [] if args.parallel == "none" else [m.strip() for m in args.parallel.split(",") if m.strip()]
+    if set(args.modes) - {"cm", "plain"}:
+        p.error("--parallel takes cm, plain or none")
+    return args
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def report(result: Result, modes: list[str]) -> list[str]:
+    wl, f = result.workload, result.flow
+    ideal = result.ideal
+    n = wl.jobs
+    lines = [
+        f"== {wl.label} on {result.slots} slots in all",
+        f"  cloudsend states        {f.states}",
+        f"  ideal (work / slots)    {ideal:8.2f} s" + ("" if wl.nominal is not None else " (measured job durations)"),
+        f"  job phase (host clock)  {f.phase:8.2f} s   = {fmt_ratio(f.phase, ideal)} ideal",
+        f"  flow wall               {f.wall:8.2f} s   = start-up {f.startup:.2f} + job phase {f.phase:.2f}"
+        f" + tail {f.tail:.2f}",
+        f"  round trips             {f.round_trips} = {f.round_trips / n:.2f} per job",
+        f"  flow process peak RSS   {f.rss_mb:8.1f} MiB",
+    ]
+    if wl.nominal is None or wl.nominal == 0:
+        lines.append(
+            f"  overhead per job        {1000 * (f.phase - ideal) / n:8.2f} ms (job phase - ideal) / jobs;"
+            f" {1000 * (f.wall - ideal) / n:.2f} ms with the flow's start-up and tail"
+        )
+    for mode in modes:
+        wall = result.parallel.get(mode)
+        if wall is None:
+            continue
+        lines.append(
+            f"  GNU parallel ({mode:5s})    {wall:8.2f} s   = {fmt_ratio(wall, ideal)} ideal;"
+            f" cloudsend/parallel: job phase {fmt_ratio(f.phase, wall)}, flow wall {fmt_ratio(f.wall, wall)}"
+        )
+    return lines
+
+
+def table(results: list[Result], modes: list[str], startup: float | None) -> list[str]:
+    head = ["workload", "ideal s", "job phase s", "x ideal", "flow wall s", "trips/job", "RSS MiB"]
+    for mode in modes:
+        head += [f"parallel {mode} s", f"phase/par {mode}", f"wall/par {mode}"]
+    head.append("overhead ms/job")
+    rows = [head]
+    for r in results:
+        f = r.flow
+        row = [
+            r.workload.label,
+            f"{r.ideal:.2f}",
+            f"{f.phase:.2f}",
+            f"{f.phase / r.ideal:.3f}" if r.ideal > 0 else "-",
+            f"{f.wall:.2f}",
+            f"{f.round_trips / r.workload.jobs:.2f}",
+            f"{f.rss_mb:.0f}",
+        ]
+        for mode in modes:
+            wall = r.parallel.get(mode)
+            row += [f"{wall:.2f}", fmt_ratio(f.phase, wall), fmt_ratio(f.wall, wall)] if wall else ["-", "-", "-"]
+        row.append(f"{1000 * (f.phase - r.ideal) / r.workload.jobs:.2f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    out = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    if startup is not None:
+        out.append(f"Prefect's one-time start-up (first flow call, temporary server, 1 job): {startup:.2f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="cloudsend-bench-", dir="/tmp"))  # short: ControlPath sockets live here
+    os.environ["PREFECT_HOME"] = args.prefect_home or str(tmp / "prefect-home")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if not args.verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")  # as `cloudsend run` does
+    # SIGTERM/SIGHUP unwind through the finally below, which stops the sshd hosts and their jobs.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+
+    from tests.sshd import start_sshd_hosts
+
+    hosts: list[Any] = []
+    results: list[Result] = []
+    startup: float | None = None
+    try:
+        hosts = start_sshd_hosts(tmp / "sshd", args.hosts)
+        print(
+            f"{len(hosts)} sshd hosts on 127.0.0.1 ports {', '.join(str(h.port) for h in hosts)};"
+            f" {args.slots} slots each; poll_interval {args.poll_interval}; temp dir {tmp}",
+            flush=True,
+        )
+        if not args.no_warmup:
+            warm = run_flow(tmp, "warmup", hosts, args.slots, args.poll_interval, Workload(1, "true", None))
+            startup = warm.wall
+            print(f"warm-up: 1 job, {warm.wall:.2f} s (Prefect's temporary server start-up included)", flush=True)
+        for i, wl in enumerate(args.workloads):
+            print(f"\ncloudsend: {wl.label} ...", flush=True)
+            flow = run_flow(tmp, f"bench-{i}", hosts, args.slots, args.poll_interval, wl)
+            result = Result(wl, args.slots * len(hosts), flow)
+            for mode in args.modes:
+                print(f"GNU parallel ({mode}): {wl.label} ...", flush=True)
+                if mode == "cm":
+                    with control_masters(tmp, hosts) as logins:
+                        result.parallel[mode] = run_parallel(logins, args.slots, wl)
+                else:
+                    result.parallel[mode] = run_parallel([ssh_command(h) for h in hosts], args.slots, wl)
+            results.append(result)
+            print("\n".join(report(result, args.modes)), flush=True)
+        server = child_rss_mb("prefect")
+        print()
+        print("\n".join(table(results, args.modes, startup)))
+        print(
+            f"{len(hosts)} hosts x {args.slots} slots; flow process peak RSS over the whole run"
+            f" {vm_hwm_mb():.0f} MiB (after the last reset)"
+            + (f"; Prefect's temporary server process {server:.0f} MiB" if server else "")
+        )
+    finally:
+        for h in hosts:
+            h.stop(kill_jobs=True)
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        else:
+            print(f"kept {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
