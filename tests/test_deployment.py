@@ -241,11 +241,13 @@ def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Pro
     # The deployment is the one prefect.yaml describes.
     assert deployment.entrypoint == "flows/cloudsend_batch.py:cloudsend"
     assert deployment.work_pool_name == "cloudsend-pool"
-    assert deployment.parameters["config"] == "examples/quickstart.yaml"
+    assert deployment.parameters == {"results_dir": "cloudsend-results"}
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}], (
         deployment.pull_steps
     )
-    assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [("0 3 * * *", False)]
+    assert [(s.schedule.cron, s.active, s.parameters) for s in deployment.schedules] == [
+        ("0 3 * * *", False, {"config": "examples/quickstart.yaml", "batch": "nightly"})
+    ]
     schema = deployment.parameter_openapi_schema["properties"]
     assert {"config", "cluster", "jobs", "batch", "results_dir"} <= set(schema)
 
@@ -319,7 +321,6 @@ def test_serve_with_cluster_block_and_jobs(
     run = subprocess.run(
         [
             PREFECT, "deployment", "run", "cloudsend/served",
-            "--param", "config=null",  # JSON: None
             "--param", "cluster=two-cpus",
             "--param", f"jobs={json.dumps(jobs)}",
             "--param", f"base_dir={tmp_path}",
