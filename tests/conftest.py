@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.sshd"]  # the `sshd_hosts` fixture: real OpenSSH servers on loopback ports
+pytest_plugins = ["tests.sshd", "tests.moto_server"]  # real sshd on loopback ports; moto EC2 on loopback
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")

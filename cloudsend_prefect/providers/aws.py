@@ -287,6 +287,29 @@ nohup /usr/local/bin/cloudsend-idle >/dev/null 2>&1 &
 """
 
 
+PROVISIONED_IOPS = ("io1", "io2")
+
+
+def _root_volume(mapped: dict[str, Any], size: int | None, volume_type: str | None) -> dict[str, Any]:
+    """The image's root EBS settings with the size and type asked for; io1/io2 get the IOPS EC2 requires."""
+    root: dict[str, Any] = {k: v for k, v in mapped.items() if k in ("SnapshotId", "VolumeSize", "VolumeType")}
+    kind = volume_type or root.get("VolumeType")
+    if kind == mapped.get("VolumeType"):  # the image's IOPS and throughput belong to its own volume type
+        if kind in (*PROVISIONED_IOPS, "gp3") and "Iops" in mapped:
+            root["Iops"] = mapped["Iops"]
+        if kind == "gp3" and "Throughput" in mapped:
+            root["Throughput"] = mapped["Throughput"]
+    root["DeleteOnTermination"] = True
+    if size:
+        root["VolumeSize"] = size
+    if volume_type:
+        root["VolumeType"] = volume_type
+    if kind in PROVISIONED_IOPS and "Iops" not in root:
+        # EC2 refuses io1/io2 without Iops: gp3's baseline, within io1's limit of 50 IOPS per GiB.
+        root["Iops"] = max(100, min(3000, 50 * int(root.get("VolumeSize") or 8)))
+    return root
+
+
 def _run_params(
     config: BatchConfig, inst: InstanceType, image: dict[str, Any], key: str, group: str, want: _Want, cluster: str
 ) -> dict[str, Any]:
@@ -294,12 +317,7 @@ def _run_params(
     # The image's own root volume (snapshot, size), resized or retyped as asked, on its real device name.
     mappings = image.get("BlockDeviceMappings", [])
     mapped: dict[str, Any] = next((m.get("Ebs", {}) for m in mappings if m["DeviceName"] == root_name), {})
-    root: dict[str, Any] = {k: v for k, v in mapped.items() if k in ("SnapshotId", "VolumeSize", "VolumeType")}
-    root["DeleteOnTermination"] = True
-    if inst.disk_size:
-        root["VolumeSize"] = inst.disk_size
-    if inst.disk_type:
-        root["VolumeType"] = inst.disk_type
+    root = _root_volume(mapped, inst.disk_size, inst.disk_type)
     tags = [
         {"Key": "Name", "Value": f"cloudsend-{config.project}-{want.rank}"},
         {"Key": TAG_PROJECT, "Value": config.project},
@@ -361,10 +379,16 @@ def _tag(instance: dict[str, Any], key: str) -> str | None:
 def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True) -> list[HostInfo]:
     hosts: list[HostInfo] = []
     created: list[tuple[EC2Client, str]] = []
+    contacted: list[HostInfo] = []
     try:
         for index, inst in instances:
-            hosts += _provision_type(config, index, inst, create, created)
+            hosts += _provision_type(config, index, inst, create, created, contacted)
     except BaseException:
+        from cloudsend_prefect.providers import disconnect
+
+        # Connections are cached by host name for the process: none may outlive its instance and be
+        # handed to the next run's host of the same name.
+        disconnect(contacted)
         for ec2, instance_id in created:  # nothing this call created outlives its failure
             ec2.terminate_instances(InstanceIds=[instance_id])
         if created:
@@ -374,17 +398,37 @@ def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *,
 
 
 def _provision_type(
-    config: BatchConfig, index: int, inst: InstanceType, create: bool, created: list[tuple[EC2Client, str]]
+    config: BatchConfig,
+    index: int,
+    inst: InstanceType,
+    create: bool,
+    created: list[tuple[EC2Client, str]],
+    contacted: list[HostInfo],
 ) -> list[HostInfo]:
     if not inst.type:
         raise AwsError(f"instances[{index}].type: required for the aws provider (e.g. t3.large)")
     ec2 = _config_client(config, inst.region)
     region = ec2.meta.region_name
     cluster = cluster_hash(inst, region)
-    wants = _wanted(inst, index, vcpus_of(ec2, inst.type))
+    vcpus = {inst.type: vcpus_of(ec2, inst.type)}
+    wants = _wanted(inst, index, vcpus[inst.type])
+
+    def fitted(want: _Want, instance: dict[str, Any]) -> _Want:
+        """Without `cpus`, an instance of a fallback type offers that type's vCPUs, not the asked type's."""
+        kind = instance.get("InstanceType") or inst.type or ""
+        if inst.cpus is not None or kind == inst.type:
+            return want
+        if kind not in vcpus:
+            vcpus[kind] = vcpus_of(ec2, kind)
+        return _Want(want.rank, vcpus[kind])
+
     existing = {_tag(i, TAG_RANK): i for i in _find(ec2, config.project, cluster)}
     if not create:
-        return [_host(config, inst, index, w, existing[w.rank], region) for w in wants if w.rank in existing]
+        return [
+            _host(config, inst, index, fitted(w, existing[w.rank]), existing[w.rank], region)
+            for w in wants
+            if w.rank in existing
+        ]
     key, _ = ensure_key(ec2, config, region)
     group, subnets = ensure_network(ec2, config, inst)
     image = resolve_image(ec2, config, inst, region)
@@ -411,9 +455,10 @@ def _provision_type(
     }
     fresh = {instance_id for _, instance_id in created}
     hosts = [
-        _host(config, inst, index, w, described[i["InstanceId"]], region, i["InstanceId"] in fresh)
+        _host(config, inst, index, fitted(w, i), described[i["InstanceId"]], region, i["InstanceId"] in fresh)
         for w, i in zip(wants, launched, strict=True)
     ]
+    contacted += hosts
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         list(pool.map(_wait_for_ssh, hosts))
     return hosts
