@@ -278,4 +278,6 @@ def cost_line(report: Estimate, seconds: float) -> str:
 
 def usd(amount: float) -> str:
     """Dollars with the precision small amounts need."""
-    return f"${amount:,.2f}" if amount >= 10 else f"${amount:.4f}"
+    if amount >= 10:
+        return f"${amount:,.2f}"
+    return f"${amount:.4f}" if amount >= 0.01 or amount == 0 else f"${amount:.6f}"

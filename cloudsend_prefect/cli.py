@@ -145,11 +145,11 @@ def _plan_cost(cfg: BatchConfig, hosts: list[PlannedHost], seconds: float, live:
         "EBS disks and data transfer are not counted"
     )
     out.print("prices: " + "; ".join(dict.fromkeys(bases)), highlight=False)
-    regions = {h.region for h in hosts if h.provider == "aws"}
-    if regions - {catalog.CATALOG_REGION}:
+    others = {h.region for h in hosts if h.provider == "aws"} - {catalog.CATALOG_REGION}
+    if others:
         out.print(
             f"note: catalog prices are {catalog.CATALOG_REGION} list prices; "
-            f"{', '.join(sorted(r or '(default region)' for r in regions))} may differ",
+            f"{', '.join(sorted(r or 'the default region' for r in others))} may differ",
             highlight=False,
         )
     for h in hosts:

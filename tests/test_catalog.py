@@ -1,0 +1,308 @@
+"""Instance-type catalog, prices and cost: what `cloudsend plan` estimates offline and what the flow reports.
+
+AWS is moto's server on loopback, or an unused loopback port where no call may succeed; never real AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cloudsend_prefect import catalog
+from cloudsend_prefect.catalog import Price, billed_hours, estimate, instance_info, on_demand_price, spot_price
+from cloudsend_prefect.cli import app
+from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.planning import planned, planned_hosts
+from cloudsend_prefect.providers.base import HostInfo
+
+runner = CliRunner()
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, every call fails at once
+
+
+@pytest.fixture
+def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake credentials and no route to any real AWS configuration, credentials or metadata service."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def aws_host(name: str, instance_type: str | None, *, spot: bool = False, region: str = "us-east-1") -> HostInfo:
+    return HostInfo(
+        name=name,
+        provider="aws",
+        cpus=2,
+        base_dir=".cloudsend",
+        instance_id=f"i-{name}",
+        instance_type=instance_type,
+        spot=spot,
+        region=region,
+    )
+
+
+# -- the catalog --------------------------------------------------------------------------------------------
+def test_catalog_knows_common_types_and_not_others() -> None:
+    assert len(catalog.catalog()) >= 60
+    c5 = instance_info("c5.xlarge")
+    assert c5 is not None and (c5.vcpus, c5.memory_gib, c5.gpus) == (4, 8, 0)
+    m5 = instance_info("m5.large")
+    assert m5 is not None and (m5.vcpus, m5.memory_gib) == (2, 8)
+    r6i = instance_info("r6i.2xlarge")
+    assert r6i is not None and (r6i.vcpus, r6i.memory_gib) == (8, 64)
+    g4 = instance_info("g4dn.12xlarge")
+    assert g4 is not None and (g4.vcpus, g4.gpus) == (48, 4)
+    assert on_demand_price("t3.large") == pytest.approx(0.0832)
+    assert on_demand_price("t3.large", "eu-west-1") == on_demand_price("t3.large")  # us-east-1's, as documented
+    assert instance_info("z9.mega") is None and on_demand_price("z9.mega") is None and instance_info(None) is None
+
+
+def test_catalog_prices_grow_with_size_within_a_family() -> None:
+    families: dict[str, list[catalog.InstanceInfo]] = {}
+    for info in catalog.catalog().values():
+        families.setdefault(info.type.split(".")[0], []).append(info)
+    for name, infos in families.items():
+        if name in ("g4dn", "g5", "g6"):  # GPU count, not vCPUs, drives those prices
+            continue
+        by_vcpus = sorted(infos, key=lambda i: (i.vcpus, i.memory_gib))
+        prices = [i.on_demand for i in by_vcpus]
+        assert prices == sorted(prices), name
+        assert all(0 < i.on_demand < 100 and i.vcpus >= 1 and i.memory_gib > 0 for i in infos)
+
+
+# -- arithmetic ---------------------------------------------------------------------------------------------
+def test_billing_is_per_second_with_a_minute_minimum() -> None:
+    assert billed_hours(0) == billed_hours(10) == pytest.approx(60 / 3600)
+    assert billed_hours(90) == pytest.approx(90 / 3600)
+    assert billed_hours(7200) == pytest.approx(2.0)
+
+
+def test_estimate_prices_on_demand_spot_own_machines_and_unknown_types() -> None:
+    hosts = [
+        aws_host("od", "c5.xlarge"),
+        aws_host("sp", "c5.xlarge", spot=True),
+        aws_host("bid", "c5.xlarge", spot=True),
+        HostInfo(name="laptop", provider="local", cpus=8, base_dir="/tmp/x"),
+    ]
+    prices = {"bid": Price(0.05, "spot: max_bid (upper bound)")}
+    result = estimate(hosts, 1800, prices)
+    rows = {r.host: r for r in result.rows}
+    assert rows["od"].market == "on-demand" and rows["od"].cost == pytest.approx(0.17 / 2)
+    # a spot host with no known spot price: the on-demand price as an upper bound, said so
+    assert rows["sp"].market == "spot" and rows["sp"].cost == pytest.approx(0.17 / 2)
+    assert "upper bound" in rows["sp"].basis
+    assert rows["bid"].usd_per_hour == 0.05 and rows["bid"].cost == pytest.approx(0.025)
+    assert rows["laptop"].market == "own machine" and rows["laptop"].cost == 0
+    assert result.total == pytest.approx(0.17 + 0.025) and result.complete
+
+    short = estimate([aws_host("od", "c5.xlarge")], 5)  # a 5 s instance is billed a minute
+    assert short.total == pytest.approx(0.17 / 60)
+
+    unknown = estimate([aws_host("od", "c5.xlarge"), aws_host("odd", "z9.mega")], 3600)
+    assert unknown.total == pytest.approx(0.17) and not unknown.complete
+    assert unknown.rows[1].cost is None and "not in the catalog" in unknown.rows[1].basis
+    table = unknown.table()
+    assert table[-1]["host"] == "total" and table[-1]["cost usd"] is None  # an incomplete total is not claimed
+
+
+# -- spot prices from EC2 -----------------------------------------------------------------------------------
+def test_spot_price_from_ec2_and_none_on_any_error(fake_aws: None, moto_endpoint: str) -> None:
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_endpoint)
+    assert spot_price(ec2, "c5.xlarge") == pytest.approx(0.00001)  # moto's only spot price
+    assert spot_price(ec2, "c5.xlarge", "us-east-1a") == pytest.approx(0.00001)
+    dead = boto3.client("ec2", region_name="us-east-1", endpoint_url=DEAD_ENDPOINT)
+    assert spot_price(dead, "c5.xlarge") is None
+    assert spot_price(object(), "c5.xlarge") is None
+
+
+def test_cost_report_of_hosts_uses_live_spot_prices_else_the_catalog(
+    fake_aws: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hosts = [
+        aws_host("aws-0", "c5.xlarge"),
+        aws_host("aws-1", "m5.large", spot=True),
+        HostInfo(name="laptop", provider="local", cpus=8, base_dir="/tmp/x"),
+    ]
+    assert catalog.cost_report(hosts[2:], 3600) is None  # no aws host, no report
+
+    offline = catalog.cost_report(hosts, 3600)  # EC2 unreachable: spot falls back to on-demand
+    assert offline is not None
+    assert [r.host for r in offline.rows] == ["aws-0", "aws-1"]
+    assert offline.total == pytest.approx(0.17 + 0.096)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    live = catalog.cost_report(hosts, 7200)
+    assert live is not None
+    spot = live.rows[1]
+    assert spot.usd_per_hour == pytest.approx(0.00001) and "from EC2" in spot.basis
+    assert live.total == pytest.approx(2 * 0.17 + 2 * 0.00001)
+    table = live.table()
+    assert table[0] == {
+        "host": "aws-0",
+        "instance id": "i-aws-0",
+        "type": "c5.xlarge",
+        "market": "on-demand",
+        "hours": 2.0,
+        "usd per hour": 0.17,
+        "cost usd": 0.34,
+        "price from": "on-demand (catalog)",
+    }
+    assert table[-1] == {"host": "total", "hours": 4.0, "cost usd": pytest.approx(0.34, abs=1e-4)}
+    line = catalog.cost_line(live, 7200)
+    assert "aws-0 (i-aws-0, c5.xlarge on-demand: $0.3400)" in line and "upper bound" in line
+
+
+def test_the_flow_reports_cost_as_an_artifact(fake_aws: None) -> None:
+    from prefect import flow
+
+    from cloudsend_prefect.flow import _report_cost
+
+    @flow
+    def report(hosts: list[HostInfo]) -> tuple[float | None, float | None]:
+        mine = _report_cost("cost-unit", hosts, 1800, kept=False)
+        own = _report_cost("cost-own", hosts[2:], 1800, kept=False)
+        return mine, own
+
+    hosts = [
+        aws_host("aws-0", "c5.xlarge"),
+        aws_host("aws-1", "c5.xlarge", spot=True),  # EC2 unreachable: priced at on-demand
+        HostInfo(name="laptop", provider="local", cpus=8, base_dir="/tmp/x"),
+    ]
+    total, own = report(hosts)
+    assert total == pytest.approx(0.17) and own is None
+    artifact: Any = None
+    for _ in range(50):  # the test server records artifacts asynchronously
+        artifact = _artifact("cost-unit-cost")
+        if artifact is not None:
+            break
+        time.sleep(0.2)
+    assert artifact is not None and "upper bound" in (artifact.description or "")
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [r["host"] for r in rows] == ["aws-0", "aws-1", "total"]
+    assert rows[1]["market"] == "spot" and rows[-1]["cost usd"] == pytest.approx(0.17)
+    assert _artifact("cost-own-cost") is None
+
+
+def _artifact(key: str) -> Any:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return found[0] if found else None
+
+
+# -- planning and `cloudsend plan` --------------------------------------------------------------------------
+AWS_CONFIG: dict[str, Any] = {
+    "project": "costly",
+    "provider": "aws",
+    "instances": [
+        {"type": "c5.xlarge", "number": 2, "region": "us-east-1"},
+        {"type": "m5.large", "name": "big", "cpus": 5, "explode": True, "eco": True},
+        {"type": "r5.large", "eco": True, "max_bid": 0.05},
+        {"provider": "local", "cpus": 2, "name": "here"},
+    ],
+    "jobs": [{"run_command": "sleep 1", "expected_duration": 1800, "repeat": 8, "cpus_req": 2}],
+}
+
+
+def test_planned_hosts_match_the_aws_provider_names_and_explode_with_catalog_vcpus() -> None:
+    config = BatchConfig.model_validate(AWS_CONFIG)
+    assert planned_hosts(config) == {
+        "aws-0.0": 4,
+        "aws-0.1": 4,
+        "big-1.0": 2,  # 5 CPUs of m5.large (2 vCPUs): 3 instances
+        "big-1.1": 2,
+        "big-1.2": 1,
+        "aws-2": 2,
+        "here": 2,
+    }
+    hosts = {h.name: h for h in planned(config)}
+    assert hosts["big-1.0"].spot and hosts["aws-2"].max_bid == 0.05 and hosts["here"].provider == "local"
+    unknown = BatchConfig.model_validate({"provider": "aws", "instances": [{"type": "z9.mega"}]})
+    (host,) = planned(unknown)
+    assert host.cpus == 1 and not host.cpus_known
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of every row of the rich tables in ``output``."""
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in output.splitlines() if line.startswith("│")]
+
+
+def write(tmp_path: Path, config: dict[str, Any]) -> Path:
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_plan_shows_instances_and_estimated_cost_offline(
+    tmp_path: Path, cloudsend_home: Path, fake_aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3.session
+
+    def no_aws(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cloudsend plan called AWS")
+
+    monkeypatch.setattr(boto3.session.Session, "client", no_aws)
+    result = runner.invoke(app, ["plan", str(write(tmp_path, AWS_CONFIG))], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for host in ("aws-0.0", "aws-0.1", "big-1.0", "big-1.2", "aws-2", "here"):
+        assert host in out
+    # the instance table: type, vCPUs, memory, count, market, $/h, cost for the 1800 s makespan
+    rows = table_rows(out)
+    assert ["aws-0.0..aws-0.1", "c5.xlarge", "4", "8", "2", "on-demand", "$0.1700", "$0.1700"] in rows
+    assert ["big-1.0..big-1.2", "m5.large", "2", "8", "3", "spot", "$0.0960", "$0.1440"] in rows
+    assert ["aws-2", "r5.large", "2", "16", "1", "spot", "$0.0500", "$0.0250"] in rows
+    assert ["here", "local", "2", "-", "1", "own machine", "-", "$0"] in rows
+    assert "estimated cost: $0.3390" in out
+    assert "on-demand price as upper bound" in out and "max_bid (upper bound)" in out
+    assert "us-east-1 list prices; the default region may differ" in out
+    assert not cloudsend_home.exists()
+
+
+def test_plan_asks_ec2_for_spot_prices_only_when_told(
+    tmp_path: Path, fake_aws: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(tmp_path, AWS_CONFIG)
+    failed = runner.invoke(app, ["plan", "--spot-prices", str(config)], env={"COLUMNS": "200"})
+    assert failed.exit_code == 0, failed.output  # EC2 unreachable: offline prices, said so
+    assert "no spot price from EC2 for m5.large, r5.large" in failed.output
+    assert "estimated cost: $0.3390" in failed.output
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    live = runner.invoke(app, ["plan", "--spot-prices", str(config)], env={"COLUMNS": "200"})
+    assert live.exit_code == 0, live.output
+    assert "spot: current price from EC2" in live.output and "$0.000010" in live.output
+    assert "estimated cost: $0.1700" in live.output  # the two c5.xlarge for half an hour; spot is nearly free
