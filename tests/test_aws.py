@@ -26,6 +26,7 @@ from botocore.awsrequest import AWSResponse
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
+from cloudsend_prefect import providers
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
@@ -89,13 +90,17 @@ class Wire:
 
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     faults: list[Callable[[str, dict[str, Any]], str | None]] = field(default_factory=list)
+    # Like faults, but the request reaches moto and is carried out; only its answer is replaced by the error.
+    lost_answers: list[Callable[[str, dict[str, Any]], str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def sent(self, operation: str) -> list[dict[str, Any]]:
         with self.lock:
             return [body for op, body in self.calls if op == operation]
 
-    def hook(self, model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+    def before(
+        self, model: Any, params: dict[str, Any], context: dict[str, Any], **_: Any
+    ) -> tuple[AWSResponse, dict[str, Any]] | None:
         body = dict(params.get("body") or {})
         with self.lock:
             self.calls.append((model.name, body))
@@ -104,7 +109,14 @@ class Wire:
             if code:
                 error = {"Code": code, "Message": f"injected: {code}"}
                 return AWSResponse(params["url"], 400, {}, None), {"Error": error, "ResponseMetadata": {}}
+        context["test_lost_answer"] = next((c for f in self.lost_answers if (c := f(model.name, body))), None)
         return None
+
+    def after(self, http_response: Any, parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        code = context.get("test_lost_answer")
+        if code:
+            http_response.status_code = 500
+            parsed["Error"] = {"Code": code, "Message": f"injected: the answer was lost ({code})"}
 
 
 @pytest.fixture
@@ -115,7 +127,8 @@ def wire(aws_env: AwsEnv, monkeypatch: pytest.MonkeyPatch) -> Wire:
 
     def client(*args: Any, **kwargs: Any) -> Any:
         made = real(*args, **kwargs)
-        made.meta.events.register("before-call.ec2", recorder.hook)
+        made.meta.events.register("before-call.ec2", recorder.before)
+        made.meta.events.register("after-call.ec2", recorder.after)
         return made
 
     monkeypatch.setattr(aws, "ec2_client", client)
@@ -416,6 +429,20 @@ def test_failure_of_one_launch_terminates_every_instance_this_call_created(
     assert not ALIVE & set(states("midway").values())  # ...and terminated: nothing left running or pending
 
 
+def test_an_instance_whose_launch_answer_was_lost_is_terminated_too(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire
+) -> None:
+    # EC2 made the instance but the answer never arrived (a timeout, a dropped connection): the provider
+    # does not know its id, yet it must not be left running.
+    wire.lost_answers.append(
+        lambda op, body: "RequestTimeout" if op == "RunInstances" and rank_of(body) == "0.1" else None
+    )
+    with pytest.raises(Exception, match="RequestTimeout"):
+        provision(make_config(tmp_path, "lost", [instance(ami, number=3)]))
+    by_rank = {tag(i, "cloudsend:rank"): i["State"]["Name"] for i in described("lost")}
+    assert by_rank == {"0.0": "terminated", "0.1": "terminated", "0.2": "terminated"}
+
+
 def test_failure_after_a_first_type_is_up_terminates_it_but_not_reused_instances(
     tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -434,6 +461,8 @@ def test_failure_after_a_first_type_is_up_terminates_it_but_not_reused_instances
     by_rank = {tag(i, "cloudsend:rank"): i["State"]["Name"] for i in described("later")}
     assert by_rank == {"0": "running", "1.0": "terminated", "1.1": "terminated"}
     assert states("later")[kept[0].instance_id or ""] == "running"
+    # No connection of the failed call stays cached for the next run's host of the same name.
+    assert not {"aws-0", "aws-1.0"} & set(providers._transports)
 
 
 # -- teardown and down ----------------------------------------------------------------------------------

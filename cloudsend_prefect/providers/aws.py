@@ -12,11 +12,13 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -345,13 +347,65 @@ def _run_params(
     return params
 
 
-def _create(ec2: EC2Client, params: dict[str, Any], types: list[str], subnets: list[str]) -> dict[str, Any]:
+@dataclass
+class _Launches:
+    """What one ``provision`` call asked EC2 for, so that its failure can take all of it back."""
+
+    created: list[tuple[EC2Client, str]] = field(default_factory=list)
+    # (client, cluster hash, client token) of every run_instances sent, answered or not
+    requested: list[tuple[EC2Client, str, str]] = field(default_factory=list)
+    contacted: list[HostInfo] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def undo(self, project: str) -> None:
+        """Terminate every instance this call created, including any whose run_instances answer was lost
+        (a timeout, a dropped connection): those are found by their tags and client token."""
+        from cloudsend_prefect.providers import disconnect
+
+        # Connections are cached by host name for the process: none may outlive its instance and be handed
+        # to the next run's host of the same name.
+        disconnect(self.contacted)
+        doomed: dict[int, tuple[EC2Client, set[str]]] = {}
+        for ec2, instance_id in self.created:
+            doomed.setdefault(id(ec2), (ec2, set()))[1].add(instance_id)
+        searches: dict[tuple[int, str], tuple[EC2Client, set[str]]] = {}
+        for ec2, cluster, token in self.requested:
+            searches.setdefault((id(ec2), cluster), (ec2, set()))[1].add(token)
+        for (_, cluster), (ec2, tokens) in searches.items():
+            try:
+                for instance in _find(ec2, project, cluster):
+                    if instance.get("ClientToken") in tokens:
+                        doomed.setdefault(id(ec2), (ec2, set()))[1].add(instance["InstanceId"])
+            except Exception as exc:  # the original error matters more; the instances' idle timer remains
+                log.warning("could not look for instances of unanswered launch requests: %s", exc)
+        for ec2, ids in doomed.values():
+            try:
+                ec2.terminate_instances(InstanceIds=sorted(ids))
+                log.error("provisioning failed: terminated the instance(s) it had created: %s", ", ".join(sorted(ids)))
+            except Exception as exc:
+                log.error(
+                    "provisioning failed and %s could not be terminated (%s): remove them with `cloudsend down`",
+                    ", ".join(sorted(ids)),
+                    exc,
+                )
+
+
+def _create(
+    ec2: EC2Client, params: dict[str, Any], types: list[str], subnets: list[str], launches: _Launches, cluster: str
+) -> dict[str, Any]:
     """run_instances over (type, subnet) choices in order until one has capacity."""
     tried = []
     for instance_type in types:
         for subnet in subnets:
+            # Our own idempotency token: retries of one request make one instance, and an instance whose
+            # answer never arrived can still be found (and removed) by it.
+            token = f"cloudsend-{uuid.uuid4().hex}"
+            with launches.lock:
+                launches.requested.append((ec2, cluster, token))
             try:
-                return ec2.run_instances(**params, InstanceType=instance_type, SubnetId=subnet)["Instances"][0]
+                return ec2.run_instances(**params, InstanceType=instance_type, SubnetId=subnet, ClientToken=token)[
+                    "Instances"
+                ][0]
             except Exception as exc:
                 if _code(exc) not in CAPACITY_ERRORS:
                     raise
@@ -378,21 +432,12 @@ def _tag(instance: dict[str, Any], key: str) -> str | None:
 
 def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True) -> list[HostInfo]:
     hosts: list[HostInfo] = []
-    created: list[tuple[EC2Client, str]] = []
-    contacted: list[HostInfo] = []
+    launches = _Launches()
     try:
         for index, inst in instances:
-            hosts += _provision_type(config, index, inst, create, created, contacted)
+            hosts += _provision_type(config, index, inst, create, launches)
     except BaseException:
-        from cloudsend_prefect.providers import disconnect
-
-        # Connections are cached by host name for the process: none may outlive its instance and be
-        # handed to the next run's host of the same name.
-        disconnect(contacted)
-        for ec2, instance_id in created:  # nothing this call created outlives its failure
-            ec2.terminate_instances(InstanceIds=[instance_id])
-        if created:
-            log.error("provisioning failed: terminated the %d instance(s) it had created", len(created))
+        launches.undo(config.project)  # nothing this call created outlives its failure
         raise
     return hosts
 
@@ -402,8 +447,7 @@ def _provision_type(
     index: int,
     inst: InstanceType,
     create: bool,
-    created: list[tuple[EC2Client, str]],
-    contacted: list[HostInfo],
+    launches: _Launches,
 ) -> list[HostInfo]:
     if not inst.type:
         raise AwsError(f"instances[{index}].type: required for the aws provider (e.g. t3.large)")
@@ -441,8 +485,9 @@ def _provision_type(
             log.info("reusing %s for rank %s", existing[want.rank]["InstanceId"], want.rank)
             return existing[want.rank]
         params = _run_params(config, inst, image, key, group, want, cluster)
-        instance = _create(ec2, params, [inst.type or "", *inst.fallback_types], subnets)
-        created.append((ec2, instance["InstanceId"]))
+        instance = _create(ec2, params, [inst.type or "", *inst.fallback_types], subnets, launches, cluster)
+        with launches.lock:
+            launches.created.append((ec2, instance["InstanceId"]))
         log.info("created %s (%s) for rank %s", instance["InstanceId"], instance["InstanceType"], want.rank)
         return instance
 
@@ -453,12 +498,12 @@ def _provision_type(
     described = {
         i["InstanceId"]: i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]
     }
-    fresh = {instance_id for _, instance_id in created}
+    fresh = {instance_id for _, instance_id in launches.created}
     hosts = [
         _host(config, inst, index, fitted(w, i), described[i["InstanceId"]], region, i["InstanceId"] in fresh)
         for w, i in zip(wants, launched, strict=True)
     ]
-    contacted += hosts
+    launches.contacted += hosts
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         list(pool.map(_wait_for_ssh, hosts))
     return hosts
