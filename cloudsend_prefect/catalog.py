@@ -173,7 +173,7 @@ class Estimate:
         return [row for row in self.rows if row.provider == "aws"]
 
     def table(self) -> list[dict[str, Any]]:
-        """Rows as plain dicts (a Prefect table artifact), ending with a total row."""
+        """The aws rows as plain dicts (a Prefect table artifact), ending with a total row."""
         rows: list[dict[str, Any]] = [
             {
                 "host": r.host,
@@ -187,9 +187,11 @@ class Estimate:
             }
             for r in self.aws_rows
         ]
-        hours = sum(r.hours for r in self.aws_rows)
-        total = round(self.total, 4)
-        rows.append({"host": "total", "hours": round(hours, 4), "cost usd": total if self.complete else None})
+        total: dict[str, Any] = {"host": "total", "hours": round(sum(r.hours for r in self.aws_rows), 4)}
+        total["cost usd"] = round(self.total, 4)
+        if not self.complete:
+            total["price from"] = "hosts of unknown price not counted"
+        rows.append(total)
         return rows
 
 
