@@ -197,6 +197,19 @@ def test_security_group_lets_in_ssh_from_the_configured_cidr_only(
     assert [r["CidrIp"] for rule in ingress("sg") for r in rule["IpRanges"]] == [CIDR]
 
 
+def test_ssh_from_takes_bare_addresses_and_ipv6_and_refuses_nonsense(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any]
+) -> None:
+    provision(make_config(tmp_path, "v6", [instance(ami)], ssh_from=["198.51.100.9", "2001:db8:5::/64"]))
+    (rule,) = ingress("v6")
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+    assert [r["CidrIp"] for r in rule["IpRanges"]] == ["198.51.100.9/32"]
+    assert [r["CidrIpv6"] for r in rule["Ipv6Ranges"]] == ["2001:db8:5::/64"]
+    with pytest.raises(aws.AwsError, match="ssh_from: 'my laptop' is not an address or CIDR block"):
+        provision(make_config(tmp_path, "nonsense", [instance(ami)], ssh_from=["my laptop"]))
+    assert described("nonsense") == []
+
+
 def test_without_ssh_from_only_this_machines_public_address_is_let_in(
     tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -371,7 +384,9 @@ def test_invalid_image_lists_usable_images_and_creates_nothing(
         provision(make_config(tmp_path, "badimg", [bad]))
     listed = [line.split()[0] for line in str(err.value).splitlines()[1:]]
     assert listed, str(err.value)
-    assert {i["ImageId"] for i in ec2().describe_images(ImageIds=listed)["Images"]} == set(listed)
+    images = ec2().describe_images(ImageIds=listed)["Images"]
+    assert {i["ImageId"] for i in images} == set(listed)
+    assert not [i["Name"] for i in images if i.get("Platform") == "windows"]  # cloudsend cannot use those
     assert described("badimg") == []
 
 
@@ -476,6 +491,21 @@ def test_teardown_stops_on_demand_and_terminates_spot_or_everything_when_asked(
     hosts = provision(config)
     aws.teardown(hosts, terminate=True)
     assert set(states("teardown").values()) == {"terminated"}
+    assert set(aws.status(hosts).values()) == {"terminated"}
+
+
+def test_teardown_and_status_take_instances_already_gone_in_their_stride(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any]
+) -> None:
+    hosts = provision(make_config(tmp_path, "gone-already", [instance(ami, number=3)]))
+    ec2().terminate_instances(InstanceIds=[hosts[0].instance_id or ""])  # e.g. by its idle timer
+    forgotten = hosts[1].model_copy(update={"instance_id": "i-0123456789abcdef0"})  # EC2 no longer knows it
+    hosts = [hosts[0], forgotten, hosts[2]]
+    aws.teardown(hosts)
+    assert aws.status(hosts) == {"aws-0.0": "terminated", "aws-0.1": "terminated", "aws-0.2": "stopped"}
+    assert states("gone-already")[hosts[0].instance_id or ""] == "terminated"  # not brought back as stopped
+    aws.teardown(hosts)  # a second teardown (everything already stopped or gone) is a no-op
+    aws.teardown(hosts, terminate=True)
     assert set(aws.status(hosts).values()) == {"terminated"}
 
 

@@ -9,6 +9,7 @@ before the error is raised.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -145,11 +146,18 @@ def ensure_key(ec2: EC2Client, config: BatchConfig, region: str) -> tuple[str, P
 
 
 def my_cidrs(config: BatchConfig) -> list[str]:
-    """Who may reach SSH: the configured CIDRs, else this machine's public address as a /32."""
-    if config.ssh_from:
-        return config.ssh_from
-    with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=10) as resp:
-        return [resp.read().decode().strip() + "/32"]
+    """Who may reach SSH: the configured CIDRs (a bare address is a /32), else this machine's public
+    address as a /32."""
+    if not config.ssh_from:
+        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=10) as resp:
+            return [str(ipaddress.ip_network(resp.read().decode().strip()))]
+    cidrs = []
+    for cidr in config.ssh_from:
+        try:
+            cidrs.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError:
+            raise AwsError(f"ssh_from: {cidr!r} is not an address or CIDR block (like 203.0.113.5/32)") from None
+    return cidrs
 
 
 def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> tuple[str, list[str]]:
@@ -176,14 +184,17 @@ def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> t
                 {"ResourceType": "security-group", "Tags": [{"Key": TAG_PROJECT, "Value": config.project}]}
             ],
         )["GroupId"]
-    ranges = [{"CidrIp": cidr, "Description": "cloudsend client"} for cidr in my_cidrs(config)]
-    try:
-        ec2.authorize_security_group_ingress(
-            GroupId=group, IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": ranges}]
-        )
-    except Exception as exc:
-        if _code(exc) != "InvalidPermission.Duplicate":
-            raise
+    for cidr in my_cidrs(config):
+        ranges = "Ipv6Ranges" if ":" in cidr else "IpRanges"
+        address = "CidrIpv6" if ":" in cidr else "CidrIp"
+        rule = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22}
+        try:  # one rule per CIDR: a rule already there (Duplicate) must not keep the others out
+            ec2.authorize_security_group_ingress(
+                GroupId=group, IpPermissions=[{**rule, ranges: [{address: cidr, "Description": "cloudsend client"}]}]
+            )
+        except Exception as exc:
+            if _code(exc) != "InvalidPermission.Duplicate":
+                raise
     subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
     by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in sorted(subnets, key=lambda s: not s.get("DefaultForAz"))}
     if inst.zones:
@@ -213,6 +224,7 @@ def resolve_image(ec2: EC2Client, config: BatchConfig, inst: InstanceType, regio
             Owners=[CANONICAL, "amazon"],
             Filters=[{"Name": "architecture", "Values": ["x86_64"]}, {"Name": "state", "Values": ["available"]}],
         )["Images"]
+        usable = [i for i in usable if i.get("Platform") != "windows"]  # the host runtime needs a POSIX shell
         usable = sorted(usable, key=lambda i: i.get("CreationDate", ""), reverse=True)[:10]
         listing = "\n".join(f"  {i['ImageId']}  {i.get('Name', '')}" for i in usable)
         raise AwsError(f"image {image_id} does not exist in {region}; usable images there include:\n{listing}")
@@ -476,7 +488,10 @@ def _provision_type(
     key, _ = ensure_key(ec2, config, region)
     group, subnets = ensure_network(ec2, config, inst)
     image = resolve_image(ec2, config, inst, region)
-    stopped = [i["InstanceId"] for w in wants if (i := existing.get(w.rank)) and i["State"]["Name"] != "running"]
+    # A pending one is waited for below with the new ones; only stopping or stopped ones need a start.
+    stopped = [
+        i["InstanceId"] for w in wants if (i := existing.get(w.rank)) and i["State"]["Name"] in ("stopping", "stopped")
+    ]
     if stopped:
         _start(ec2, stopped)
 
@@ -582,16 +597,23 @@ def _client_for(host: HostInfo) -> EC2Client:
     return ec2_client(host.region, credentials=host.aws_credentials, profile=host.aws_profile)
 
 
+def _describe(ec2: EC2Client, ids: list[str]) -> list[dict[str, Any]]:
+    """The instances among ``ids`` that EC2 still knows. By filter, not by id: an id EC2 has forgotten (long
+    terminated) is simply absent instead of failing the whole call."""
+    found: list[dict[str, Any]] = []
+    for start in range(0, len(ids), 100):  # EC2 takes at most 200 values per filter
+        chunk = ids[start : start + 100]
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=[{"Name": "instance-id", "Values": chunk}])
+        found += [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    return found
+
+
 def status(hosts: list[HostInfo]) -> dict[str, HostHealth]:
     """Each instance's state from the EC2 API (the evidence that decides whether a host is lost)."""
     health: dict[str, HostHealth] = {}
     for group in _by_region(hosts).values():
         ec2 = _client_for(group[0])
-        states = {
-            i["InstanceId"]: i["State"]["Name"]
-            for r in ec2.describe_instances(InstanceIds=[h.instance_id for h in group if h.instance_id])["Reservations"]
-            for i in r["Instances"]
-        }
+        states = {i["InstanceId"]: i["State"]["Name"] for i in _describe(ec2, [h.instance_id or "" for h in group])}
         for host in group:
             state = states.get(host.instance_id or "", "terminated")
             health[host.name] = (
@@ -605,20 +627,52 @@ def status(hosts: list[HostInfo]) -> dict[str, HostHealth]:
 
 
 def teardown(hosts: list[HostInfo], *, terminate: bool = False) -> None:
-    """Stop (or terminate) the batch's instances: nothing keeps billing compute once the batch is over."""
-    for group in _by_region(hosts).values():
-        ec2 = _client_for(group[0])
-        reservations = ec2.describe_instances(InstanceIds=[h.instance_id for h in group if h.instance_id])
-        instances = [i for r in reservations["Reservations"] for i in r["Instances"]]
-        # A one-time spot instance cannot be stopped: it is terminated.
-        doomed = [i["InstanceId"] for i in instances if terminate or i.get("InstanceLifecycle") == "spot"]
-        stopped = [i["InstanceId"] for i in instances if i["InstanceId"] not in doomed]
-        if doomed:
+    """Stop (or terminate) the batch's instances: nothing keeps billing compute once the batch is over.
+
+    Instances already gone (terminated, shutting down, forgotten by EC2) or already stopped are left alone;
+    a failure in one region or for one kind of instance does not keep the others running.
+    """
+    failures = []
+    for region, group in _by_region(hosts).items():
+        try:
+            _teardown_region(_client_for(group[0]), [h.instance_id or "" for h in group], terminate)
+        except Exception as exc:
+            ids = ", ".join(h.instance_id or "" for h in group)
+            failures.append(f"{region or 'default region'} ({ids}): {exc}")
+    if failures:
+        raise AwsError(
+            "could not stop or terminate every instance; remove them with `cloudsend down CONFIG`:\n  "
+            + "\n  ".join(failures)
+        )
+
+
+def _teardown_region(ec2: EC2Client, ids: list[str], terminate: bool) -> None:
+    live = [i for i in _describe(ec2, ids) if i["State"]["Name"] in ALIVE]
+    # A one-time spot instance cannot be stopped: it is terminated.
+    doomed = [i["InstanceId"] for i in live if terminate or i.get("InstanceLifecycle") == "spot"]
+    pending = [i["InstanceId"] for i in live if i["InstanceId"] not in doomed and i["State"]["Name"] == "pending"]
+    stoppable = [
+        i["InstanceId"] for i in live if i["InstanceId"] not in doomed and i["State"]["Name"] in ("pending", "running")
+    ]
+    errors = []
+    if doomed:
+        try:
             ec2.terminate_instances(InstanceIds=doomed)
             log.info("terminated %s", ", ".join(doomed))
-        if stopped:
-            ec2.stop_instances(InstanceIds=stopped)
-            log.info("stopped %s (their disks remain, at EBS prices)", ", ".join(stopped))
+        except Exception as exc:
+            errors.append(f"terminate {', '.join(doomed)}: {exc}")
+    if stoppable:
+        try:
+            if pending:  # EC2 cannot stop an instance that is still starting
+                ec2.get_waiter("instance_running").wait(
+                    InstanceIds=pending, WaiterConfig={"Delay": 5, "MaxAttempts": 60}
+                )
+            ec2.stop_instances(InstanceIds=stoppable)
+            log.info("stopped %s (their disks remain, at EBS prices)", ", ".join(stoppable))
+        except Exception as exc:
+            errors.append(f"stop {', '.join(stoppable)}: {exc}")
+    if errors:
+        raise AwsError("; ".join(errors))
 
 
 def down(config: BatchConfig, regions: list[str | None]) -> list[str]:
