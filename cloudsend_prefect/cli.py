@@ -321,25 +321,27 @@ def cancel(
 
 @app.command()
 def down(
-    config: ConfigArg,
+    config: Annotated[Path | None, typer.Argument(help="Config file naming the project (or use --project).")] = None,
     project: Annotated[str | None, typer.Option(help="Project to remove (default: the config's).")] = None,
     region: Annotated[
         list[str] | None, typer.Option(help="Region(s) to clean (default: the config's instance regions).")
     ] = None,
+    aws_credentials: Annotated[str | None, typer.Option(help="AwsCredentials block to use.")] = None,
+    profile: Annotated[str | None, typer.Option(help="AWS profile to use.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     exec_python_config: ExecOpt = False,
 ) -> None:
     """Remove everything a project created on AWS (instances, security group, key pair), found by its tags."""
     from cloudsend_prefect.providers import aws
 
-    cfg, _ = _load(config, exec_python_config)
-    if project:
-        cfg = cfg.model_copy(update={"project": project})
-    regions: list[str | None] = list(
-        region or {i.region for i in cfg.instances if (i.provider or cfg.provider) == "aws"}
-    )
-    if not regions:
-        regions = [None]
+    if config is None and project is None:
+        console.print("[red]error:[/red] give a config file or --project")
+        raise typer.Exit(2)
+    cfg = _load(config, exec_python_config)[0] if config else BatchConfig(project=project or "cloudsend")
+    overrides = {"project": project, "aws_credentials": aws_credentials, "profile": profile}
+    cfg = cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    aws_regions: set[str | None] = {i.region for i in cfg.instances if (i.provider or cfg.provider) == "aws"}
+    regions: list[str | None] = [*region] if region else sorted(aws_regions, key=str) or [None]
     where = ", ".join(r or "the default region" for r in regions)
     if not yes and not typer.confirm(f"Terminate every instance of project {cfg.project} in {where}?"):
         raise typer.Exit(1)

@@ -15,7 +15,7 @@ from prefect.states import Failed, State
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.planning import Placement, plan
-from cloudsend_prefect.providers import HostInfo, disconnect, get_provider, provision_all
+from cloudsend_prefect.providers import HostInfo, provision_all, release
 from cloudsend_prefect.results import JobResult, store_dir
 from cloudsend_prefect.specs import EnvSpec, JobSpec
 
@@ -107,18 +107,12 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
 @task(name="teardown", cache_policy=NO_CACHE)
 def teardown(hosts: list[HostInfo], config: BatchConfig) -> None:
     """Stop or terminate the batch's cloud instances; when asked to keep them, say so and how to remove them."""
-    logger = get_run_logger()
-    try:
-        for name in sorted({h.provider for h in hosts}):
-            mine = [h for h in hosts if h.provider == name]
-            billed = [h for h in mine if h.instance_id]
-            if config.auto_stop:
-                get_provider(name).teardown(mine, terminate=config.auto_stop == "terminate")
-            elif billed:
-                logger.warning(
-                    "auto_stop is false: %s kept running (and billing); remove them with `cloudsend down %s`",
-                    ", ".join(f"{h.name} ({h.instance_id})" for h in billed),
-                    config.source,
-                )
-    finally:
-        disconnect(hosts)
+    kept = release(config, hosts)
+    if kept:
+        regions = " ".join(f"--region {r}" for r in sorted({h.region for h in kept if h.region}))
+        get_run_logger().warning(
+            "auto_stop is false: %s kept running (and billing); remove them with `cloudsend down --project %s %s`",
+            ", ".join(f"{h.name} ({h.instance_id})" for h in kept),
+            config.project,
+            regions,
+        )

@@ -2,7 +2,7 @@
 # cloudsend host runtime: the only code that runs on a host. POSIX sh, no Python needed.
 #
 #   host.sh stage    BASE CAPACITY   < manifest   stage jobs (files linked from the store), queue them, start what fits
-#   host.sh status   BASE BATCH                   one JSON line per job of BATCH; catches vanished processes
+#   host.sh status   BASE BATCH [KEY...]          one JSON line per job of BATCH (or per KEY); catches vanished processes
 #   host.sh cancel   BASE BATCH [KEY...]          kill jobs' process groups (BATCH '*' = every batch)
 #   host.sh missing  BASE            < shas       print the shas not yet in the file store
 #   host.sh env      BASE KEY                     print an environment's state, starting its build if needed
@@ -10,15 +10,21 @@
 #
 # Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash),
 # jobs/<batch>/<key>/ (run dir: cmd.sh, status, pid, stdout, stderr, outputs), queue/ and running/
-# (host-wide CPU accounting shared by all batches), capacity, lock/.
+# (host-wide CPU accounting shared by all batches), capacity, lock, dispatch.wanted.
+#
+# Short jobs make this script's own cost matter: every job is started and ended by it, so the per-job path
+# (stage, dispatch, run) avoids forks wherever a builtin does (each fork+exec is about a millisecond, much
+# more on a busy host), and finishing jobs never wait for each other's dispatch (see dispatch below).
 set -u
 
 cmd=$1
 BASE=$2
 shift 2
 case $0 in /*) SELF=$0 ;; *) SELF=$PWD/$0 ;; esac
-mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" || exit 3
-BASE=$(cd "$BASE" && pwd) || exit 3
+# running/ is created last: when it exists, so do the others (no fork on the per-job path).
+[ -d "$BASE/running" ] || mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" ||
+    exit 3
+case $BASE in /*) ;; *) BASE=$(cd "$BASE" && pwd) || exit 3 ;; esac
 JOB_SHELL=bash
 command -v bash >/dev/null 2>&1 || JOB_SHELL=sh
 
@@ -26,6 +32,14 @@ now() {
     now_t=$(date +%s.%N)
     case $now_t in *N) now_t=$(date +%s) ;; esac
     printf '%s' "$now_t"
+}
+
+# stamp FILE: the time (epoch seconds, with nanoseconds where date has %N) into FILE, in one fork.
+stamp() {
+    date +%s.%N >"$1"
+    now_t=
+    read -r now_t <"$1"
+    case $now_t in *N) date +%s >"$1" ;; esac
 }
 
 # Start a command in the background in its own session, holding none of our file descriptors (so an SSH
@@ -38,23 +52,40 @@ detach() {
     ) &
 }
 
+# The host-wide lock is the file BASE/lock holding its owner's pid, created exclusively (noclobber) by a
+# builtin: taking it costs no fork. (Earlier versions used a directory of the same name, which excludes
+# them as well.)
+trylock() {
+    set -C
+    if echo $$ 2>/dev/null >"$BASE/lock"; then
+        set +C
+        return 0
+    fi
+    set +C
+    return 1
+}
+
+# steal_dead_lock: remove the lock if its owner died (it never will release it).
+steal_dead_lock() {
+    owner=
+    { read -r owner <"$BASE/lock" || read -r owner <"$BASE/lock/pid"; } 2>/dev/null
+    if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then rm -rf "$BASE/lock"; fi
+}
+
 lock() {
     n=0
-    until mkdir "$BASE/lock" 2>/dev/null; do
+    until trylock; do
         n=$((n + 1))
-        if [ $n -gt 250 ]; then # about 5 s: steal the lock if its owner died
-            owner=
-            read -r owner <"$BASE/lock/pid" 2>/dev/null
-            if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then rm -rf "$BASE/lock"; fi
+        if [ $n -gt 250 ]; then # about 5 s
+            steal_dead_lock
             n=0
         fi
         sleep 0.02 2>/dev/null || sleep 1
     done
-    echo $$ >"$BASE/lock/pid"
 }
 
 unlock() {
-    rm -rf "$BASE/lock"
+    rm -f "$BASE/lock"
 }
 
 # write_status DIR STATE REASON: the job's one-line JSON record, replaced atomically.
@@ -70,24 +101,51 @@ write_status() {
 }
 
 # Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone.
+#
+# Any process may ask for a dispatch (a job ended, jobs were staged, an environment got ready) and none
+# waits for another's: it raises the flag BASE/dispatch.wanted, then runs dispatch passes while it can take
+# the lock and the flag is up. If the lock is held, the holder sees the flag after releasing it and runs
+# another pass, so a freed CPU is never missed. A holder clears the flag before each pass, and a requester
+# frees its CPUs before raising it, so the pass that follows a clear sees them. Builtins only, apart from
+# the passes' own work.
 dispatch() {
-    lock
+    echo 1 >"$BASE/dispatch.wanted"
+    while :; do
+        wanted=
+        read -r wanted <"$BASE/dispatch.wanted" 2>/dev/null
+        [ "$wanted" = 1 ] || return 0
+        if ! trylock; then
+            steal_dead_lock
+            trylock || return 0
+        fi
+        echo 0 >"$BASE/dispatch.wanted"
+        dispatch_pass
+        unlock
+    done
+}
+
+# One pass over the queue, under the lock.
+dispatch_pass() {
+    consumed=
     cap=1
     read -r cap <"$BASE/capacity" 2>/dev/null
     used=0
     for r in "$BASE"/running/*; do
         [ -f "$r" ] || continue
-        c=1
+        c=
         read -r c <"$r"
-        used=$((used + c))
+        used=$((used + ${c:-1}))
     done
     for q in "$BASE"/queue/*; do
         [ -f "$q" ] || continue
         [ "$used" -ge "$cap" ] && break
+        batch= key=
         read -r batch key <"$q"
+        [ -n "$key" ] || continue # never half-written (entries are moved in whole); skip anyway
         d="$BASE/jobs/$batch/$key"
         if [ ! -d "$d" ]; then
-            rm -f "$q"
+            consumed="$consumed$q
+"
             continue
         fi
         read -r c <"$d/cpus"
@@ -98,7 +156,8 @@ dispatch() {
             case $es in
             ready) ;;
             failed)
-                rm -f "$q"
+                consumed="$consumed$q
+"
                 write_status "$d" aborted "environment failed to build (see its bootstrap log)"
                 continue
                 ;;
@@ -110,12 +169,21 @@ dispatch() {
         fi
         if [ $((used + c)) -le "$cap" ] || [ "$used" -eq 0 ]; then
             echo "$c" >"$BASE/running/${batch}__$key"
-            rm -f "$q"
+            consumed="$consumed$q
+"
             detach sh "$SELF" run "$BASE" "$batch" "$key"
             used=$((used + c))
         fi
     done
-    unlock
+    if [ -n "$consumed" ]; then # one rm for the pass; before unlock, as only lock holders read the queue
+        old_ifs=$IFS
+        IFS='
+'
+        set -f
+        rm -f $consumed
+        set +f
+        IFS=$old_ifs
+    fi
 }
 
 stage() {
