@@ -247,6 +247,12 @@ class BatchConfig(_Strict):
         title="AWS credentials block",
         description="aws: name of a prefect-aws AwsCredentials block (else `profile`, else the default chain).",
     )
+    key_secret: str | None = Field(
+        None,
+        title="Key secret block",
+        description="aws: also keep the SSH private key in Prefect Secret blocks named `<this>-<region>`, and "
+        "take it from there on machines that lack the key file (a worker elsewhere).",
+    )
     ssh_from: list[str] | None = Field(
         None,
         title="SSH allowed from",

@@ -176,6 +176,22 @@ def test_key_pair_is_in_ec2_and_its_private_key_is_0600_outside_the_working_dire
     assert len(ec2().describe_key_pairs()["KeyPairs"]) == 1
 
 
+def test_key_kept_in_a_secret_block_serves_a_machine_without_the_key_file(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any]
+) -> None:
+    from prefect.blocks.system import Secret
+
+    config = make_config(tmp_path, "secretkey", [instance(ami)], key_secret=unique("cs-key"))
+    provision(config)
+    key_file = aws_env.config_home / "cloudsend" / "keys" / "secretkey-eu-west-1.pem"
+    original = key_file.read_text()
+    assert Secret.load(f"{config.key_secret}-eu-west-1").get() == original
+    key_file.unlink()  # e.g. a worker on another machine
+    provision(config)
+    assert key_file.read_text() == original and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(ec2().describe_key_pairs()["KeyPairs"]) == 1  # the same pair, not a new one
+
+
 def ingress(project: str) -> list[dict[str, Any]]:
     (group,) = ec2().describe_security_groups(Filters=[{"Name": "group-name", "Values": [f"cloudsend-{project}"]}])[
         "SecurityGroups"

@@ -123,14 +123,19 @@ def ensure_key(ec2: EC2Client, config: BatchConfig, region: str) -> tuple[str, P
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     path = key_path(config, region)
+    secret = f"{config.key_secret}-{region}" if config.key_secret else None
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        private = Ed25519PrivateKey.generate().private_bytes(
+        private = _secret_key(secret) or Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(private)
+    if secret and _secret_key(secret) is None:
+        from prefect.blocks.system import Secret
+
+        Secret(value=path.read_text()).save(secret, overwrite=True)
     key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     # Named by the key's fingerprint: a lost local key gives a new pair instead of breaking or deleting the old.
@@ -143,6 +148,19 @@ def ensure_key(ec2: EC2Client, config: BatchConfig, region: str) -> tuple[str, P
             TagSpecifications=[{"ResourceType": "key-pair", "Tags": [{"Key": TAG_PROJECT, "Value": config.project}]}],
         )
     return name, path
+
+
+def _secret_key(name: str | None) -> bytes | None:
+    """The private key held in a Prefect Secret block, so a worker on another machine can reach the instances."""
+    if name is None:
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        block: Any = Secret.load(name)
+    except ValueError:  # no such block yet
+        return None
+    return str(block.get()).encode()
 
 
 def my_cidrs(config: BatchConfig) -> list[str]:
