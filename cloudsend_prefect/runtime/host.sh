@@ -21,9 +21,10 @@ cmd=$1
 BASE=$2
 shift 2
 case $0 in /*) SELF=$0 ;; *) SELF=$PWD/$0 ;; esac
-# running/ is created last: when it exists, so do the others (no fork on the per-job path).
-[ -d "$BASE/running" ] || mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" ||
-    exit 3
+for dir in files/.incoming envs jobs queue running; do # tests are builtins: no fork on the per-job path
+    [ -d "$BASE/$dir" ] || mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" ||
+        exit 3
+done
 case $BASE in /*) ;; *) BASE=$(cd "$BASE" && pwd) || exit 3 ;; esac
 JOB_SHELL=bash
 command -v bash >/dev/null 2>&1 || JOB_SHELL=sh
@@ -88,16 +89,18 @@ unlock() {
     rm -f "$BASE/lock"
 }
 
-# write_status DIR STATE REASON: the job's one-line JSON record, replaced atomically.
+# write_status DIR STATE REASON [new]: the job's one-line JSON record, replaced atomically (a new record,
+# in a directory nothing else reads yet, is written in place: no fork).
 write_status() {
     ws_pid=null ws_start=null ws_end=null ws_exit=null
     [ -f "$1/pid" ] && read -r ws_pid <"$1/pid"
     [ -f "$1/start" ] && read -r ws_start <"$1/start"
     [ -f "$1/end" ] && read -r ws_end <"$1/end"
     [ -f "$1/exit" ] && read -r ws_exit <"$1/exit"
+    if [ "${4:-}" = new ]; then ws_to=$1/status; else ws_to=$1/status.tmp; fi
     printf '{"key":"%s","state":"%s","pid":%s,"start":%s,"end":%s,"exit":%s,"reason":"%s"}\n' \
-        "${1##*/}" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$3" >"$1/status.tmp" &&
-        mv -f "$1/status.tmp" "$1/status"
+        "${1##*/}" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$3" >"$ws_to" || return 1
+    [ "$ws_to" = "$1/status" ] || mv -f "$1/status.tmp" "$1/status"
 }
 
 # Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone.
@@ -186,13 +189,48 @@ dispatch_pass() {
     fi
 }
 
+# The manifest is read twice: first to make every new job directory with one mkdir, then to fill them.
+# Queue entries are written aside and moved into queue/ together, so a dispatch never reads one half-written.
 stage() {
     echo "$1" >"$BASE/capacity"
     for f in "$BASE"/files/.incoming/*; do
         [ -f "$f" ] && mv -f "$f" "$BASE/files/${f##*/}"
     done
+    manifest="$BASE/jobs/.manifest.$$"
+    incoming="$BASE/queue/.incoming.$$"
+    cat >"$manifest" || exit 3
+    # J batch key cpus envkey timeout rerun: a known job is left alone (re-attached, never started twice)
+    # unless rerun=1 asks to replace it once it has ended (a retry of a failed job).
+    new=
+    gone=
+    while IFS= read -r line; do
+        case $line in 'J '*)
+            set -- ${line#J }
+            d="$BASE/jobs/$1/$2"
+            if [ -f "$d/status" ]; then
+                IFS= read -r line <"$d/status"
+                case $line in *'"state":"done"'* | *'"state":"failed"'* | *'"state":"aborted"'*)
+                    [ "$6" = 1 ] && gone="$gone$d
+"
+                    ;;
+                esac
+            else
+                new="$new$d
+"
+            fi
+            ;;
+        esac
+    done <"$manifest"
+    old_ifs=$IFS
+    IFS='
+'
+    set -f
+    [ -n "$gone" ] && rm -rf $gone
+    [ -n "$new$gone" ] && mkdir -p $new $gone "$incoming"
+    set +f
+    IFS=$old_ifs
     stamp=$(now)
-    i=0
+    i=1000000 # queue entries sort by staging time, then by manifest order
     skip=1
     d=
     while IFS= read -r line; do
@@ -200,27 +238,17 @@ stage() {
         rest=${line#* }
         case $tag in
         J)
-            # J batch key cpus envkey timeout rerun: a known job is left alone (re-attached, never started
-            # twice) unless rerun=1 asks to replace it once it has ended (a retry of a failed job).
             set -- $rest
             d="$BASE/jobs/$1/$2"
             batch=$1 key=$2
-            if [ -f "$d/status" ]; then
-                skip=1
-                IFS= read -r line <"$d/status"
-                case $line in *'"state":"done"'* | *'"state":"failed"'* | *'"state":"aborted"'*)
-                    [ "$6" = 1 ] && rm -rf "$d" && skip=0
-                    ;;
-                esac
-                [ $skip = 1 ] && continue
-            fi
+            skip=1
+            [ -f "$d/status" ] || [ ! -d "$d" ] && continue # known (or not made: nothing to queue)
             skip=0
-            mkdir -p "$d"
             echo "$3" >"$d/cpus"
             echo "$4" >"$d/env"
             [ "$5" != - ] && echo "$5" >"$d/timeout"
             : >"$d/outputs"
-            : >"$d/cmd.sh.tmp"
+            : >"$d/cmd.sh"
             ;;
         F)
             [ $skip = 1 ] && continue
@@ -233,16 +261,18 @@ stage() {
             ln -sf "$BASE/files/$sha" "$d/$rel"
             ;;
         O) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/outputs" ;;
-        C) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/cmd.sh.tmp" ;;
+        C) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/cmd.sh" ;;
         E)
             [ $skip = 1 ] && continue
-            mv -f "$d/cmd.sh.tmp" "$d/cmd.sh"
-            write_status "$d" queued "waiting for free CPUs"
+            skip=1 # a second E, or one without J, queues nothing
+            write_status "$d" queued "waiting for free CPUs" new
             i=$((i + 1))
-            printf '%s %s\n' "$batch" "$key" >"$BASE/queue/$(printf '%s.%07d' "$stamp" "$i")"
+            printf '%s %s\n' "$batch" "$key" >"$incoming/$stamp.$i"
             ;;
         esac
-    done
+    done <"$manifest"
+    [ $i -gt 1000000 ] && mv -f "$incoming"/* "$BASE/queue/"
+    rm -rf "$manifest" "$incoming"
     dispatch
 }
 
@@ -250,7 +280,7 @@ runjob() {
     d="$BASE/jobs/$1/$2"
     cd "$d" || exit 1
     echo $$ >pid
-    now >start
+    stamp start
     write_status "$d" running ""
     read -r env <env
     # shellcheck disable=SC1090
@@ -266,7 +296,7 @@ runjob() {
     fi
     ex=$?
     echo "$ex" >exit
-    now >end
+    stamp end
     if [ -f cancelled ]; then
         write_status "$d" aborted "cancelled"
     elif [ "$ex" -eq 0 ]; then
@@ -292,30 +322,39 @@ runjob() {
     dispatch
 }
 
+# status BATCH [KEY...]: with keys, only those jobs (what a client watching a few jobs of a big batch asks).
 status() {
+    batch=$1
+    shift
     vanished=0
-    for d in "$BASE/jobs/$1"/*/; do
-        d=${d%/}
-        [ -f "$d/status" ] || continue
-        IFS= read -r line <"$d/status"
-        case $line in *'"state":"running"'*)
-            pid=
-            read -r pid <"$d/pid" 2>/dev/null
-            if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-                IFS= read -r line <"$d/status" # it may have just finished
-                case $line in *'"state":"running"'*)
-                    write_status "$d" aborted "process vanished (killed, or the host restarted)"
-                    rm -f "$BASE/running/${1}__${d##*/}"
-                    vanished=1
-                    IFS= read -r line <"$d/status"
-                    ;;
-                esac
-            fi
-            ;;
-        esac
-        printf '%s\n' "$line"
-    done
+    if [ $# -gt 0 ]; then
+        for key in "$@"; do status_of "$BASE/jobs/$batch/$key"; done
+    else
+        for d in "$BASE/jobs/$batch"/*/; do status_of "${d%/}"; done
+    fi
     if [ $vanished = 1 ]; then dispatch; fi
+}
+
+status_of() {
+    d=$1
+    [ -f "$d/status" ] || return 0
+    IFS= read -r line <"$d/status"
+    case $line in *'"state":"running"'*)
+        pid=
+        read -r pid <"$d/pid" 2>/dev/null
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            IFS= read -r line <"$d/status" # it may have just finished
+            case $line in *'"state":"running"'*)
+                write_status "$d" aborted "process vanished (killed, or the host restarted)"
+                rm -f "$BASE/running/${batch}__${d##*/}"
+                vanished=1
+                IFS= read -r line <"$d/status"
+                ;;
+            esac
+        fi
+        ;;
+    esac
+    printf '%s\n' "$line"
 }
 
 cancel() {
