@@ -25,7 +25,7 @@ from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.results import BatchSummary, JobResult, deliver
 from cloudsend_prefect.specs import JobSpec, expand_jobs
-from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, run_job, teardown
+from cloudsend_prefect.tasks import LOSS_RETRIES, bootstrap, plan_batch, provision, retry_policy, run_job, teardown
 
 # Task threads mostly wait on the dispatcher; the bound keeps thousands of jobs from becoming thousands of threads.
 MAX_WORKERS = int(os.environ.get("CLOUDSEND_MAX_WORKERS", "64"))
@@ -177,7 +177,9 @@ def _run_jobs(
     def submit(job: JobSpec, refresh_cache: bool) -> PrefectFuture[JobResult | State[JobResult]]:
         options = run_job.with_options(
             task_run_name=job.name,
-            retries=job.max_retries,
+            retries=job.max_retries + LOSS_RETRIES,
+            retry_condition_fn=retry_policy(job.max_retries),
+            retry_delay_seconds=1,
             refresh_cache=refresh_cache,
             result_storage=cloudsend_home() / "results",
         )

@@ -20,6 +20,7 @@ class JobResult(BaseModel):
     started: float | None = None  # epoch seconds, host clock
     ended: float | None = None
     host: str | None = None
+    lost: bool = False  # its host was lost under it: run again elsewhere through a Prefect retry
     outputs: list[str] = []
     store: str | None = None  # client-side copy of the outputs and logs, which survives the hosts
 

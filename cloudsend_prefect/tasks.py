@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -18,6 +19,7 @@ from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import HostInfo, provision_all, release
 from cloudsend_prefect.results import JobResult, store_dir
 from cloudsend_prefect.specs import EnvSpec, JobSpec
+from cloudsend_prefect.transport import TransportError
 
 
 class BootstrapFailed(RuntimeError):
@@ -78,7 +80,8 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
     store = store_dir(job.key)
     shutil.rmtree(store, ignore_errors=True)
     fetched = job.outputs if status.state == "done" else []
-    runtime.fetch(batch, job.key, fetched, store)
+    if not status.lost:  # a lost host has nothing to give back
+        runtime.fetch(batch, job.key, fetched, store)
     result = JobResult(
         name=job.name,
         key=job.key,
@@ -89,6 +92,7 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
         started=status.start,
         ended=status.end,
         host=host,
+        lost=status.lost,
         outputs=fetched,
         store=str(store),
     )
@@ -102,6 +106,22 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
         return Failed(message=f"{status.state}: {status.reason}", data=result)
     logger.info("done on %s in %.2fs; outputs: %s", host, status.duration or 0, ", ".join(fetched) or "none")
     return result
+
+
+LOSS_RETRIES = 3  # extra attempts for jobs whose host was lost, on top of the job's own max_retries
+
+
+def retry_policy(max_retries: int) -> Callable[[Any, Any, State[Any]], bool]:
+    """When a job's task is retried: always after its host was lost or could not be reached (up to
+    ``LOSS_RETRIES`` more times), but after a failure of its own only ``max_retries`` times."""
+
+    def should_retry(task: Any, task_run: Any, state: State[Any]) -> bool:
+        outcome = state.result(raise_on_failure=False)
+        if (isinstance(outcome, JobResult) and outcome.lost) or isinstance(outcome, TransportError):
+            return True
+        return bool(task_run.run_count <= max_retries)
+
+    return should_retry
 
 
 @task(name="teardown", cache_policy=NO_CACHE)

@@ -40,6 +40,7 @@ class JobStatus(BaseModel):
     end: float | None = None
     exit: int | None = None
     reason: str = ""
+    lost: bool = False  # aborted because its host was lost, not for anything the job did: worth retrying
 
     @property
     def final(self) -> bool:
