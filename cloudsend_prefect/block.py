@@ -34,6 +34,12 @@ class CloudSendCluster(Block):
     poll_interval: float = Field(
         1.0, gt=0, title="Poll interval (s)", description="How often each host is asked for its jobs' states."
     )
+    lost_after: float = Field(
+        120,
+        gt=0,
+        title="Lost after (s)",
+        description="A host that answers nothing for this long is lost; its unfinished jobs run again elsewhere.",
+    )
     instances: list[InstanceType] = Field(
         default_factory=lambda: [InstanceType()],
         title="Instance types",
@@ -47,7 +53,7 @@ class CloudSendCluster(Block):
 
     def to_config(self, jobs: list[Job], base_dir: Path, *, source: str = "") -> BatchConfig:
         """A validated batch: this cluster plus the jobs (their relative paths resolved against ``base_dir``)."""
-        data = self.model_dump(include={"project", "provider", "auto_stop", "poll_interval"})
+        data = self.model_dump(include={"project", "provider", "auto_stop", "poll_interval", "lost_after"})
         data["instances"] = [i.model_dump(exclude_unset=True) for i in self.instances]
         data["environments"] = [e.model_dump(exclude_unset=True) for e in self.environments]
         data["jobs"] = [j.model_dump(exclude_unset=True) for j in jobs]
@@ -62,6 +68,7 @@ class CloudSendCluster(Block):
             provider=config.provider,
             auto_stop=config.auto_stop,
             poll_interval=config.poll_interval,
+            lost_after=config.lost_after,
             instances=config.instances,
             environments=config.environments,
         )

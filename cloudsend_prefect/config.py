@@ -270,6 +270,13 @@ class BatchConfig(_Strict):
         description="Only 'local': the Prefect flow (or its worker) is the controller.",
     )
     poll_interval: float = Field(1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched.")
+    lost_after: float = Field(
+        120,
+        gt=0,
+        title="Lost after (s)",
+        description="A host that answers no round trip for this long is declared lost (its unfinished jobs run "
+        "again elsewhere); a stopped or terminated instance is declared lost at once, from the cloud API.",
+    )
     instances: list[InstanceType] = Field(default_factory=lambda: [InstanceType()], min_length=1)
     environments: list[Environment] = Field(default_factory=list)
     jobs: list[Job] = Field(default_factory=list)
