@@ -223,8 +223,8 @@ class Job(_Strict):
         return self
 
 
-class BatchConfig(_Strict):
-    """A whole batch: globals plus the three lists."""
+class ClusterSettings(BaseModel):
+    """Where and how a batch runs: everything but the jobs. The config file and the Prefect block share it."""
 
     project: str = Field("cloudsend", title="Project", description="Names and tags what this batch creates.")
     provider: Provider = Field("local", title="Provider", description="Default provider of instance types.")
@@ -259,6 +259,30 @@ class BatchConfig(_Strict):
         description="aws: CIDRs allowed to reach instances' SSH port (default: your public address as /32, "
         "looked up once). 0.0.0.0/0 only if you write it here.",
     )
+    poll_interval: float = Field(1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched.")
+    lost_after: float = Field(
+        120,
+        gt=0,
+        title="Lost after (s)",
+        description="A host that answers no round trip for this long is declared lost (its unfinished jobs run "
+        "again elsewhere); a stopped or terminated instance is declared lost at once, from the cloud API.",
+    )
+    instances: list[InstanceType] = Field(
+        default_factory=lambda: [InstanceType()],
+        min_length=1,
+        title="Instance types",
+        description="Hosts to run on; each type can stand for several instances (`number`).",
+    )
+    environments: list[Environment] = Field(
+        default_factory=list,
+        title="Environments",
+        description="Software the jobs run in, built once per host and reused while unchanged.",
+    )
+
+
+class BatchConfig(ClusterSettings, _Strict):
+    """A whole batch: the cluster settings, the predecessor's globals, and the jobs."""
+
     recover: bool = Field(
         True,
         title="Recover",
@@ -269,17 +293,7 @@ class BatchConfig(_Strict):
         title="Maestro",
         description="Only 'local': the Prefect flow (or its worker) is the controller.",
     )
-    poll_interval: float = Field(1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched.")
-    lost_after: float = Field(
-        120,
-        gt=0,
-        title="Lost after (s)",
-        description="A host that answers no round trip for this long is declared lost (its unfinished jobs run "
-        "again elsewhere); a stopped or terminated instance is declared lost at once, from the cloud API.",
-    )
-    instances: list[InstanceType] = Field(default_factory=lambda: [InstanceType()], min_length=1)
-    environments: list[Environment] = Field(default_factory=list)
-    jobs: list[Job] = Field(default_factory=list)
+    jobs: list[Job] = Field(default_factory=list, title="Jobs")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<config>")
