@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,7 +43,8 @@ if str(REPO) not in sys.path:
 class Workload:
     jobs: int
     command: str
-    nominal: float | None  # seconds of work per job when known (`sleep S`), else measured on the hosts
+    nominal: float | None  # seconds of work per job when known (`sleep S`), else calibrated (see calibrate)
+    work: float = 0.0  # seconds of work per job used for the ideal
 
     @property
     def label(self) -> str:
@@ -58,6 +60,9 @@ class FlowRun:
     work: float = 0.0  # sum of job durations measured on the hosts
     round_trips: int = 0
     rss_mb: float = 0.0  # this process's peak RSS during the call
+    cpu_flow: float = 0.0  # CPU seconds (user + system) of this process during the call
+    cpu_server: float = 0.0  # of Prefect's temporary server
+    cpu_machine: float = 0.0  # of the whole machine: hosts (sshd, host.sh, jobs) and anything else running
     states: dict[str, int] = field(default_factory=dict)
 
 
@@ -67,11 +72,11 @@ class Result:
     slots: int
     flow: FlowRun
     parallel: dict[str, float] = field(default_factory=dict)  # mode -> wall seconds
+    floor: FlowRun | None = None  # the same flow with jobs that end at once (no hosts): Prefect's own cost
 
     @property
     def ideal(self) -> float:
-        per_job = self.workload.nominal if self.workload.nominal is not None else self.flow.work / self.workload.jobs
-        return self.workload.jobs * per_job / self.slots
+        return self.workload.jobs * self.workload.work / self.slots
 
 
 def vm_hwm_mb() -> float:
@@ -90,22 +95,66 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def child_rss_mb(pattern: str) -> float:
-    """Summed peak RSS of this process's descendants whose command line contains ``pattern``."""
-    total = 0.0
-    me = os.getpid()
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def children(pattern: str) -> list[int]:
+    """This process's children whose command line contains ``pattern``."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            status = Path(f"/proc/{entry}/status").read_text()
+            stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        ppid = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("PPid:")), 0)
-        if ppid == me and pattern in cmd:
-            total += next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")), 0) / 1024
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and pattern in cmd:
+            found.append(int(entry))
+    return found
+
+
+def pids_cpu(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def child_rss_mb(pattern: str) -> float:
+    """Summed peak RSS of this process's children whose command line contains ``pattern``."""
+    total = 0.0
+    for pid in children(pattern):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
     return total
+
+
+def calibrate(root: Path, command: str, runs: int = 50) -> float:
+    """Seconds one job's own work takes here, run as the host runs it (`bash cmd.sh`), without orchestration."""
+    script = root / "calibrate.sh"
+    script.write_text(command + "\n")
+    loop = f"for i in $(seq {runs}); do bash {shlex.quote(str(script))}; done"
+    t0 = time.perf_counter()
+    subprocess.run(["sh", "-c", loop], check=True, capture_output=True)
+    return (time.perf_counter() - t0) / runs
 
 
 # -- cloudsend ---------------------------------------------------------------------------------------
@@ -146,10 +195,15 @@ def run_flow(root: Path, name: str, hosts: list[Any], slots: int, poll: float, w
     config = write_config(root, name, hosts, slots, poll, wl)
     os.environ["CLOUDSEND_HOME"] = str(root / "cloudsend-home" / name)  # nothing cached from an earlier run
     reset_peak_rss()
+    servers = children("prefect.server")
+    cpu0 = (self_cpu(), pids_cpu(servers), machine_cpu())
     t0 = time.time()
     summary = cloudsend(config=str(config), results_dir=str(root / "results"))
     t1 = time.time()
+    servers = servers or children("prefect.server")  # started by this (first) call
+    cpu1 = (self_cpu(), pids_cpu(servers), machine_cpu())
     run = FlowRun(wall=t1 - t0, rss_mb=vm_hwm_mb(), states=summary.counts)
+    run.cpu_flow, run.cpu_server, run.cpu_machine = (b - a for a, b in zip(cpu0, cpu1, strict=True))
     starts = [j.started for j in summary.jobs if j.started is not None]
     ends = [j.ended for j in summary.jobs if j.ended is not None]
     if starts and ends:
@@ -159,6 +213,35 @@ def run_flow(root: Path, name: str, hosts: list[Any], slots: int, poll: float, w
     run.work = sum(j.duration or 0.0 for j in summary.jobs)
     run.round_trips = sum(summary.round_trips.values())
     return run
+
+
+@contextlib.contextmanager
+def jobs_end_at_once() -> Iterator[None]:
+    """Patch the dispatcher so every job "ends done" the moment its task asks to run it: no host is reached.
+
+    What is left is the flow's own cost per job: one Prefect task run (engine, state events, logs, persisted
+    result, cache lookup), the flow's per-job event and delivery. The floor under the flow's overhead.
+    """
+    from cloudsend_prefect.dispatch import Dispatcher
+    from cloudsend_prefect.runtime import HostRuntime, JobStatus
+
+    saved = (Dispatcher.start, Dispatcher.run, HostRuntime.fetch)
+
+    def run(self: Any, job: Any, *, rerun: bool = False) -> tuple[str, Any]:
+        now = time.time()
+        return next(iter(self.hosts)), JobStatus(key=job.key, state="done", start=now, end=now, exit=0)
+
+    def fetch(self: Any, batch: str, key: str, outputs: list[str], dest: Path) -> list[Path]:
+        dest.mkdir(parents=True, exist_ok=True)
+        return []
+
+    Dispatcher.start = lambda self: None  # type: ignore[method-assign]
+    Dispatcher.run = run  # type: ignore[method-assign]
+    HostRuntime.fetch = fetch  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Dispatcher.start, Dispatcher.run, HostRuntime.fetch = saved  # type: ignore[method-assign]
 
 
 # -- GNU parallel -------------------------------------------------------------------------------------
@@ -229,6 +312,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GNU parallel modes, comma-separated: cm (ControlMaster), plain; 'none' skips it (default cm,plain)",
     )
     p.add_argument("--no-warmup", action="store_true", help="skip the one-job warm-up flow run")
+    p.add_argument(
+        "--prefect-floor",
+        action="store_true",
+        help="also run each workload's flow with jobs that end at once (no hosts): Prefect's own cost per job",
+    )
     p.add_argument("--prefect-home", help="PREFECT_HOME (default: a fresh one in the temporary directory)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -259,17 +347,31 @@ def report(result: Result, modes: list[str]) -> list[str]:
     lines = [
         f"== {wl.label} on {result.slots} slots in all",
         f"  cloudsend states        {f.states}",
-        f"  ideal (work / slots)    {ideal:8.2f} s" + ("" if wl.nominal is not None else " (measured job durations)"),
+        f"  ideal (work / slots)    {ideal:8.2f} s   ({1000 * wl.work:.1f} ms of work per job"
+        + (")" if wl.nominal is not None else ": `bash cmd.sh` timed here, without orchestration)"),
+        f"  job durations on hosts  {1000 * f.work / n:8.1f} ms mean (start to end as host.sh records them)",
         f"  job phase (host clock)  {f.phase:8.2f} s   = {fmt_ratio(f.phase, ideal)} ideal",
         f"  flow wall               {f.wall:8.2f} s   = start-up {f.startup:.2f} + job phase {f.phase:.2f}"
         f" + tail {f.tail:.2f}",
         f"  round trips             {f.round_trips} = {f.round_trips / n:.2f} per job",
         f"  flow process peak RSS   {f.rss_mb:8.1f} MiB",
+        f"  CPU during the flow     flow process {f.cpu_flow:.1f} s ({1000 * f.cpu_flow / n:.1f} ms/job),"
+        f" Prefect server {f.cpu_server:.1f} s ({1000 * f.cpu_server / n:.1f} ms/job),"
+        f" hosts and the rest {f.cpu_machine - f.cpu_flow - f.cpu_server:.1f} s"
+        f" ({1000 * (f.cpu_machine - f.cpu_flow - f.cpu_server) / n:.1f} ms/job);"
+        f" machine {100 * f.cpu_machine / f.wall / (os.cpu_count() or 1):.0f}% busy",
     ]
     if wl.nominal is None or wl.nominal == 0:
         lines.append(
             f"  overhead per job        {1000 * (f.phase - ideal) / n:8.2f} ms (job phase - ideal) / jobs;"
             f" {1000 * (f.wall - ideal) / n:.2f} ms with the flow's start-up and tail"
+        )
+    if result.floor is not None:
+        fl = result.floor
+        lines.append(
+            f"  Prefect floor           {fl.phase:8.2f} s   = {1000 * fl.phase / n:.2f} ms/job: the same flow,"
+            f" jobs ending at once (no hosts); CPU flow {1000 * fl.cpu_flow / n:.1f}"
+            f" + server {1000 * fl.cpu_server / n:.1f} ms/job"
         )
     for mode in modes:
         wall = result.parallel.get(mode)
@@ -286,7 +388,7 @@ def table(results: list[Result], modes: list[str], startup: float | None) -> lis
     head = ["workload", "ideal s", "job phase s", "x ideal", "flow wall s", "trips/job", "RSS MiB"]
     for mode in modes:
         head += [f"parallel {mode} s", f"phase/par {mode}", f"wall/par {mode}"]
-    head.append("overhead ms/job")
+    head += ["overhead ms/job", "Prefect floor ms/job"]
     rows = [head]
     for r in results:
         f = r.flow
@@ -303,6 +405,7 @@ def table(results: list[Result], modes: list[str], startup: float | None) -> lis
             wall = r.parallel.get(mode)
             row += [f"{wall:.2f}", fmt_ratio(f.phase, wall), fmt_ratio(f.wall, wall)] if wall else ["-", "-", "-"]
         row.append(f"{1000 * (f.phase - r.ideal) / r.workload.jobs:.2f}")
+        row.append(f"{1000 * r.floor.phase / r.workload.jobs:.2f}" if r.floor else "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     out = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
@@ -319,13 +422,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")  # as `cloudsend run` does
-    # SIGTERM/SIGHUP unwind through the finally below, which stops the sshd hosts and their jobs.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
-
     from tests.sshd import start_sshd_hosts
 
     hosts: list[Any] = []
+
+    # SIGTERM/SIGHUP stop the sshd hosts and their jobs at once (a flow may not unwind promptly), then exit.
+    def on_signal(signum: int, frame: object) -> None:
+        for h in hosts:
+            h.stop(kill_jobs=True)
+        for pid in children("prefect.server"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     results: list[Result] = []
     startup: float | None = None
     try:
@@ -340,9 +451,14 @@ def main(argv: list[str] | None = None) -> int:
             startup = warm.wall
             print(f"warm-up: 1 job, {warm.wall:.2f} s (Prefect's temporary server start-up included)", flush=True)
         for i, wl in enumerate(args.workloads):
+            wl.work = wl.nominal if wl.nominal is not None else calibrate(tmp, wl.command)
             print(f"\ncloudsend: {wl.label} ...", flush=True)
             flow = run_flow(tmp, f"bench-{i}", hosts, args.slots, args.poll_interval, wl)
             result = Result(wl, args.slots * len(hosts), flow)
+            if args.prefect_floor:
+                print(f"Prefect floor: {wl.label} ending at once ...", flush=True)
+                with jobs_end_at_once():
+                    result.floor = run_flow(tmp, f"floor-{i}", hosts, args.slots, args.poll_interval, wl)
             for mode in args.modes:
                 print(f"GNU parallel ({mode}): {wl.label} ...", flush=True)
                 if mode == "cm":
@@ -352,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                     result.parallel[mode] = run_parallel([ssh_command(h) for h in hosts], args.slots, wl)
             results.append(result)
             print("\n".join(report(result, args.modes)), flush=True)
-        server = child_rss_mb("prefect")
+        server = child_rss_mb("prefect.server")
         print()
         print("\n".join(table(results, args.modes, startup)))
         print(

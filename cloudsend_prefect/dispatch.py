@@ -1,13 +1,18 @@
 """Online placement of jobs on hosts, and watching them, at one round trip per host per poll.
 
-Each host has one thread. Every tick it takes waiting jobs that fit its window (its CPUs plus a prefetch
-that grows with how fast it finishes jobs), stages them in one ``host.sh stage`` call, reads every job's
-state in one ``host.sh status`` call, and wakes the task threads whose jobs ended. The host itself starts
-queued jobs the moment CPUs free up, so a job never waits for the client's next poll to start.
+Each host has one thread. It takes waiting jobs that fit its window (its CPUs plus a prefetch that grows
+with how fast it finishes jobs) and stages them in one ``host.sh stage`` call; once per poll interval it
+reads the state of the jobs it watches in one ``host.sh status`` call and wakes the task threads whose jobs
+ended. The host itself starts queued jobs the moment CPUs free up, so a job never waits for the client's
+next poll to start.
+
+Task threads submit jobs one by one, so a host thread with room waits a moment (``GATHER``) for more to
+arrive and stages them together; between polls it wakes only when it can take something.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -21,6 +26,8 @@ from cloudsend_prefect.specs import JobSpec
 log = logging.getLogger("cloudsend.dispatch")
 
 UNREACHABLE_GRACE = 60.0  # seconds of failed round trips before a host's unfinished jobs are aborted
+GATHER = 0.02  # seconds a host thread with room waits for more submissions before staging (at most poll/4)
+STOPPED = "the batch stopped watching it before it ended (it may still run on its host; a rerun re-attaches)"
 
 
 @dataclass
@@ -75,11 +82,20 @@ class Dispatcher:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Stop watching; a task still waiting for its job gets it back ``aborted`` instead of waiting forever."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
+        with self._cond:
+            for ticket in self._pending:  # never placed: _wait raises
+                ticket.done.set()
+            self._pending.clear()
+            for state in self.hosts.values():
+                for ticket in list(state.tickets.values()):
+                    self._finish(state, ticket, JobStatus(key=ticket.job.key, state="aborted", reason=STOPPED))
+                state.unstaged = []
 
     def run(self, job: JobSpec, *, rerun: bool = False) -> tuple[str, JobStatus]:
         """Start the job (or re-attach to it) and wait for its end; returns the host name and final status.
@@ -106,15 +122,25 @@ class Dispatcher:
 
     def _wait(self, ticket: _Ticket) -> tuple[str, JobStatus]:
         ticket.done.wait()
-        assert ticket.host is not None and ticket.status is not None
+        if ticket.host is None or ticket.status is None:
+            raise RuntimeError(f"{ticket.job.name}: the batch stopped before the job was placed on a host")
         return ticket.host, ticket.status
+
+    def _fits(self, state: _HostState, ticket: _Ticket) -> bool:
+        return state.committed + ticket.job.cpus <= state.window or state.committed == 0
+
+    def _can_take(self, state: _HostState) -> bool:
+        """Whether a waiting job fits this host's window now (the caller holds the condition)."""
+        if state.committed >= state.window:
+            return False
+        return any(self._fits(state, ticket) for ticket in self._pending)
 
     def _take(self, state: _HostState) -> None:
         """Waiting jobs this host should take now: first fit, in submission order, within its window."""
         for ticket in list(self._pending):
             if state.committed >= state.window:
                 break
-            if state.committed + ticket.job.cpus <= state.window or state.committed == 0:
+            if self._fits(state, ticket):
                 self._pending.remove(ticket)
                 ticket.host = state.info.name
                 state.tickets[ticket.job.key] = ticket
@@ -123,27 +149,41 @@ class Dispatcher:
 
     def _loop(self, name: str) -> None:
         state = self.hosts[name]
+        next_poll = 0.0
+        gather = min(GATHER, self.poll_interval / 4)
         while not self._stop.is_set():
             with self._cond:
                 self._take(state)
+            poll = time.monotonic() >= next_poll
+            if poll:
+                next_poll = time.monotonic() + self.poll_interval
             try:
-                self._tick(state)
+                self._tick(state, poll=poll)
             except Exception as exc:
                 self._failed_tick(state, exc)
                 if state.lost:
                     return
+                continue
+            # Until the next poll, wake only to take jobs; then let a few more submissions arrive.
             with self._cond:
-                if not self._pending or state.committed >= state.window:
-                    self._cond.wait(self.poll_interval)
+                while not self._stop.is_set() and not state.unstaged:
+                    left = next_poll - time.monotonic()
+                    if self._can_take(state):
+                        self._cond.wait(min(gather, max(left, 0.0)))
+                        break
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
 
-    def _tick(self, state: _HostState) -> None:
+    def _tick(self, state: _HostState, *, poll: bool = True) -> None:
         if state.unstaged:
             rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
             state.runtime.stage(self.batch, [t.job for t in state.unstaged], rerun)
             state.unstaged = []
-        if not state.tickets:
+            state.failing_since = None
+        if not state.tickets or not poll:
             return
-        statuses = state.runtime.status(self.batch)
+        statuses = self._status(state, list(state.tickets))
         state.failing_since = None
         finished = 0
         with self._cond:
@@ -156,6 +196,12 @@ class Dispatcher:
             state.window = state.info.cpus + max(state.info.cpus, 2 * finished)
             if finished:
                 self._cond.notify_all()
+
+    def _status(self, state: _HostState, keys: list[str]) -> dict[str, JobStatus]:
+        """The states of these jobs of the batch: one round trip, and only their lines (not the whole batch)."""
+        out = state.runtime.call("status", self.batch, *keys).stdout
+        statuses = (JobStatus.model_validate(json.loads(line)) for line in out.splitlines() if line)
+        return {s.key: s for s in statuses}
 
     def _finish(self, state: _HostState, ticket: _Ticket, status: JobStatus) -> None:
         state.tickets.pop(ticket.job.key, None)

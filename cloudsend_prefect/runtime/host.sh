@@ -111,7 +111,12 @@ write_status() {
 # another pass, so a freed CPU is never missed. A holder clears the flag before each pass, and a requester
 # frees its CPUs before raising it, so the pass that follows a clear sees them. Builtins only, apart from
 # the passes' own work.
+#
+# `dispatch chain` (a job's wrapper, its job just ended) takes the first job it starts for itself: it is
+# returned in $next, and the wrapper execs into it instead of a new detached process being made.
 dispatch() {
+    chain=${1:-}
+    next=
     echo 1 >"$BASE/dispatch.wanted"
     while :; do
         wanted=
@@ -122,14 +127,15 @@ dispatch() {
             trylock || return 0
         fi
         echo 0 >"$BASE/dispatch.wanted"
-        dispatch_pass
-        unlock
+        dispatch_pass # releases the lock
     done
 }
 
-# One pass over the queue, under the lock.
+# One pass over the queue, under the lock. A running/ file holding 0 is a job that ended (its wrapper
+# frees its CPUs with a builtin write); the pass removes those, its queue entries and the lock in one rm.
 dispatch_pass() {
     consumed=
+    ended=
     cap=1
     read -r cap <"$BASE/capacity" 2>/dev/null
     used=0
@@ -137,7 +143,12 @@ dispatch_pass() {
         [ -f "$r" ] || continue
         c=
         read -r c <"$r"
-        used=$((used + ${c:-1}))
+        case $c in
+        0) ended="$ended$r
+" ;;
+        '') used=$((used + 1)) ;; # being written: count it until it can be read
+        *) used=$((used + c)) ;;
+        esac
     done
     for q in "$BASE"/queue/*; do
         [ -f "$q" ] || continue
@@ -174,19 +185,29 @@ dispatch_pass() {
             echo "$c" >"$BASE/running/${batch}__$key"
             consumed="$consumed$q
 "
-            detach sh "$SELF" run "$BASE" "$batch" "$key"
+            if [ "$chain" = chain ]; then
+                chain=
+                next="$batch $key"
+            else
+                detach sh "$SELF" run "$BASE" "$batch" "$key"
+            fi
             used=$((used + c))
         fi
     done
-    if [ -n "$consumed" ]; then # one rm for the pass; before unlock, as only lock holders read the queue
-        old_ifs=$IFS
-        IFS='
+    old_ifs=$IFS
+    IFS='
 '
-        set -f
-        rm -f $consumed
-        set +f
-        IFS=$old_ifs
-    fi
+    set -f
+    for r in $ended; do # still 0: not restarted by this pass (a rerun of the same job)
+        c=
+        read -r c <"$r"
+        [ "$c" = 0 ] && consumed="$consumed$r
+"
+    done
+    # Only lock holders read the queue, so its entries go before the lock does (rm removes in order).
+    rm -f $consumed "$BASE/lock"
+    set +f
+    IFS=$old_ifs
 }
 
 # The manifest is read twice: first to make every new job directory with one mkdir, then to fill them.
@@ -283,16 +304,16 @@ runjob() {
     stamp start
     write_status "$d" running ""
     read -r env <env
-    # shellcheck disable=SC1090
-    [ "$env" != - ] && [ -f "$BASE/envs/$env/activate" ] && . "$BASE/envs/$env/activate"
     read -r CLOUDSEND_CPUS <cpus
     export CLOUDSEND_CPUS CLOUDSEND_BATCH="$1" CLOUDSEND_JOB="$2"
     t=
     [ -f timeout ] && read -r t <timeout
-    if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then
-        timeout -k 10 "$t" "$JOB_SHELL" cmd.sh >stdout 2>stderr
+    if [ "$env" != - ] && [ -f "$BASE/envs/$env/activate" ]; then
+        # In a subshell: this process may go on to the host's next job, which must not inherit the environment.
+        # shellcheck disable=SC1090
+        (. "$BASE/envs/$env/activate" && run_cmd)
     else
-        "$JOB_SHELL" cmd.sh >stdout 2>stderr
+        run_cmd
     fi
     ex=$?
     echo "$ex" >exit
@@ -318,8 +339,19 @@ runjob() {
     else
         write_status "$d" failed "exit code $ex"
     fi
-    rm -f "$BASE/running/${1}__$2"
-    dispatch
+    echo 0 >"$BASE/running/${1}__$2" # frees its CPUs (see dispatch_pass)
+    dispatch chain
+    # The next job, if this process took one: same pid and process group (its own session), fresh shell.
+    # shellcheck disable=SC2086
+    if [ -n "$next" ]; then exec sh "$SELF" run "$BASE" $next; fi
+}
+
+run_cmd() {
+    if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then
+        timeout -k 10 "$t" "$JOB_SHELL" cmd.sh >stdout 2>stderr
+    else
+        "$JOB_SHELL" cmd.sh >stdout 2>stderr
+    fi
 }
 
 # status BATCH [KEY...]: with keys, only those jobs (what a client watching a few jobs of a big batch asks).
