@@ -63,6 +63,7 @@ class FlowRun:
     cpu_flow: float = 0.0  # CPU seconds (user + system) of this process during the call
     cpu_server: float = 0.0  # of Prefect's temporary server
     cpu_machine: float = 0.0  # of the whole machine: hosts (sshd, host.sh, jobs) and anything else running
+    drain: float = 0.0  # seconds Prefect's server kept working on this run's events after the call returned
     states: dict[str, int] = field(default_factory=dict)
 
 
@@ -136,6 +137,20 @@ def pids_cpu(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def wait_quiet(pids: list[int], limit: float = 180.0) -> float:
+    """Wait until these processes use under 10% of a CPU (Prefect's server works through its backlog of
+    events after a flow returns); returns the seconds waited. Keeps one run's work out of the next one's."""
+    t0 = time.monotonic()
+    last = pids_cpu(pids)
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.5)
+        now = pids_cpu(pids)
+        if now - last < 0.05:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def child_rss_mb(pattern: str) -> float:
     """Summed peak RSS of this process's children whose command line contains ``pattern``."""
     total = 0.0
@@ -201,8 +216,10 @@ def run_flow(root: Path, name: str, hosts: list[Any], slots: int, poll: float, w
     summary = cloudsend(config=str(config), results_dir=str(root / "results"))
     t1 = time.time()
     servers = servers or children("prefect.server")  # started by this (first) call
+    rss = vm_hwm_mb()
+    drain = wait_quiet(servers)  # the server's work on this run's events counts for this run
     cpu1 = (self_cpu(), pids_cpu(servers), machine_cpu())
-    run = FlowRun(wall=t1 - t0, rss_mb=vm_hwm_mb(), states=summary.counts)
+    run = FlowRun(wall=t1 - t0, rss_mb=rss, states=summary.counts, drain=drain)
     run.cpu_flow, run.cpu_server, run.cpu_machine = (b - a for a, b in zip(cpu0, cpu1, strict=True))
     starts = [j.started for j in summary.jobs if j.started is not None]
     ends = [j.ended for j in summary.jobs if j.ended is not None]
@@ -359,7 +376,8 @@ def report(result: Result, modes: list[str]) -> list[str]:
         f" Prefect server {f.cpu_server:.1f} s ({1000 * f.cpu_server / n:.1f} ms/job),"
         f" hosts and the rest {f.cpu_machine - f.cpu_flow - f.cpu_server:.1f} s"
         f" ({1000 * (f.cpu_machine - f.cpu_flow - f.cpu_server) / n:.1f} ms/job);"
-        f" machine {100 * f.cpu_machine / f.wall / (os.cpu_count() or 1):.0f}% busy",
+        f" machine {100 * f.cpu_machine / (f.wall + f.drain) / (os.cpu_count() or 1):.0f}% busy"
+        f" (incl. {f.drain:.1f} s for the server to finish after the flow returned)",
     ]
     if wl.nominal is None or wl.nominal == 0:
         lines.append(
@@ -378,7 +396,8 @@ def report(result: Result, modes: list[str]) -> list[str]:
         if wall is None:
             continue
         lines.append(
-            f"  GNU parallel ({mode:5s})    {wall:8.2f} s   = {fmt_ratio(wall, ideal)} ideal;"
+            f"  GNU parallel ({mode:5s})    {wall:8.2f} s   = {fmt_ratio(wall, ideal)} ideal"
+            f" ({1000 * (wall - ideal) / n:.2f} ms/job over it);"
             f" cloudsend/parallel: job phase {fmt_ratio(f.phase, wall)}, flow wall {fmt_ratio(f.wall, wall)}"
         )
     return lines
@@ -452,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warm-up: 1 job, {warm.wall:.2f} s (Prefect's temporary server start-up included)", flush=True)
         for i, wl in enumerate(args.workloads):
             wl.work = wl.nominal if wl.nominal is not None else calibrate(tmp, wl.command)
-            print(f"\ncloudsend: {wl.label} ...", flush=True)
+            print(f"\ncloudsend: {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
             flow = run_flow(tmp, f"bench-{i}", hosts, args.slots, args.poll_interval, wl)
             result = Result(wl, args.slots * len(hosts), flow)
             if args.prefect_floor:
@@ -460,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 with jobs_end_at_once():
                     result.floor = run_flow(tmp, f"floor-{i}", hosts, args.slots, args.poll_interval, wl)
             for mode in args.modes:
-                print(f"GNU parallel ({mode}): {wl.label} ...", flush=True)
+                print(f"GNU parallel ({mode}): {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
                 if mode == "cm":
                     with control_masters(tmp, hosts) as logins:
                         result.parallel[mode] = run_parallel(logins, args.slots, wl)
