@@ -19,13 +19,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.providers import HostInfo, connect, get_provider
 from cloudsend_prefect.runtime import HostRuntime, JobStatus
 from cloudsend_prefect.specs import JobSpec
 
 log = logging.getLogger("cloudsend.dispatch")
 
-UNREACHABLE_GRACE = 60.0  # seconds of failed round trips before a host's unfinished jobs are aborted
+LOST_AFTER = 120.0  # default seconds of failed round trips before a host's unfinished jobs are aborted
+CLOUD_CHECK = 15.0  # seconds between two looks at a cloud instance's state (the API's word decides loss at once)
 GATHER = 0.02  # seconds a host thread with room waits for more submissions before staging (at most poll/4)
 STOPPED = "the batch stopped watching it before it ended (it may still run on its host; a rerun re-attaches)"
 
@@ -48,14 +49,24 @@ class _HostState:
     committed: int = 0
     window: int = 0
     failing_since: float | None = None
+    next_cloud_check: float = 0.0
     lost: str | None = None
 
 
 class Dispatcher:
     """Runs jobs of one batch on a set of hosts; ``run(job)`` blocks the calling task until the job ends."""
 
-    def __init__(self, batch: str, hosts: list[HostInfo], poll_interval: float = 1.0, *, rerun: bool = False) -> None:
+    def __init__(
+        self,
+        batch: str,
+        hosts: list[HostInfo],
+        poll_interval: float = 1.0,
+        *,
+        rerun: bool = False,
+        lost_after: float = LOST_AFTER,
+    ) -> None:
         self.batch = batch
+        self.lost_after = lost_after
         self.rerun = rerun  # run again jobs that already ended done on a host
         self.poll_interval = poll_interval
         self.hosts = {
@@ -164,6 +175,9 @@ class Dispatcher:
                 if state.lost:
                     return
                 continue
+            if poll and (verdict := self._cloud_verdict(state)):
+                self._lose(state, verdict)
+                return
             # Until the next poll, wake only to take jobs; then let a few more submissions arrive.
             with self._cond:
                 while not self._stop.is_set() and not state.unstaged:
@@ -209,20 +223,54 @@ class Dispatcher:
         ticket.status = status
         ticket.done.set()
 
+    def _cloud_verdict(self, state: _HostState) -> str | None:
+        """The cloud API's word on a host's instance, at most every CLOUD_CHECK seconds: a reason when it is
+        stopped or gone; None while it runs, when unknown, and for hosts no cloud made."""
+        now = time.monotonic()
+        if state.info.instance_id is None or now < state.next_cloud_check:
+            return None
+        state.next_cloud_check = now + CLOUD_CHECK
+        try:
+            health = get_provider(state.info.provider).status([state.info]).get(state.info.name, "unknown")
+        except Exception as exc:  # the API being unreachable is no evidence either way
+            log.warning("%s: cannot ask the cloud API about %s: %s", state.info.name, state.info.instance_id, exc)
+            return None
+        if health in ("stopped", "terminated"):
+            return f"instance {state.info.instance_id} of host {state.info.name} is {health}"
+        return None
+
     def _failed_tick(self, state: _HostState, exc: Exception) -> None:
+        """One failed round trip is no evidence: a host is lost when the cloud API says its instance stopped,
+        or when it has answered nothing for ``lost_after`` seconds."""
         now = time.monotonic()
         state.failing_since = state.failing_since or now
         log.warning("%s: %s (retrying)", state.info.name, exc)
-        if now - state.failing_since < UNREACHABLE_GRACE:
+        verdict = self._cloud_verdict(state)
+        if verdict is None and now - state.failing_since >= self.lost_after:
+            verdict = f"host {state.info.name} answered nothing for {self.lost_after:g}s ({exc})"
+        if verdict is None:
             time.sleep(min(self.poll_interval, 1.0))
             return
-        state.lost = f"host {state.info.name} unreachable for {UNREACHABLE_GRACE:.0f}s: {exc}"
+        self._lose(state, verdict)
+
+    def _lose(self, state: _HostState, reason: str) -> None:
+        """Give the host's jobs back: unstaged ones to other hosts now, the others as aborted and lost (their
+        tasks retry them elsewhere). A host that still answers is asked to kill them, so none runs twice."""
+        state.lost = reason
+        log.error("%s lost: %s", state.info.name, reason)
         with self._cond:
             for ticket in state.unstaged:  # never reached the host: another host can take them
                 state.tickets.pop(ticket.job.key, None)
                 ticket.host = None
                 self._pending.appendleft(ticket)
             state.unstaged = []
+            keys = list(state.tickets)
             for ticket in list(state.tickets.values()):
-                self._finish(state, ticket, JobStatus(key=ticket.job.key, state="aborted", reason=state.lost))
+                self._finish(state, ticket, JobStatus(key=ticket.job.key, state="aborted", reason=reason, lost=True))
             self._cond.notify_all()
+        if not keys:
+            return
+        try:
+            state.runtime.cancel(self.batch, keys)
+        except Exception as exc:
+            log.info("%s: could not cancel its jobs (%s); expected when the host is gone", state.info.name, exc)

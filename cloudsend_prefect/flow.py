@@ -103,7 +103,7 @@ def cloudsend(
     results: dict[str, JobResult] = {}
     dispatcher: Dispatcher | None = None
     try:  # from here on, whatever happens, teardown runs
-        dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh)
+        dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh, lost_after=cfg.lost_after)
         dispatcher.start()
         envs = {job.env.key: job.env for job in specs if job.env}
         boots = [
