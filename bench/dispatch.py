@@ -74,6 +74,7 @@ class Result:
     flow: FlowRun
     parallel: dict[str, float] = field(default_factory=dict)  # mode -> wall seconds
     floor: FlowRun | None = None  # the same flow with jobs that end at once (no hosts): Prefect's own cost
+    bare: FlowRun | None = None  # the dispatcher and host runtime without Prefect (threads calling run + fetch)
 
     @property
     def ideal(self) -> float:
@@ -261,6 +262,55 @@ def jobs_end_at_once() -> Iterator[None]:
         Dispatcher.start, Dispatcher.run, HostRuntime.fetch = saved  # type: ignore[method-assign]
 
 
+def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, poll: float, wl: Workload) -> FlowRun:
+    """The same jobs through the same Dispatcher, host runtime and transport, without Prefect: as many threads
+    as the flow's task runner has, each doing what the `run-job` task does (run, then fetch logs/outputs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cloudsend_prefect.dispatch import Dispatcher
+    from cloudsend_prefect.flow import MAX_WORKERS
+    from cloudsend_prefect.loading import load_config
+    from cloudsend_prefect.providers import connect, disconnect, provision_all
+    from cloudsend_prefect.results import store_dir
+    from cloudsend_prefect.specs import expand_jobs
+
+    config = load_config(write_config(root, name, hosts, slots, poll, wl))
+    os.environ["CLOUDSEND_HOME"] = str(root / "cloudsend-home" / name)
+    specs = expand_jobs(config)
+    infos = provision_all(config)
+    dispatcher = Dispatcher(name, infos, poll)
+    reset_peak_rss()
+    cpu0 = (self_cpu(), machine_cpu())
+    t0 = time.time()
+
+    def one(job: Any) -> Any:
+        host, status = dispatcher.run(job)
+        dispatcher.runtime(host).fetch(name, job.key, job.outputs if status.state == "done" else [], store_dir(job.key))
+        return status
+
+    try:
+        dispatcher.start()
+        with ThreadPoolExecutor(MAX_WORKERS) as pool:
+            statuses = list(pool.map(one, specs))
+    finally:
+        dispatcher.stop()
+        trips = sum(connect(h).round_trips for h in infos)
+        disconnect(infos)
+    t1 = time.time()
+    cpu1 = (self_cpu(), machine_cpu())
+    states: dict[str, int] = {}
+    for st in statuses:
+        states[st.state] = states.get(st.state, 0) + 1
+    run = FlowRun(wall=t1 - t0, rss_mb=vm_hwm_mb(), states=states, round_trips=trips)
+    run.cpu_flow, run.cpu_machine = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    starts = [st.start for st in statuses if st.start is not None]
+    ends = [st.end for st in statuses if st.end is not None]
+    if starts and ends:
+        run.startup, run.phase, run.tail = min(starts) - t0, max(ends) - min(starts), t1 - max(ends)
+    run.work = sum(st.duration or 0.0 for st in statuses)
+    return run
+
+
 # -- GNU parallel -------------------------------------------------------------------------------------
 
 
@@ -334,10 +384,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run each workload's flow with jobs that end at once (no hosts): Prefect's own cost per job",
     )
+    p.add_argument(
+        "--dispatcher-only",
+        action="store_true",
+        help="also run each workload through the dispatcher and host runtime without Prefect (run + fetch per job)",
+    )
+    p.add_argument("--breakdown", action="store_true", help="both --prefect-floor and --dispatcher-only")
     p.add_argument("--prefect-home", help="PREFECT_HOME (default: a fresh one in the temporary directory)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
+    if args.breakdown:
+        args.prefect_floor = args.dispatcher_only = True
     if args.sleep is not None or args.command is not None or args.jobs is not None:
         jobs = args.jobs or 600
         if args.command is not None:
@@ -391,6 +449,14 @@ def report(result: Result, modes: list[str]) -> list[str]:
             f" jobs ending at once (no hosts); CPU flow {1000 * fl.cpu_flow / n:.1f}"
             f" + server {1000 * fl.cpu_server / n:.1f} ms/job"
         )
+    if result.bare is not None:
+        b = result.bare
+        lines.append(
+            f"  without Prefect         {b.phase:8.2f} s   = {fmt_ratio(b.phase, ideal)} ideal,"
+            f" {1000 * (b.phase - ideal) / n:.2f} ms/job over it: dispatcher + host runtime + fetch, no task runs;"
+            f" {b.round_trips / n:.2f} trips/job; CPU client {1000 * b.cpu_flow / n:.1f},"
+            f" rest {1000 * (b.cpu_machine - b.cpu_flow) / n:.1f} ms/job; {b.states}"
+        )
     for mode in modes:
         wall = result.parallel.get(mode)
         if wall is None:
@@ -407,7 +473,7 @@ def table(results: list[Result], modes: list[str], startup: float | None) -> lis
     head = ["workload", "ideal s", "job phase s", "x ideal", "flow wall s", "trips/job", "RSS MiB"]
     for mode in modes:
         head += [f"parallel {mode} s", f"phase/par {mode}", f"wall/par {mode}"]
-    head += ["overhead ms/job", "Prefect floor ms/job"]
+    head += ["overhead ms/job", "Prefect floor ms/job", "no-Prefect phase s"]
     rows = [head]
     for r in results:
         f = r.flow
@@ -425,6 +491,7 @@ def table(results: list[Result], modes: list[str], startup: float | None) -> lis
             row += [f"{wall:.2f}", fmt_ratio(f.phase, wall), fmt_ratio(f.wall, wall)] if wall else ["-", "-", "-"]
         row.append(f"{1000 * (f.phase - r.ideal) / r.workload.jobs:.2f}")
         row.append(f"{1000 * r.floor.phase / r.workload.jobs:.2f}" if r.floor else "-")
+        row.append(f"{r.bare.phase:.2f}" if r.bare else "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     out = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
@@ -478,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Prefect floor: {wl.label} ending at once ...", flush=True)
                 with jobs_end_at_once():
                     result.floor = run_flow(tmp, f"floor-{i}", hosts, args.slots, args.poll_interval, wl)
+            if args.dispatcher_only:
+                print(f"without Prefect: {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
+                result.bare = run_dispatcher_only(tmp, f"bare-{i}", hosts, args.slots, args.poll_interval, wl)
             for mode in args.modes:
                 print(f"GNU parallel ({mode}): {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
                 if mode == "cm":
