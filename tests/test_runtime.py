@@ -119,3 +119,10 @@ def test_timeout_kills_the_job(runtime: HostRuntime) -> None:
     runtime.stage("b", [spec])
     state = wait_final(runtime, "b", ["slow"])["slow"]
     assert (state.state, state.reason) == ("failed", "timed out after 0.5s")
+
+
+def test_running_out_of_memory_is_reported_as_such(runtime: HostRuntime) -> None:
+    hog = "ulimit -v 300000; python3 -c 'x = bytearray(2 * 1024 ** 3)'"
+    runtime.stage("b", [job("hog", hog)])
+    state = wait_final(runtime, "b", ["hog"])["hog"]
+    assert state.state == "failed" and state.reason.startswith("out of memory"), state

@@ -308,6 +308,8 @@ runjob() {
     export CLOUDSEND_CPUS CLOUDSEND_BATCH="$1" CLOUDSEND_JOB="$2"
     t=
     [ -f timeout ] && read -r t <timeout
+    oom_kills
+    oom_before=$oom
     if [ "$env" != - ] && [ -f "$BASE/envs/$env/activate" ]; then
         # In a subshell: this process may go on to the host's next job, which must not inherit the environment.
         # shellcheck disable=SC1090
@@ -332,8 +334,12 @@ runjob() {
         fi
     elif [ -n "$t" ] && [ "$ex" -eq 124 ]; then
         write_status "$d" failed "timed out after ${t}s"
+    elif [ "$ex" -eq 137 ] && oom_kills && [ "$oom" -gt "$oom_before" ]; then
+        write_status "$d" failed "out of memory: killed by the kernel's OOM killer"
     elif [ "$ex" -eq 137 ]; then
         write_status "$d" failed "killed by SIGKILL (out of memory, or killed by someone)"
+    elif [ "$ex" -ne 0 ] && tail -n 5 stderr | grep -qiE 'MemoryError|Cannot allocate memory|out of memory|bad_alloc'; then
+        write_status "$d" failed "out of memory (exit code $ex; see stderr)"
     elif [ "$ex" -gt 128 ]; then
         write_status "$d" failed "killed by signal $((ex - 128))"
     else
@@ -344,6 +350,20 @@ runjob() {
     # The next job, if this process took one: same pid and process group (its own session), fresh shell.
     # shellcheck disable=SC2086
     if [ -n "$next" ]; then exec sh "$SELF" run "$BASE" $next; fi
+}
+
+# oom_kills: the OOM-killer count of this process's cgroup (cgroup v2) into $oom, 0 when unknown. No fork.
+oom_kills() {
+    oom=0
+    cg=
+    while IFS= read -r line; do
+        case $line in 0::*) cg=${line#0::} ;; esac
+    done </proc/self/cgroup 2>/dev/null
+    [ -r "/sys/fs/cgroup$cg/memory.events" ] || return 0
+    while read -r k v; do
+        [ "$k" = oom_kill ] && oom=$v
+    done <"/sys/fs/cgroup$cg/memory.events"
+    return 0
 }
 
 run_cmd() {
