@@ -6,8 +6,9 @@ reads the state of the jobs it watches in one ``host.sh status`` call and wakes 
 ended. The host itself starts queued jobs the moment CPUs free up, so a job never waits for the client's
 next poll to start.
 
-Task threads submit jobs one by one, so a host thread with room waits a moment (``GATHER``) for more to
-arrive and stages them together; between polls it wakes only when it can take something.
+A poll costs two round trips (status, then staging what the ended jobs made room for). Between polls a host
+thread stages only when its host may run short of queued jobs (no more staged than it has CPUs); task
+threads submit jobs one by one, so it first waits a moment (``GATHER``) for more to arrive.
 """
 
 from __future__ import annotations
@@ -163,8 +164,6 @@ class Dispatcher:
         next_poll = 0.0
         gather = min(GATHER, self.poll_interval / 4)
         while not self._stop.is_set():
-            with self._cond:
-                self._take(state)
             poll = time.monotonic() >= next_poll
             if poll:
                 next_poll = time.monotonic() + self.poll_interval
@@ -178,26 +177,42 @@ class Dispatcher:
             if poll and (verdict := self._cloud_verdict(state)):
                 self._lose(state, verdict)
                 return
-            # Until the next poll, wake only to take jobs; then let a few more submissions arrive.
+            # Until the next poll, wake only when the host may run short of queued jobs and there are jobs
+            # for it; then let a few more submissions arrive, to stage them together.
             with self._cond:
-                while not self._stop.is_set() and not state.unstaged:
+                while not self._stop.is_set():
                     left = next_poll - time.monotonic()
-                    if self._can_take(state):
-                        self._cond.wait(min(gather, max(left, 0.0)))
-                        break
                     if left <= 0:
+                        break
+                    if self._short(state) and (state.unstaged or self._can_take(state)):
+                        self._cond.wait(min(gather, left))
                         break
                     self._cond.wait(left)
 
+    def _short(self, state: _HostState) -> bool:
+        """Whether the jobs staged on the host (and not seen ending) no longer exceed its CPUs: it may have
+        nothing queued, so jobs for it are staged now rather than at the next poll."""
+        return state.committed - sum(t.job.cpus for t in state.unstaged) <= state.info.cpus
+
     def _tick(self, state: _HostState, *, poll: bool = True) -> None:
-        if state.unstaged:
+        """At a poll: read the states of the staged jobs, then take and stage what fits the window (two round
+        trips). Between polls: take and stage, when the host is short of queued jobs."""
+        if poll:
+            self._poll(state)
+        with self._cond:
+            self._take(state)
+        if state.unstaged and (poll or self._short(state)):
             rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
             state.runtime.stage(self.batch, [t.job for t in state.unstaged], rerun)
             state.unstaged = []
             state.failing_since = None
-        if not state.tickets or not poll:
+
+    def _poll(self, state: _HostState) -> None:
+        unstaged = {t.job.key for t in state.unstaged}
+        keys = [key for key in state.tickets if key not in unstaged]
+        if not keys:
             return
-        statuses = self._status(state, list(state.tickets))
+        statuses = self._status(state, keys)
         state.failing_since = None
         finished = 0
         with self._cond:
@@ -206,7 +221,7 @@ class Dispatcher:
                 if status is not None and status.final:
                     finished += 1
                     self._finish(state, ticket, status)
-            # Keep enough queued on the host to cover a poll interval of finishing jobs.
+            # Keep enough queued on the host to cover two poll intervals of finishing jobs.
             state.window = state.info.cpus + max(state.info.cpus, 2 * finished)
             if finished:
                 self._cond.notify_all()
