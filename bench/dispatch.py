@@ -372,7 +372,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--command", help="each job runs this command line")
     p.add_argument("--hosts", type=int, default=3, help="sshd hosts (default 3)")
     p.add_argument("--slots", type=int, default=4, help="job slots per host (`cpus`, parallel's N/) (default 4)")
-    p.add_argument("--poll-interval", type=float, default=0.2, help="cloudsend poll_interval (default 0.2)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        help="cloudsend poll_interval (default: about one job's length, within 0.2-0.5 s: 0.5 for `sleep 0.5`,"
+        " 0.2 for `true`)",
+    )
     p.add_argument(
         "--parallel",
         default="cm,plain",
@@ -529,25 +534,27 @@ def main(argv: list[str] | None = None) -> int:
         hosts = start_sshd_hosts(tmp / "sshd", args.hosts)
         print(
             f"{len(hosts)} sshd hosts on 127.0.0.1 ports {', '.join(str(h.port) for h in hosts)};"
-            f" {args.slots} slots each; poll_interval {args.poll_interval}; temp dir {tmp}",
+            f" {args.slots} slots each; temp dir {tmp}",
             flush=True,
         )
         if not args.no_warmup:
-            warm = run_flow(tmp, "warmup", hosts, args.slots, args.poll_interval, Workload(1, "true", None))
+            warm = run_flow(tmp, "warmup", hosts, args.slots, 0.2, Workload(1, "true", None))
             startup = warm.wall
             print(f"warm-up: 1 job, {warm.wall:.2f} s (Prefect's temporary server start-up included)", flush=True)
         for i, wl in enumerate(args.workloads):
             wl.work = wl.nominal if wl.nominal is not None else calibrate(tmp, wl.command)
-            print(f"\ncloudsend: {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
-            flow = run_flow(tmp, f"bench-{i}", hosts, args.slots, args.poll_interval, wl)
+            poll = args.poll_interval or min(0.5, max(0.2, wl.work))
+            load = os.getloadavg()[0]
+            print(f"\ncloudsend: {wl.label}, poll_interval {poll:g} ... (load average {load:.2f})", flush=True)
+            flow = run_flow(tmp, f"bench-{i}", hosts, args.slots, poll, wl)
             result = Result(wl, args.slots * len(hosts), flow)
             if args.prefect_floor:
                 print(f"Prefect floor: {wl.label} ending at once ...", flush=True)
                 with jobs_end_at_once():
-                    result.floor = run_flow(tmp, f"floor-{i}", hosts, args.slots, args.poll_interval, wl)
+                    result.floor = run_flow(tmp, f"floor-{i}", hosts, args.slots, poll, wl)
             if args.dispatcher_only:
                 print(f"without Prefect: {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
-                result.bare = run_dispatcher_only(tmp, f"bare-{i}", hosts, args.slots, args.poll_interval, wl)
+                result.bare = run_dispatcher_only(tmp, f"bare-{i}", hosts, args.slots, poll, wl)
             for mode in args.modes:
                 print(f"GNU parallel ({mode}): {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
                 if mode == "cm":
