@@ -7,6 +7,7 @@ had are errors. Everything here is pure data and checks: no Prefect, SSH or boto
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -259,6 +260,17 @@ class ClusterSettings(BaseModel):
         description="aws: CIDRs allowed to reach instances' SSH port (default: your public address as /32, "
         "looked up once). 0.0.0.0/0 only if you write it here.",
     )
+
+    @field_validator("ssh_from")
+    @classmethod
+    def _cidrs(cls, value: list[str] | None) -> list[str] | None:
+        for cidr in value or []:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR block (like 203.0.113.5/32)") from None
+        return value
+
     poll_interval: float = Field(1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched.")
     lost_after: float = Field(
         120,
@@ -329,6 +341,8 @@ class BatchConfig(ClusterSettings, _Strict):
             provider = inst.provider or self.provider
             if provider == "ssh" and not inst.host:
                 raise ValueError(f"instances[{i}].host: required for the ssh provider")
+            if provider == "aws":
+                self._check_aws(i, inst)
             if provider == "ssh" and inst.number != 1:
                 raise ValueError(f"instances[{i}].number: an ssh host is one machine; list each host once")
         biggest = max(self.instance_cpus(inst) for inst in self.instances)
@@ -336,6 +350,17 @@ class BatchConfig(ClusterSettings, _Strict):
             if job.cpus_req > biggest:
                 raise ValueError(f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})")
         return self
+
+    @staticmethod
+    def _check_aws(index: int, inst: InstanceType) -> None:
+        """What the aws provider would only find out after creating something."""
+        from cloudsend_prefect.providers.aws import ADDRESS_RESOLVERS  # no SDK: the registry of address kinds
+
+        if not inst.type:
+            raise ValueError(f"instances[{index}].type: required for the aws provider (e.g. c6i.xlarge)")
+        if inst.address not in ADDRESS_RESOLVERS:
+            known = ", ".join(ADDRESS_RESOLVERS)
+            raise ValueError(f"instances[{index}].address: unknown {inst.address!r} (known: {known})")
 
     def instance_cpus(self, inst: InstanceType) -> int:
         """CPUs of one instance of this type, before any cloud lookup."""

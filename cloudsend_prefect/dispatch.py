@@ -75,6 +75,7 @@ class Dispatcher:
         }
         self._pending: deque[_Ticket] = deque()
         self._known: dict[str, tuple[str, JobStatus]] = {}
+        self._ended: dict[str, tuple[str, JobStatus]] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -112,25 +113,30 @@ class Dispatcher:
     def run(self, job: JobSpec, *, rerun: bool = False) -> tuple[str, JobStatus]:
         """Start the job (or re-attach to it) and wait for its end; returns the host name and final status.
 
-        A job that ended done on a host is not run again; one that ended otherwise is run again, as is any
-        job when ``rerun`` (a retry) is set.
+        A job that ended done on a host is not run again (not even by a retry: a retry after a failed fetch
+        fetches again); one that ended otherwise is run again, as is a job known from an earlier run when the
+        whole batch is rerun. A job still queued or running on its host is watched, not started again.
         """
         ticket = _Ticket(job, rerun=rerun)
         with self._cond:
-            known = self._known.pop(job.key, None)
-            if known and known[0] in self.hosts and self.hosts[known[0]].lost is None:
-                host, status = known
-                if status.state == "done" and not self.rerun:
+            ended = self._ended.get(job.key)  # from this run: a retry of the same task
+            known = self._known.pop(job.key, None)  # from an earlier run, found on the hosts at start
+            for record, rerun_done in ((ended, False), (known, self.rerun)):
+                if record is None or record[0] not in self.hosts or self.hosts[record[0]].lost is not None:
+                    continue
+                host, status = record
+                if status.state == "done" and not rerun_done:
                     return host, status
                 if not status.final:  # still queued or running there: watch it
                     ticket.host = host
                     self.hosts[host].tickets[job.key] = ticket
                     self.hosts[host].committed += job.cpus
-                    return self._wait(ticket)
+                    break
                 ticket.rerun = True
-            self._pending.append(ticket)
-            self._cond.notify_all()
-        return self._wait(ticket)
+            else:
+                self._pending.append(ticket)
+                self._cond.notify_all()
+        return self._wait(ticket)  # outside the lock: host threads need it to report the end
 
     def _wait(self, ticket: _Ticket) -> tuple[str, JobStatus]:
         ticket.done.wait()
@@ -233,6 +239,8 @@ class Dispatcher:
         return {s.key: s for s in statuses}
 
     def _finish(self, state: _HostState, ticket: _Ticket, status: JobStatus) -> None:
+        if not status.lost:
+            self._ended[ticket.job.key] = (state.info.name, status)
         state.tickets.pop(ticket.job.key, None)
         state.committed -= ticket.job.cpus
         ticket.status = status

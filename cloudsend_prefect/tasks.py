@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -18,6 +19,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import HostInfo, provision_all, release
 from cloudsend_prefect.results import JobResult, store_dir
+from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import EnvSpec, JobSpec
 from cloudsend_prefect.transport import TransportError
 
@@ -81,7 +83,7 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
     shutil.rmtree(store, ignore_errors=True)
     fetched = job.outputs if status.state == "done" else []
     if not status.lost:  # a lost host has nothing to give back
-        runtime.fetch(batch, job.key, fetched, store)
+        _fetch(runtime, batch, job, fetched, store)
     result = JobResult(
         name=job.name,
         key=job.key,
@@ -106,6 +108,20 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
         return Failed(message=f"{status.state}: {status.reason}", data=result)
     logger.info("done on %s in %.2fs; outputs: %s", host, status.duration or 0, ", ".join(fetched) or "none")
     return result
+
+
+def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, outputs: list[str], store: Path) -> None:
+    """Fetch, trying again while the connection comes back: a failed transfer is never a reason to run a
+    finished job again (if it keeps failing, the task's retry adopts the done job and fetches once more)."""
+    for delay in (1.0, 2.0, 4.0, None):
+        try:
+            runtime.fetch(batch, job.key, outputs, store)
+            return
+        except TransportError as exc:
+            if delay is None:
+                raise
+            get_run_logger().warning("fetching %s: %s; trying again in %gs", job.name, exc, delay)
+            time.sleep(delay)
 
 
 LOSS_RETRIES = 3  # extra attempts for jobs whose host was lost, on top of the job's own max_retries

@@ -32,7 +32,7 @@ from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.flow import cloudsend
-from cloudsend_prefect.loading import parse_config
+from cloudsend_prefect.loading import ConfigError, parse_config
 from cloudsend_prefect.providers import HostInfo, aws
 from cloudsend_prefect.results import BatchSummary
 from tests.moto_server import LOOPBACK, AwsEnv, ec2, linux_ami
@@ -222,9 +222,8 @@ def test_ssh_from_takes_bare_addresses_and_ipv6_and_refuses_nonsense(
     assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
     assert [r["CidrIp"] for r in rule["IpRanges"]] == ["198.51.100.9/32"]
     assert [r["CidrIpv6"] for r in rule["Ipv6Ranges"]] == ["2001:db8:5::/64"]
-    with pytest.raises(aws.AwsError, match="ssh_from: 'my laptop' is not an address or CIDR block"):
-        provision(make_config(tmp_path, "nonsense", [instance(ami)], ssh_from=["my laptop"]))
-    assert described("nonsense") == []
+    with pytest.raises(ConfigError, match=r"ssh_from.*'my laptop' is not an address or CIDR block"):
+        make_config(tmp_path, "nonsense", [instance(ami)], ssh_from=["my laptop"])  # refused before any call
 
 
 def test_without_ssh_from_only_this_machines_public_address_is_let_in(

@@ -438,10 +438,17 @@ class SSHTransport:
             sftp = self._sftp_client()
             try:
                 action(sftp)
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                raise  # a file problem, not a connection one
             except _NETWORK_ERRORS as exc:
                 transport = self._sftp_transport
-                if transport is not None and transport.is_active() and not sftp.sock.closed:
-                    raise  # a file problem (missing, permissions), not a connection one
+                if (
+                    isinstance(exc, OSError)
+                    and transport is not None
+                    and transport.is_active()
+                    and not sftp.sock.closed
+                ):
+                    raise  # a local file problem, not a connection one
                 self._sftp = None
                 self._discard(transport)
                 raise self._error(f"connection lost during {what} ({exc!r})") from exc
@@ -457,7 +464,12 @@ class SSHTransport:
 
         def fetch(sftp: paramiko.SFTPClient) -> None:
             try:
-                sftp.get(self._remote_path(remote), str(part))
+                path = self._remote_path(remote)
+                size = sftp.stat(path).st_size
+                sftp.get(path, str(part))
+                # paramiko only checks what it wrote against the local size: a cut transfer can look whole.
+                if size is not None and part.stat().st_size != size:
+                    raise EOFError(f"got {part.stat().st_size} of {size} bytes")
                 os.replace(part, local)
             finally:
                 part.unlink(missing_ok=True)
