@@ -40,17 +40,28 @@ def expected_output(i: int) -> str:
 
 
 def counted_jobs(
-    counters: Path, count: int, seconds: float | Sequence[float], prefix: str = "j", **extra: Any
+    counters: Path,
+    count: int,
+    seconds: float | Sequence[float],
+    prefix: str = "j",
+    gates: dict[int, Path] | None = None,
+    **extra: Any,
 ) -> list[dict[str, Any]]:
     """Jobs that sleep (``seconds``, or ``seconds[i]`` for job i), write ``out.txt`` from their argument, then
-    (last) append ``done`` to their counter file."""
+    (last) append ``done`` to their counter file. A job with a gate (``gates[i]``) then also waits for that
+    file to exist before it completes: the test decides when it ends."""
     counters.mkdir(parents=True, exist_ok=True)
     jobs = []
     for i in range(count):
         name = job_name(i, prefix)
         counter = shlex.quote(str(counters / name))
         sleep = seconds if isinstance(seconds, int | float) else seconds[i]
-        command = f'sleep {sleep:g}; echo "job {i}: {i} squared is $(( {i} * {i} ))" > out.txt; echo done >> {counter}'
+        wait = ""
+        if gates and i in gates:
+            wait = f"while [ ! -e {shlex.quote(str(gates[i]))} ]; do sleep 0.05; done; "
+        command = (
+            f'sleep {sleep:g}; {wait}echo "job {i}: {i} squared is $(( {i} * {i} ))" > out.txt; echo done >> {counter}'
+        )
         jobs.append({"name": name, "run_command": command, "output_files": ["out.txt"], **extra})
     return jobs
 
@@ -289,15 +300,19 @@ def run_client(
     timeout: float,
     *,
     settled: Callable[[], bool] | None = None,
-    grace: float = 20,
+    grace: float = 15,
+    during: Callable[[Client], None] | None = None,
 ) -> BatchSummary:
     """Run a client to its end and return the batch summary it saved. A client that does not end within
     ``timeout``, or within ``grace`` seconds once ``settled()`` (e.g. every job ended on the hosts), is hung:
-    it is killed and the test fails. A hung batch must never hang the test session."""
+    it is killed and the test fails. A hung batch must never hang the test session. ``during(client)`` is
+    called at every look while it runs (to open gates, say)."""
     client = start_client(args, log, home)
     deadline = time.monotonic() + timeout
     settled_at: float | None = None
     while client.proc.poll() is None:
+        if during is not None:
+            during(client)
         now = time.monotonic()
         if settled_at is None and settled is not None and settled():
             settled_at = now
