@@ -475,32 +475,32 @@ def report(result: Result, modes: list[str]) -> list[str]:
 
 
 def table(results: list[Result], modes: list[str], startup: float | None) -> list[str]:
-    head = ["workload", "ideal s", "job phase s", "x ideal", "flow wall s", "trips/job", "RSS MiB"]
-    for mode in modes:
-        head += [f"parallel {mode} s", f"phase/par {mode}", f"wall/par {mode}"]
-    head += ["overhead ms/job", "Prefect floor ms/job", "no-Prefect phase s"]
+    """One row per workload; a ratio in parentheses is cloudsend's job phase over that figure."""
+    head = ["workload", "ideal s", "job phase s", "flow wall s", "trips/job", "RSS MiB", "overhead ms/job"]
+    head += [f"parallel {mode} s" for mode in modes]
+    head += ["Prefect floor ms/job", "no-Prefect phase s"]
     rows = [head]
     for r in results:
-        f = r.flow
+        f, n = r.flow, r.workload.jobs
         row = [
             r.workload.label,
             f"{r.ideal:.2f}",
-            f"{f.phase:.2f}",
-            f"{f.phase / r.ideal:.3f}" if r.ideal > 0 else "-",
+            f"{f.phase:.2f} ({f.phase / r.ideal:.2f}x ideal)" if r.ideal > 0 else f"{f.phase:.2f}",
             f"{f.wall:.2f}",
-            f"{f.round_trips / r.workload.jobs:.2f}",
+            f"{f.round_trips / n:.2f}",
             f"{f.rss_mb:.0f}",
+            f"{1000 * (f.phase - r.ideal) / n:.2f}",
         ]
         for mode in modes:
             wall = r.parallel.get(mode)
-            row += [f"{wall:.2f}", fmt_ratio(f.phase, wall), fmt_ratio(f.wall, wall)] if wall else ["-", "-", "-"]
-        row.append(f"{1000 * (f.phase - r.ideal) / r.workload.jobs:.2f}")
-        row.append(f"{1000 * r.floor.phase / r.workload.jobs:.2f}" if r.floor else "-")
-        row.append(f"{r.bare.phase:.2f}" if r.bare else "-")
+            row.append(f"{wall:.2f} ({fmt_ratio(f.phase, wall)})" if wall else "-")
+        row.append(f"{1000 * r.floor.phase / n:.2f}" if r.floor else "-")
+        row.append(f"{r.bare.phase:.2f} ({1000 * (r.bare.phase - r.ideal) / n:.2f} ms/job)" if r.bare else "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     out = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     out.insert(1, "-+-".join("-" * w for w in widths))
+    out.append("(x) after a GNU parallel time: cloudsend's job phase / parallel's wall time")
     if startup is not None:
         out.append(f"Prefect's one-time start-up (first flow call, temporary server, 1 job): {startup:.2f} s")
     return out
