@@ -185,6 +185,8 @@ def client_env(home: Path, **extra: str) -> dict[str, str]:
         "CLOUDSEND_HOME": str(home),
         "PREFECT_HOME": str(home.parent / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # its log file shows what it did (`cloudsend run` in-process, as test_cli does, lowers this in os.environ)
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
         **extra,
     }
 
@@ -281,7 +283,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def driver_args(
-    config: Path, results: Path, summary: Path, *, loopback: dict[str, Any] | None = None, hang: Path | None = None
+    config: Path,
+    results: Path,
+    summary: Path,
+    *,
+    loopback: dict[str, Any] | None = None,
+    hang: Path | None = None,
+    started: Path | None = None,
 ) -> list[str]:
     """A client process calling the flow and saving its summary (``python -m tests.faults``, below)."""
     args = [sys.executable, "-m", "tests.faults", str(config), str(results), str(summary)]
@@ -289,6 +297,8 @@ def driver_args(
         args += ["--loopback", json.dumps(loopback)]
     if hang is not None:
         args += ["--hang-in-provisioning", str(hang)]
+    if started is not None:
+        args += ["--dispatcher-started", str(started)]
     return args
 
 
@@ -331,7 +341,8 @@ def _main(argv: list[str]) -> None:
 
     ``--loopback`` registers the tests' ``loopback`` address resolver of the aws provider in this process
     (``{"ranks": {rank: port}, "user": ..., "key_file": ...}``: each instance reaches an sshd host by its rank);
-    ``--hang-in-provisioning F`` makes that resolver touch F and block, once EC2 has made every instance.
+    ``--hang-in-provisioning F`` makes that resolver touch F and block, once EC2 has made every instance;
+    ``--dispatcher-started F`` touches F once the dispatcher has read what the hosts hold of the batch.
     """
     import argparse
 
@@ -341,7 +352,18 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("summary")
     parser.add_argument("--loopback")
     parser.add_argument("--hang-in-provisioning")
+    parser.add_argument("--dispatcher-started")
     opts = parser.parse_args(argv)
+    if opts.dispatcher_started:
+        from cloudsend_prefect.dispatch import Dispatcher
+
+        start = Dispatcher.start
+
+        def signalled(self: Dispatcher) -> None:
+            start(self)
+            Path(opts.dispatcher_started).touch()
+
+        Dispatcher.start = signalled  # type: ignore[method-assign]
     if opts.loopback:
         from cloudsend_prefect.providers import aws
 

@@ -70,22 +70,21 @@ def rerun(
 ) -> BatchSummary:
     """Run the batch again in a client process; it must end soon after its ``count`` jobs ended on the hosts.
 
-    ``gate`` is opened once the rerun has planned the batch, so after its dispatcher read what the hosts hold:
-    jobs waiting for it were still running when the rerun looked at them.
+    ``gate`` is opened once the rerun's dispatcher has read what the hosts hold: jobs waiting for it were still
+    running when the rerun looked at them.
     """
-    summary = tmp_path / "rerun-summary.json"
-    log = tmp_path / "rerun.log"
-    args = driver_args(config, tmp_path / "results", summary, **driver)
+    summary, started = tmp_path / "rerun-summary.json", tmp_path / "rerun-dispatcher-started"
+    args = driver_args(config, tmp_path / "results", summary, started=started, **driver)
 
     def settled() -> bool:
         records = all_statuses(jobs_dirs)
         return len(records) == count and all(r["state"] in FINAL_STATES for r in records.values())
 
     def open_gate(client: Any) -> None:
-        if gate is not None and not gate.exists() and log.exists() and "Task run 'plan-" in log.read_text():
+        if gate is not None and started.exists():
             gate.touch()
 
-    return run_client(args, log, home, summary, RERUN_TIMEOUT, settled=settled, during=open_gate)
+    return run_client(args, tmp_path / "rerun.log", home, summary, RERUN_TIMEOUT, settled=settled, during=open_gate)
 
 
 def remote_jobs(host: SshdHost, remote_dir: str, batch: str) -> Path:
