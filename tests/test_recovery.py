@@ -392,15 +392,6 @@ def test_killed_host_jobs_run_again_on_the_others(tmp_path: Path, sshd_hosts: li
     assert elapsed < 60, elapsed
 
 
-REVIVED_HOST = (
-    "product bug: jobs killed with their host leave their CPU reservations (<base>/running/<batch>__<key>) and "
-    "queue entries behind; only a `status` of that batch naming those keys notices the vanished processes. When "
-    "the host comes back (an instance restarted by the next run, a rebooted machine), a new batch's jobs stay "
-    "`queued: waiting for free CPUs` for ever and the batch hangs"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=REVIVED_HOST)
 def test_a_host_back_after_being_lost_runs_the_next_batch_and_none_of_the_lost_jobs(
     tmp_path: Path, cloudsend_home: Path, sshd_hosts: list[SshdHost]
 ) -> None:

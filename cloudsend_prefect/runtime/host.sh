@@ -133,6 +133,20 @@ dispatch() {
 
 # One pass over the queue, under the lock. A running/ file holding 0 is a job that ended (its wrapper
 # frees its CPUs with a builtin write); the pass removes those, its queue entries and the lock in one rm.
+# vanished RUNNING_ENTRY: true when the entry's job says running but its process is gone (killed with its
+# host, say): its CPUs are free again and the job is recorded aborted. Batch names hold no "__". No fork.
+vanished() {
+    n=${1##*/}
+    jd="$BASE/jobs/${n%%__*}/${n#*__}"
+    p=
+    [ -f "$jd/pid" ] && read -r p <"$jd/pid"
+    [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null || return 1
+    line=
+    IFS= read -r line <"$jd/status" 2>/dev/null
+    case $line in *'"state":"running"'*) ;; *) return 1 ;; esac
+    write_status "$jd" aborted "process vanished (killed, or the host restarted)"
+}
+
 dispatch_pass() {
     consumed=
     ended=
@@ -147,7 +161,14 @@ dispatch_pass() {
         0) ended="$ended$r
 " ;;
         '') used=$((used + 1)) ;; # being written: count it until it can be read
-        *) used=$((used + c)) ;;
+        *)
+            if vanished "$r"; then
+                consumed="$consumed$r
+"
+            else
+                used=$((used + c))
+            fi
+            ;;
         esac
     done
     for q in "$BASE"/queue/*; do
