@@ -9,24 +9,8 @@ import yaml
 
 from cloudsend_prefect.flow import cloudsend
 from cloudsend_prefect.results import BatchSummary
+from tests.faults import ssh_instances
 from tests.sshd import SshdHost
-
-
-def ssh_instances(hosts: list[SshdHost], cpus: int, remote_dir: str) -> list[dict]:
-    return [
-        {
-            "provider": "ssh",
-            "name": h.name,
-            "host": h.host,
-            "port": h.port,
-            "user": h.user,
-            "key_file": str(h.key_file),
-            "host_key": h.host_public_key,
-            "cpus": cpus,
-            "remote_dir": f"{h.home}/{remote_dir}",
-        }
-        for h in hosts
-    ]
 
 
 def run_config(tmp_path: Path, config: dict, files: dict[str, str] | None = None, **kw: object) -> BatchSummary:
