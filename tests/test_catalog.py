@@ -6,9 +6,7 @@ AWS is moto's server on loopback, or an unused loopback port where no call may s
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +39,6 @@ def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     monkeypatch.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def aws_host(name: str, instance_type: str | None, *, spot: bool = False, region: str = "us-east-1") -> HostInfo:
@@ -140,10 +124,10 @@ def test_estimate_prices_on_demand_spot_own_machines_and_unknown_types() -> None
 
 
 # -- spot prices from EC2 -----------------------------------------------------------------------------------
-def test_spot_price_from_ec2_and_none_on_any_error(fake_aws: None, moto_endpoint: str) -> None:
+def test_spot_price_from_ec2_and_none_on_any_error(fake_aws: None, moto_ec2: str) -> None:
     import boto3
 
-    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_endpoint)
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=moto_ec2)
     assert spot_price(ec2, "c5.xlarge") == pytest.approx(0.00001)  # moto's only spot price
     assert spot_price(ec2, "c5.xlarge", "us-east-1a") == pytest.approx(0.00001)
     dead = boto3.client("ec2", region_name="us-east-1", endpoint_url=DEAD_ENDPOINT)
@@ -152,7 +136,7 @@ def test_spot_price_from_ec2_and_none_on_any_error(fake_aws: None, moto_endpoint
 
 
 def test_cost_report_of_hosts_uses_live_spot_prices_else_the_catalog(
-    fake_aws: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    fake_aws: None, moto_ec2: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hosts = [
         aws_host("aws-0", "c5.xlarge"),
@@ -166,7 +150,7 @@ def test_cost_report_of_hosts_uses_live_spot_prices_else_the_catalog(
     assert [r.host for r in offline.rows] == ["aws-0", "aws-1"]
     assert offline.total == pytest.approx(0.17 + 0.096)
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_ec2)
     live = catalog.cost_report(hosts, 7200)
     assert live is not None
     spot = live.rows[1]
@@ -298,7 +282,7 @@ def test_plan_shows_instances_and_estimated_cost_offline(
 
 
 def test_plan_asks_ec2_for_spot_prices_only_when_told(
-    tmp_path: Path, fake_aws: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_aws: None, moto_ec2: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = write(tmp_path, AWS_CONFIG)
     failed = runner.invoke(app, ["plan", "--spot-prices", str(config)], env={"COLUMNS": "200"})
@@ -306,7 +290,7 @@ def test_plan_asks_ec2_for_spot_prices_only_when_told(
     assert "no spot price from EC2 for m5.large, r5.large" in failed.output
     assert "estimated cost: $0.3390" in failed.output
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_ec2)
     live = runner.invoke(app, ["plan", "--spot-prices", str(config)], env={"COLUMNS": "200"})
     assert live.exit_code == 0, live.output
     assert "spot: current price from EC2" in live.output and "$0.000010" in live.output

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -17,6 +16,7 @@ from cloudsend_prefect.block import CloudSendCluster
 from cloudsend_prefect.config import Job
 from cloudsend_prefect.flow import cloudsend
 from cloudsend_prefect.results import BatchSummary
+from tests.faults import write_config
 
 COUNTING_SCRIPT = """\
 import sys, pathlib
@@ -25,16 +25,6 @@ with open(sys.argv[1], "a") as fh:
     fh.write(sys.argv[2] + "\\n")
 pathlib.Path("out.txt").write_text(f"{sys.argv[2]} squared is {int(sys.argv[2]) ** 2}\\n")
 """
-
-
-def write_project(root: Path, config: dict, files: dict[str, str] | None = None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for rel, text in (files or {}).items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    path = root / "batch.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def run(config: Path, tmp_path: Path, **kw: object) -> BatchSummary:
@@ -59,7 +49,7 @@ def test_issue_minimal_config_runs_as_is(tmp_path: Path) -> None:
         ),
         "data/input.csv": "a\nb\nc\n",
     }
-    write_project(tmp_path / "proj", {}, files)
+    write_config(tmp_path / "proj", {}, files)
     config.write_text(
         textwrap.dedent(
             """\
@@ -87,7 +77,7 @@ def test_outcomes_failures_do_not_stop_others_and_args_are_literal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tricky = ["a b", "it's", '"q"', "$(touch pwned)", "; touch pwned2", "`touch pwned3`"]
-    config = write_project(
+    config = write_config(
         tmp_path / "proj",
         {
             "project": "outcomes",
@@ -121,7 +111,7 @@ def test_jobs_share_cpus_and_never_exceed_them(tmp_path: Path) -> None:
     """8 one-CPU jobs and 2 two-CPU jobs on 4 CPUs: concurrency reaches 4 CPUs and never exceeds it."""
     jobs = [{"run_command": f"sleep 1; echo {i} > n.txt", "output_files": ["n.txt"]} for i in range(8)]
     jobs += [{"run_command": f"sleep 1 # big {i}", "cpus_req": 2} for i in range(2)]
-    config = write_project(tmp_path / "proj", {"project": "packing", "instances": [{"cpus": 4}], "jobs": jobs})
+    config = write_config(tmp_path / "proj", {"project": "packing", "instances": [{"cpus": 4}], "jobs": jobs})
     t0 = time.monotonic()
     summary = run(config, tmp_path)
     elapsed = time.monotonic() - t0
@@ -144,7 +134,7 @@ def test_jobs_share_cpus_and_never_exceed_them(tmp_path: Path) -> None:
 def test_rerun_skips_finished_jobs_and_still_delivers_outputs(tmp_path: Path) -> None:
     counter = tmp_path / "runs.log"
     jobs = [{"run_script": f"count.py {counter} {n}", "output_files": ["out.txt"]} for n in (2, 3, 4)]
-    config = write_project(
+    config = write_config(
         tmp_path / "proj", {"project": "rerun", "instances": [{"cpus": 2}], "jobs": jobs}, {"count.py": COUNTING_SCRIPT}
     )
     first = run(config, tmp_path)
@@ -182,7 +172,7 @@ def test_failed_jobs_run_again_on_the_next_run_and_retries_apply(tmp_path: Path)
             "max_retries": 1,
         },
     ]
-    config = write_project(tmp_path / "proj", {"project": "retry", "instances": [{"cpus": 2}], "jobs": jobs})
+    config = write_config(tmp_path / "proj", {"project": "retry", "instances": [{"cpus": 2}], "jobs": jobs})
     first = by_name(run(config, tmp_path))
     assert first["flaky"].state == "failed"
     assert first["retried"].state == "done"
@@ -195,7 +185,7 @@ def test_failed_jobs_run_again_on_the_next_run_and_retries_apply(tmp_path: Path)
 
 
 def test_environment_failure_aborts_only_its_jobs_with_the_log(tmp_path: Path) -> None:
-    config = write_project(
+    config = write_config(
         tmp_path / "proj",
         {
             "project": "envfail",
@@ -221,7 +211,7 @@ def test_environment_failure_aborts_only_its_jobs_with_the_log(tmp_path: Path) -
 
 def test_environment_is_built_once_and_reused(tmp_path: Path, cloudsend_home: Path) -> None:
     marker = tmp_path / "built.log"
-    config = write_project(
+    config = write_config(
         tmp_path / "proj",
         {
             "project": "envreuse",
@@ -262,7 +252,7 @@ def _artifacts(keys: list[str]) -> dict:
 
 
 def test_table_and_progress_artifacts(tmp_path: Path) -> None:
-    config = write_project(
+    config = write_config(
         tmp_path / "proj",
         {"project": "artifacts", "instances": [{"cpus": 2}], "jobs": [{"run_command": "true", "repeat": 3}]},
     )

@@ -5,22 +5,14 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import yaml
-
 from cloudsend_prefect.flow import cloudsend
 from cloudsend_prefect.results import BatchSummary
-from tests.faults import ssh_instances
+from tests.faults import ssh_instances, write_config
 from tests.sshd import SshdHost
 
 
 def run_config(tmp_path: Path, config: dict, files: dict[str, str] | None = None, **kw: object) -> BatchSummary:
-    project = tmp_path / "proj"
-    project.mkdir(exist_ok=True)
-    for rel, text in (files or {}).items():
-        (project / rel).parent.mkdir(parents=True, exist_ok=True)
-        (project / rel).write_text(text)
-    path = project / "batch.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(tmp_path / "proj", config, files)
     return cloudsend(config=str(path), results_dir=str(tmp_path / "results"), **kw)
 
 
