@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,10 +42,10 @@ def _load(path: Path, allow_exec: bool) -> tuple[BatchConfig, list[JobSpec]]:
         config = load_config(path, allow_exec=allow_exec)
         jobs = expand_jobs(config)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     for note in config.notes:
-        console.print(f"[yellow]note:[/yellow] {config.source}: {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {escape(config.source)}: {escape(note)}", highlight=False)
     return config, jobs
 
 
@@ -84,7 +86,7 @@ def plan(
         table.add_column(col)
     for job, place in zip(jobs, placements, strict=True):
         env = job.env.name if job.env else "-"
-        table.add_row(job.name, place.host, str(job.cpus), env, f"{place.start:g}", f"{place.end:g}")
+        table.add_row(escape(job.name), place.host, str(job.cpus), env, f"{place.start:g}", f"{place.end:g}")
     out.print(table)
     out.print("hosts: " + ", ".join(f"{h.name} ({h.cpus} CPUs)" for h in hosts))
     _plan_cost(cfg, hosts, max((p.end for p in placements), default=0.0), spot_prices)
@@ -191,7 +193,12 @@ def run(
         job_listeners.append(on_job)
         try:
             summary = cloudsend(
-                config=str(config), batch=batch, results_dir=str(results_dir), rerun=rerun, base_dir=None
+                config=str(config),
+                batch=batch,
+                results_dir=str(results_dir),
+                rerun=rerun,
+                base_dir=None,
+                exec_python_config=exec_python_config,
             )
         finally:
             job_listeners.remove(on_job)
@@ -202,7 +209,7 @@ def run(
         detail = job.reason if not job.ok else ", ".join(job.outputs)
         duration = f"{job.duration:.2f}" if job.duration is not None else "-"
         exit_code = str(job.exit_code) if job.exit_code is not None else "-"
-        table.add_row(job.name, _styled(job.state), job.host or "-", exit_code, duration, detail)
+        table.add_row(escape(job.name), _styled(job.state), job.host or "-", exit_code, duration, escape(detail))
     out.print(table)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(summary.counts.items()))
     out.print(f"{counts}; results in {summary.results_dir}/")
@@ -224,7 +231,7 @@ def _find_jobs(cfg: BatchConfig, batch: str) -> tuple[dict[str, tuple[str, JobSt
         try:
             states = runtime.status(batch)
         except (TransportError, OSError) as exc:
-            console.print(f"[yellow]{host.name}: unreachable: {exc}[/yellow]")
+            console.print(f"[yellow]{host.name}: unreachable: {escape(str(exc))}[/yellow]")
             continue
         runtimes[host.name] = runtime
         found.update({key: (host.name, st) for key, st in states.items()})
@@ -241,7 +248,7 @@ def _select(jobs: list[JobSpec], names: list[str]) -> list[JobSpec]:
     known = {job.name: job for job in jobs}
     unknown = [n for n in names if n not in known]
     if unknown:
-        console.print(f"[red]error:[/red] no job named {', '.join(unknown)} (jobs: {', '.join(known)})")
+        console.print(f"[red]error:[/red] no job named {escape(', '.join(unknown))} (jobs: {escape(', '.join(known))})")
         raise typer.Exit(2)
     return [known[n] for n in names]
 
@@ -258,11 +265,11 @@ def status(config: ConfigArg, batch: BatchOpt = None, exec_python_config: ExecOp
     for job in jobs:
         host_name, st = found.get(job.key, ("-", None))
         if st is None:
-            table.add_row(job.name, "not started", "-", "-", "-", "")
+            table.add_row(escape(job.name), "not started", "-", "-", "-", "")
             continue
         duration = f"{st.duration:.2f}" if st.duration is not None else "-"
         exit_code = str(st.exit) if st.exit is not None else "-"
-        table.add_row(job.name, _styled(st.state), host_name, exit_code, duration, st.reason)
+        table.add_row(escape(job.name), _styled(st.state), host_name, exit_code, duration, escape(st.reason))
     out.print(table)
 
 
@@ -281,20 +288,23 @@ def logs(
     name = _batch_name(cfg, batch)
     found, runtimes = _find_jobs(cfg, name)
     if spec.key not in found:
-        console.print(f"[red]error:[/red] job {job} has not started on any host of batch {name}")
+        console.print(f"[red]error:[/red] job {escape(job)} has not started on any host of batch {name}")
         raise typer.Exit(1)
     host, st = found[spec.key]
     runtime, stream, offset = runtimes[host], "stderr" if stderr else "stdout", 0
+    sink = sys.stdout.buffer
     while True:
-        chunk = runtime.read_log(name, spec.key, stream, offset)
-        offset += len(chunk.encode())
-        out.print(chunk, end="", markup=False, highlight=False)
+        # Chunk by chunk, as bytes: constant memory whatever the log's size, and exact offsets.
+        while chunk := runtime.read_log(name, spec.key, stream, offset):
+            sink.write(chunk)
+            offset += len(chunk)
+        sink.flush()
         if not follow or st.final:
             break
         time.sleep(cfg.poll_interval)
-        st = runtime.status(name).get(spec.key, st)
+        st = runtime.status(name, [spec.key]).get(spec.key, st)
     if follow:
-        console.print(f"[dim]{job}: {_styled(st.state)} {st.reason}[/dim]")
+        console.print(f"[dim]{escape(job)}: {_styled(st.state)} {escape(st.reason)}[/dim]")
 
 
 @app.command()
@@ -316,7 +326,7 @@ def cancel(
     for host in provision_all(cfg, create=False):
         cancelled = HostRuntime(connect(host), host.base_dir, host.cpus).cancel(name, keys)
         for key in cancelled:
-            out.print(f"{host.name}: cancelled {names.get(key, key)}")
+            out.print(f"{host.name}: cancelled {escape(names.get(key, key))}")
 
 
 @app.command()

@@ -13,7 +13,6 @@ threads submit jobs one by one, so it first waits a moment (``GATHER``) for more
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -52,6 +51,7 @@ class _HostState:
     failing_since: float | None = None
     next_cloud_check: float = 0.0
     lost: str | None = None
+    unclaimed: set[str] = field(default_factory=set)  # queued or running from an earlier run, no task yet
 
 
 class Dispatcher:
@@ -68,6 +68,9 @@ class Dispatcher:
     ) -> None:
         self.batch = batch
         self.lost_after = lost_after
+        # A host runs the batch's queued jobs only while this lease, renewed at every poll, runs: shorter than
+        # lost_after, so a host cut off, or declared lost and back, starts nothing handed to another host.
+        self.lease = max(1, int(lost_after // 2))
         self.rerun = rerun  # run again jobs that already ended done on a host
         self.poll_interval = poll_interval
         self.hosts = {
@@ -87,8 +90,15 @@ class Dispatcher:
         """Install the runtime and learn what each host already holds of this batch (to re-attach to it)."""
         for state in self.hosts.values():
             state.runtime.install()
-            for key, status in state.runtime.status(self.batch).items():
-                self._known[key] = (state.info.name, status)
+            for key, status in state.runtime.status(self.batch, lease=self.lease).items():
+                # A job known to several hosts (run again elsewhere after its host was lost, which then came
+                # back): its done record wins, then a live one; the other is a duplicate, never delivered.
+                earlier = self._known.get(key)
+                if earlier is None or _rank(status) > _rank(earlier[1]):
+                    self._known[key] = (state.info.name, status)
+        for key, (host, status) in self._known.items():
+            if not status.final:
+                self.hosts[host].unclaimed.add(key)
         for name in self.hosts:
             thread = threading.Thread(target=self._loop, args=(name,), name=f"cloudsend-{name}", daemon=True)
             thread.start()
@@ -121,6 +131,8 @@ class Dispatcher:
         with self._cond:
             ended = self._ended.get(job.key)  # from this run: a retry of the same task
             known = self._known.pop(job.key, None)  # from an earlier run, found on the hosts at start
+            if known is not None:
+                self.hosts[known[0]].unclaimed.discard(job.key)
             for record, rerun_done in ((ended, False), (known, self.rerun)):
                 if record is None or record[0] not in self.hosts or self.hosts[record[0]].lost is not None:
                     continue
@@ -209,7 +221,7 @@ class Dispatcher:
             self._take(state)
         if state.unstaged and (poll or self._short(state)):
             rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
-            state.runtime.stage(self.batch, [t.job for t in state.unstaged], rerun)
+            state.runtime.stage(self.batch, [t.job for t in state.unstaged], rerun, lease=self.lease)
             state.unstaged = []
             state.failing_since = None
 
@@ -217,14 +229,19 @@ class Dispatcher:
         unstaged = {t.job.key for t in state.unstaged}
         keys = [key for key in state.tickets if key not in unstaged]
         if not keys:
+            if state.unclaimed:  # jobs of an earlier run wait there for their tasks: keep them startable
+                state.runtime.renew(self.batch, self.lease)
+                state.failing_since = None
             return
-        statuses = self._status(state, keys)
+        statuses = state.runtime.status(self.batch, keys, lease=self.lease)
         state.failing_since = None
         finished = 0
         with self._cond:
             for key, ticket in list(state.tickets.items()):
                 status = statuses.get(key)
-                if status is not None and status.final:
+                if status is not None and status.fenced:  # its lease ran out between two polls: queue it again
+                    self._requeue(state, ticket)
+                elif status is not None and status.final:
                     finished += 1
                     self._finish(state, ticket, status)
             # Keep enough queued on the host to cover two poll intervals of finishing jobs.
@@ -232,11 +249,15 @@ class Dispatcher:
             if finished:
                 self._cond.notify_all()
 
-    def _status(self, state: _HostState, keys: list[str]) -> dict[str, JobStatus]:
-        """The states of these jobs of the batch: one round trip, and only their lines (not the whole batch)."""
-        out = state.runtime.call("status", self.batch, *keys).stdout
-        statuses = (JobStatus.model_validate(json.loads(line)) for line in out.splitlines() if line)
-        return {s.key: s for s in statuses}
+    def _requeue(self, state: _HostState, ticket: _Ticket) -> None:
+        """Hand a job its host did not start back to the waiting line, first, to be staged again (the caller
+        holds the condition)."""
+        state.tickets.pop(ticket.job.key, None)
+        state.committed -= ticket.job.cpus
+        ticket.host = None
+        ticket.rerun = True
+        self._pending.appendleft(ticket)
+        self._cond.notify_all()
 
     def _finish(self, state: _HostState, ticket: _Ticket, status: JobStatus) -> None:
         if not status.lost:
@@ -297,3 +318,8 @@ class Dispatcher:
             state.runtime.cancel(self.batch, keys)
         except Exception as exc:
             log.info("%s: could not cancel its jobs (%s); expected when the host is gone", state.info.name, exc)
+
+
+def _rank(status: JobStatus) -> int:
+    """Which of two records of the same job counts: done, then still live, then any other end."""
+    return 2 if status.state == "done" else 0 if status.final else 1

@@ -44,13 +44,17 @@ def batch_slug(name: str) -> str:
 
 
 def resolve_config(
-    config: str | None, cluster: str | None, jobs: list[Job] | None, base_dir: str | None
+    config: str | None,
+    cluster: str | None,
+    jobs: list[Job] | None,
+    base_dir: str | None,
+    exec_python_config: bool = False,
 ) -> tuple[BatchConfig, list[JobSpec]]:
     """The batch to run, fully validated (files included) before anything is created."""
     if bool(config) == bool(cluster):
         raise ConfigError("give either a config file (config) or a saved cluster block (cluster), not both")
     if config:
-        cfg = load_config(config)
+        cfg = load_config(config, allow_exec=exec_python_config)
         if jobs:
             data = {**cfg.model_dump(exclude_unset=True), "jobs": [j.model_dump(exclude_unset=True) for j in jobs]}
             cfg = parse_config(data, source=cfg.source, base_dir=cfg.base_dir)
@@ -79,6 +83,7 @@ def cloudsend(
     results_dir: str = "cloudsend-results",
     base_dir: str | None = None,
     rerun: bool = False,
+    exec_python_config: bool = False,
 ) -> BatchSummary:
     """Run a batch of jobs on the cluster's hosts and bring their outputs back.
 
@@ -90,9 +95,10 @@ def cloudsend(
         results_dir: Outputs land in `<results_dir>/<batch>/<job>/`.
         base_dir: With a block, the directory relative job paths start from (default: working directory).
         rerun: Run every job again, even those that finished in an earlier run.
+        exec_python_config: Run a .py config as Python (it may do anything) instead of reading its literal.
     """
     logger = get_run_logger()
-    cfg, specs = resolve_config(config, cluster, jobs, base_dir)
+    cfg, specs = resolve_config(config, cluster, jobs, base_dir, exec_python_config)
     for note in cfg.notes:
         logger.warning("%s: %s", cfg.source, note)
     name = batch_slug(batch or cfg.project)

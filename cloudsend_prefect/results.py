@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -49,14 +52,42 @@ class BatchSummary(BaseModel):
 
 
 def store_dir(key: str) -> Path:
+    """The client-side copy of a job run's outputs and logs (the same job key in every batch that runs it)."""
     return cloudsend_home() / "outputs" / key
+
+
+@contextlib.contextmanager
+def store_lock(store: Path) -> Iterator[None]:
+    """Hold ``store`` alone: two runs of the same config (same job keys) fetch into and deliver from the same
+    store directory, and must not see it half-replaced. An advisory lock, released if the process dies."""
+    lock = store.with_name(f"{store.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def deliver(result: JobResult, dest: Path) -> bool:
     """Copy a job's stored outputs and logs to ``dest``; False when the store lost them."""
-    if result.store is None or not Path(result.store).is_dir():
+    if result.store is None:
         return False
-    if any(not (Path(result.store) / out).exists() for out in result.outputs):
-        return False
-    shutil.copytree(result.store, dest, dirs_exist_ok=True)
+    store = Path(result.store)
+    with store_lock(store):
+        if not store.is_dir() or any(not (store / out).is_file() for out in result.outputs):
+            return False
+        shutil.copytree(store, dest, dirs_exist_ok=True)
     return True
+
+
+def tail_lines(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last ``lines`` lines of a file, read from at most its last ``max_bytes``: constant memory, however
+    long the file (a job may write gigabytes to stderr)."""
+    if not path.is_file():
+        return []
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - max_bytes))
+        return f.read().decode(errors="replace").splitlines()[-lines:]

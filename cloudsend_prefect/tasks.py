@@ -18,10 +18,10 @@ from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import HostInfo, provision_all, release
-from cloudsend_prefect.results import JobResult, store_dir
+from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
 from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import EnvSpec, JobSpec
-from cloudsend_prefect.transport import TransportError
+from cloudsend_prefect.transport import FileRefused, TransportError
 
 
 class BootstrapFailed(RuntimeError):
@@ -80,10 +80,17 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
     host, status = dispatcher.run(job, rerun=task_run.run_count > 1)
     runtime = dispatcher.runtime(host)
     store = store_dir(job.key)
-    shutil.rmtree(store, ignore_errors=True)
     fetched = job.outputs if status.state == "done" else []
-    if not status.lost:  # a lost host has nothing to give back
-        _fetch(runtime, batch, job, fetched, store)
+    with store_lock(store):
+        shutil.rmtree(store, ignore_errors=True)
+        if not status.lost:  # a lost host has nothing to give back
+            try:
+                _fetch(runtime, batch, job, fetched, store)
+            except FileRefused as exc:  # changed on the host after it ended: nothing of it is kept
+                shutil.rmtree(store, ignore_errors=True)
+                status = status.model_copy(update={"state": "aborted", "reason": f"output refused: {exc}"})
+                fetched = []
+                _fetch(runtime, batch, job, fetched, store)  # its logs, still worth having
     result = JobResult(
         name=job.name,
         key=job.key,
@@ -99,8 +106,7 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
         store=str(store),
     )
     if status.state != "done":
-        stderr = store / "stderr.log"
-        detail = stderr.read_text(errors="replace").splitlines()[-20:] if stderr.exists() else []
+        detail = tail_lines(store / "stderr.log")
         if "environment" in status.reason and job.env is not None:
             detail = runtime.env_log_tail(job.env).splitlines()
         logger.error("%s on %s: %s\n%s", status.state, host, status.reason, "\n".join(detail))
@@ -115,7 +121,7 @@ def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, outputs: list[str], s
     finished job again (if it keeps failing, the task's retry adopts the done job and fetches once more)."""
     for delay in (1.0, 2.0, 4.0, None):
         try:
-            runtime.fetch(batch, job.key, outputs, store)
+            runtime.fetch(batch, job.key, outputs, store, job.max_output_bytes)
             return
         except TransportError as exc:
             if delay is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shlex
 import tempfile
 from importlib.resources import files
@@ -24,6 +25,11 @@ VERSION = hashlib.sha256(SCRIPT).hexdigest()[:12]
 
 JobState = Literal["queued", "waiting", "running", "done", "failed", "aborted"]
 FINAL_STATES = ("done", "failed", "aborted")
+# host.sh's reason for a queued job it did not start because its batch's lease had run out (see host.sh).
+FENCED_PREFIX = "not started: its batch's lease expired"
+MAX_OUTPUT_BYTES = 10 * 1024**3  # default limit on the outputs of one job, and on each of its logs
+LOG_TAIL_BYTES = 64 * 1024
+DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed  # at most this much of a log's end is read for its last lines
 
 
 class HostCommandError(RuntimeError):
@@ -47,6 +53,11 @@ class JobStatus(BaseModel):
         return self.state in FINAL_STATES
 
     @property
+    def fenced(self) -> bool:
+        """Not started because its batch's lease expired: not the job's doing; it can be queued again."""
+        return self.state == "aborted" and self.reason.startswith(FENCED_PREFIX)
+
+    @property
     def duration(self) -> float | None:
         return self.end - self.start if self.start is not None and self.end is not None else None
 
@@ -59,6 +70,7 @@ class HostRuntime:
         self.base = base.rstrip("/")
         self.capacity = capacity
         self.script = f"{self.base}/bin/host-{VERSION}.sh"
+        self._verified: set[str] = set()  # store files checked (or sent) by this client: not hashed again
 
     def _q(self, path: str) -> str:
         return shlex.quote(path) if not path.startswith("~/") else "~/" + shlex.quote(path[2:])
@@ -107,21 +119,26 @@ class HostRuntime:
 
     def env_log_tail(self, env: EnvSpec, lines: int = 30) -> str:
         log = f"{self._q(self.env_dir(env))}/bootstrap.log"
-        return self.transport.run(f"tail -n {int(lines)} {log} 2>/dev/null").stdout
+        return self.transport.run(f"tail -c {LOG_TAIL_BYTES} {log} 2>/dev/null | tail -n {int(lines)}").stdout
 
     # -- jobs -----------------------------------------------------------------------------------------
     def upload(self, specs: list[FileSpec]) -> int:
-        """Send the files the host's content store lacks; returns how many were sent."""
-        by_sha = {f.sha256: f for f in specs}
+        """Send the files the host's content store lacks, or holds with other content than their hash says
+        (checked once per file and client); returns how many were sent."""
+        by_sha = {f.sha256: f for f in specs if f.sha256 not in self._verified}
         if not by_sha:
             return 0
         missing = self.call("missing", stdin="\n".join(by_sha) + "\n").stdout.split()
         for sha in missing:
             self.transport.put(Path(by_sha[sha].local), f"{self.base}/files/.incoming/{sha}")
+        self._verified.update(by_sha)
         return len(missing)
 
-    def stage(self, batch: str, jobs: list[JobSpec], rerun: frozenset[str] = frozenset()) -> None:
-        """Upload, stage and queue jobs; the host starts them as its CPUs free up.
+    def stage(
+        self, batch: str, jobs: list[JobSpec], rerun: frozenset[str] = frozenset(), lease: float = DEFAULT_LEASE
+    ) -> None:
+        """Upload, stage and queue jobs; the host starts them as its CPUs free up, while the batch's lease
+        (renewed here for ``lease`` seconds) runs.
 
         Jobs the host already knows are left alone (re-attached), except ended ones whose key is in ``rerun``.
         """
@@ -130,16 +147,25 @@ class HostRuntime:
         for job in jobs:
             env = job.env.key if job.env else "-"
             timeout = f"{job.timeout:g}" if job.timeout else "-"
-            lines.append(f"J {batch} {job.key} {job.cpus} {env} {timeout} {int(job.key in rerun)}")
-            lines += [f"F {f.sha256} {'x' if f.executable else '-'} {f.rel}" for f in job.files]
-            lines += [f"O {out}" for out in job.outputs]
-            lines += [f"C {text}" for text in job.command.split("\n")]
+            lines.append(
+                f"J {batch} {job.key} {job.cpus} {env} {timeout} {int(job.key in rerun)} {job.max_output_bytes}"
+            )
+            lines += [f"F {f.sha256} {'x' if f.executable else '-'} {_line(f.rel)}" for f in job.files]
+            lines += [f"O {_line(out)}" for out in job.outputs]
+            lines += [f"C {_no_nul(text)}" for text in job.command.split("\n")]
             lines.append("E")
-        self.call("stage", str(self.capacity), stdin="\n".join(lines) + "\n")
+        self.call("stage", str(self.capacity), _seconds(lease), stdin="\n".join(lines) + "\n")
 
-    def status(self, batch: str) -> dict[str, JobStatus]:
-        out = self.call("status", batch).stdout
+    def status(self, batch: str, keys: list[str] | None = None, lease: float = 0) -> dict[str, JobStatus]:
+        """The records of the batch's jobs (or of ``keys`` only), in one round trip; with ``lease``, the
+        batch's queued jobs may start on this host for that many seconds more (only the batch's own client
+        should renew it: someone merely looking must not keep a dead client's queue alive)."""
+        out = self.call("status", batch, _seconds(lease), *(keys or [])).stdout
         return {s.key: s for s in (JobStatus.model_validate(json.loads(line)) for line in out.splitlines() if line)}
+
+    def renew(self, batch: str, lease: float) -> None:
+        """Renew the batch's lease on this host without asking about any job."""
+        self.call("lease", batch, _seconds(lease))
 
     def cancel(self, batch: str, keys: list[str] | None = None) -> list[str]:
         return self.call("cancel", batch, *(keys or [])).stdout.split()
@@ -147,25 +173,57 @@ class HostRuntime:
     def job_dir(self, batch: str, key: str) -> str:
         return f"{self.base}/jobs/{batch}/{key}"
 
-    def fetch(self, batch: str, key: str, outputs: list[str], dest: Path) -> list[Path]:
-        """Copy a finished job's output files (and its stdout/stderr) into ``dest``."""
+    def work_dir(self, batch: str, key: str) -> str:
+        """The job's working directory: its uploads and what it writes (outputs are relative to it)."""
+        return f"{self.job_dir(batch, key)}/work"
+
+    def fetch(
+        self, batch: str, key: str, outputs: list[str], dest: Path, max_bytes: int = MAX_OUTPUT_BYTES
+    ) -> list[Path]:
+        """Copy a finished job's output files (and its stdout/stderr) into ``dest``.
+
+        Only regular files are copied, and at most ``max_bytes`` of outputs in all (``FileRefused`` otherwise;
+        host.sh has checked both when the job ended, this holds even if something changed them since). A log
+        longer than ``max_bytes`` is cut to its end, with a first line saying so.
+        """
         got = []
+        budget = max_bytes
         for rel in outputs:
-            self.transport.get(f"{self.job_dir(batch, key)}/{rel}", dest / rel)
+            budget -= self.transport.get(f"{self.work_dir(batch, key)}/{rel}", dest / rel, max_bytes=budget)
             got.append(dest / rel)
         for stream in ("stdout", "stderr"):  # absent when the job never started
             try:
-                self.transport.get(f"{self.job_dir(batch, key)}/{stream}", dest / f"{stream}.log")
+                self.transport.get(f"{self.job_dir(batch, key)}/{stream}", dest / f"{stream}.log", tail=max_bytes)
             except FileNotFoundError:
                 continue
             got.append(dest / f"{stream}.log")
         return got
 
-    def read_log(self, batch: str, key: str, stream: str, offset: int) -> str:
-        """A job's stdout or stderr from byte ``offset`` on (one round trip): what ``logs --follow`` polls."""
-        path = self._q(f"{self.job_dir(batch, key)}/{stream}")
-        return self.transport.run(f"tail -c +{int(offset) + 1} {path} 2>/dev/null").stdout
+    def read_log(self, batch: str, key: str, stream: str, offset: int, size: int = 1 << 20) -> bytes:
+        """Up to ``size`` bytes of a job's stdout or stderr from byte ``offset`` on (one round trip): what
+        ``logs`` reads chunk by chunk, in constant memory whatever the log's length."""
+        return self.transport.read(f"{self.job_dir(batch, key)}/{stream}", offset, size)
 
     def tail(self, batch: str, key: str, stream: str = "stderr", lines: int = 20) -> str:
+        """The last lines of a job's stdout or stderr, from at most its last ``LOG_TAIL_BYTES``."""
         path = self._q(f"{self.job_dir(batch, key)}/{stream}")
-        return self.transport.run(f"tail -n {int(lines)} {path} 2>/dev/null").stdout
+        return self.transport.run(f"tail -c {LOG_TAIL_BYTES} {path} 2>/dev/null | tail -n {int(lines)}").stdout
+
+
+def _seconds(lease: float) -> str:
+    """A lease as host.sh takes it: whole seconds, rounded up (0: no renewal)."""
+    return str(math.ceil(lease)) if lease > 0 else "0"
+
+
+def _line(text: str) -> str:
+    """A manifest field: one line, as the config's checks guarantee; refused here too, since a line break
+    would let a name or command add lines of its own to the manifest."""
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise ValueError(f"line break or NUL in a manifest field: {text!r}")
+    return text
+
+
+def _no_nul(text: str) -> str:
+    if "\0" in text:
+        raise ValueError(f"NUL in a command: {text!r}")
+    return text

@@ -1,33 +1,48 @@
 #!/bin/sh
 # cloudsend host runtime: the only code that runs on a host. POSIX sh, no Python needed.
 #
-#   host.sh stage    BASE CAPACITY   < manifest   stage jobs (files linked from the store), queue them, start what fits
-#   host.sh status   BASE BATCH [KEY...]          one JSON line per job of BATCH (or per KEY); catches vanished processes
+#   host.sh stage    BASE CAPACITY LEASE < manifest  stage jobs (private copies of files from the store), queue
+#                                                  them, renew the batch's lease, start what fits
+#   host.sh status   BASE BATCH LEASE [KEY...]    one JSON line per job of BATCH (or per KEY); catches vanished
+#                                                  processes; renews the batch's lease for LEASE seconds (0: not)
+#   host.sh lease    BASE BATCH LEASE             renew the batch's lease only
 #   host.sh cancel   BASE BATCH [KEY...]          kill jobs' process groups (BATCH '*' = every batch)
-#   host.sh missing  BASE            < shas       print the shas not yet in the file store
+#   host.sh missing  BASE            < shas       print the shas not in the file store, or whose content no
+#                                                  longer matches its hash (removed: to be sent again)
 #   host.sh env      BASE KEY                     print an environment's state, starting its build if needed
 #   host.sh run|bootstrap|dispatch ...            internal: started by the commands above
 #
 # Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash),
-# jobs/<batch>/<key>/ (run dir: cmd.sh, status, pid, stdout, stderr, outputs), queue/ and running/
-# (host-wide CPU accounting shared by all batches), capacity, lock, dispatch.wanted.
+# jobs/<batch>/<key>/ (the runtime's record of a job: cmd.sh, status, pid, stdout, stderr, outputs...) and
+# jobs/<batch>/<key>/work/ (the job's working directory: private copies of its uploads, and what it writes;
+# nothing of the runtime's), queue/ and running/ (host-wide CPU accounting shared by all batches), leases/
+# (one file per batch, its mtime the lease's expiry), capacity, lock, dispatch.wanted, now.
+#
+# Fencing: a queued job starts only while its batch's lease runs. The client renews it at every poll, for
+# less time than it waits before declaring a silent host lost, so a host that is cut off, or that comes back
+# after being declared lost (its jobs handed to other hosts), starts none of its queued jobs: they end
+# aborted with FENCED as their reason. A job already running goes on to its end.
+#
+# Everything here is private to the login user (umask 077); jobs inherit that umask.
 #
 # Short jobs make this script's own cost matter: every job is started and ended by it, so the per-job path
 # (stage, dispatch, run) avoids forks wherever a builtin does (each fork+exec is about a millisecond, much
 # more on a busy host), and finishing jobs never wait for each other's dispatch (see dispatch below).
 set -u
+umask 077
 
 cmd=$1
 BASE=$2
 shift 2
 case $0 in /*) SELF=$0 ;; *) SELF=$PWD/$0 ;; esac
-for dir in files/.incoming envs jobs queue running; do # tests are builtins: no fork on the per-job path
-    [ -d "$BASE/$dir" ] || mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" ||
-        exit 3
+for dir in files/.incoming envs jobs queue running leases; do # tests are builtins: no fork on the per-job path
+    [ -d "$BASE/$dir" ] || mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" \
+        "$BASE/leases" || exit 3
 done
 case $BASE in /*) ;; *) BASE=$(cd "$BASE" && pwd) || exit 3 ;; esac
 JOB_SHELL=bash
 command -v bash >/dev/null 2>&1 || JOB_SHELL=sh
+FENCED="not started: its batch's lease expired (the client stopped watching this host; a rerun queues it again)"
 
 now() {
     now_t=$(date +%s.%N)
@@ -41,6 +56,21 @@ stamp() {
     now_t=
     read -r now_t <"$1"
     case $now_t in *N) date +%s >"$1" ;; esac
+}
+
+# clean TEXT: TEXT without control characters, quotes or backslashes, fit for a JSON string (failure paths only).
+clean() {
+    printf '%s' "$1" | tr -d '\000-\037"\\'
+}
+
+# renew BATCH SECONDS: the batch's queued jobs may start for SECONDS more (0: leave the lease as it is).
+renew() {
+    case $2 in '' | 0 | *[!0-9]*) return 0 ;; esac
+    exp=$(($(date +%s) + $2 + 1)) # +1: date +%s is truncated: the lease runs at least $2 seconds
+    touch -d "@$exp" "$BASE/leases/$1" 2>/dev/null || {
+        echo "host.sh: cannot set the lease of batch $1 (touch -d)" >&2
+        exit 3
+    }
 }
 
 # Start a command in the background in its own session, holding none of our file descriptors (so an SSH
@@ -150,6 +180,7 @@ vanished() {
 dispatch_pass() {
     consumed=
     ended=
+    echo >"$BASE/now" # its mtime is this pass's time: a lease runs while its file is newer (no fork)
     cap=1
     read -r cap <"$BASE/capacity" 2>/dev/null
     used=0
@@ -181,6 +212,12 @@ dispatch_pass() {
         if [ ! -d "$d" ]; then
             consumed="$consumed$q
 "
+            continue
+        fi
+        if [ ! "$BASE/leases/$batch" -nt "$BASE/now" ]; then
+            consumed="$consumed$q
+"
+            write_status "$d" aborted "$FENCED"
             continue
         fi
         read -r c <"$d/cpus"
@@ -235,19 +272,22 @@ dispatch_pass() {
 # Queue entries are written aside and moved into queue/ together, so a dispatch never reads one half-written.
 stage() {
     echo "$1" >"$BASE/capacity"
+    lease=$2
     for f in "$BASE"/files/.incoming/*; do
         [ -f "$f" ] && mv -f "$f" "$BASE/files/${f##*/}"
     done
     manifest="$BASE/jobs/.manifest.$$"
     incoming="$BASE/queue/.incoming.$$"
     cat >"$manifest" || exit 3
-    # J batch key cpus envkey timeout rerun: a known job is left alone (re-attached, never started twice)
-    # unless rerun=1 asks to replace it once it has ended (a retry of a failed job).
+    # J batch key cpus envkey timeout rerun maxout: a known job is left alone (re-attached, never started
+    # twice) unless rerun=1 asks to replace it once it has ended (a retry of a failed job).
     new=
     gone=
+    renewed=
     while IFS= read -r line; do
         case $line in 'J '*)
             set -- ${line#J }
+            [ -n "$renewed" ] || { renew "$1" "$lease" && renewed=1; }
             d="$BASE/jobs/$1/$2"
             if [ -f "$d/status" ]; then
                 IFS= read -r line <"$d/status"
@@ -257,7 +297,7 @@ stage() {
                     ;;
                 esac
             else
-                new="$new$d
+                new="$new$d/work
 "
             fi
             ;;
@@ -268,7 +308,9 @@ stage() {
 '
     set -f
     [ -n "$gone" ] && rm -rf $gone
-    [ -n "$new$gone" ] && mkdir -p $new $gone "$incoming"
+    for g in $gone; do new="$new$g/work
+"; done
+    [ -n "$new" ] && mkdir -p $new "$incoming"
     set +f
     IFS=$old_ifs
     stamp=$(now)
@@ -289,6 +331,7 @@ stage() {
             echo "$3" >"$d/cpus"
             echo "$4" >"$d/env"
             [ "$5" != - ] && echo "$5" >"$d/timeout"
+            [ "$7" != - ] && echo "$7" >"$d/maxout"
             : >"$d/outputs"
             : >"$d/cmd.sh"
             ;;
@@ -298,9 +341,10 @@ stage() {
             rest=${rest#* }
             x=${rest%% *}
             rel=${rest#* }
-            case $rel in */*) mkdir -p "$d/${rel%/*}" ;; esac
-            [ "$x" = x ] && chmod +x "$BASE/files/$sha"
-            ln -sf "$BASE/files/$sha" "$d/$rel"
+            case $rel in */*) mkdir -p "$d/work/${rel%/*}" ;; esac
+            # A private copy: whatever the job does to it, the store (and every other job) keeps the original.
+            cp "$BASE/files/$sha" "$d/work/$rel" || exit 3
+            [ "$x" = x ] && chmod u+x "$d/work/$rel"
             ;;
         O) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/outputs" ;;
         C) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/cmd.sh" ;;
@@ -318,17 +362,19 @@ stage() {
     dispatch
 }
 
+# The job runs in DIR/work; everything of the runtime's stays in DIR, out of the job's way.
 runjob() {
     d="$BASE/jobs/$1/$2"
-    cd "$d" || exit 1
-    echo $$ >pid
-    stamp start
+    cd -P "$d/work" || exit 1
+    work=$PWD
+    echo $$ >"$d/pid"
+    stamp "$d/start"
     write_status "$d" running ""
-    read -r env <env
-    read -r CLOUDSEND_CPUS <cpus
+    read -r env <"$d/env"
+    read -r CLOUDSEND_CPUS <"$d/cpus"
     export CLOUDSEND_CPUS CLOUDSEND_BATCH="$1" CLOUDSEND_JOB="$2"
     t=
-    [ -f timeout ] && read -r t <timeout
+    [ -f "$d/timeout" ] && read -r t <"$d/timeout"
     oom_kills
     oom_before=$oom
     if [ "$env" != - ] && [ -f "$BASE/envs/$env/activate" ]; then
@@ -339,19 +385,16 @@ runjob() {
         run_cmd
     fi
     ex=$?
-    echo "$ex" >exit
-    stamp end
-    if [ -f cancelled ]; then
+    echo "$ex" >"$d/exit"
+    stamp "$d/end"
+    cd -P "$work" 2>/dev/null || cd / || exit 1
+    if [ -f "$d/cancelled" ]; then
         write_status "$d" aborted "cancelled"
     elif [ "$ex" -eq 0 ]; then
-        missing=
-        while IFS= read -r o; do
-            [ -e "$o" ] || { missing=$o && break; }
-        done <outputs
-        if [ -z "$missing" ]; then
+        if check_outputs; then
             write_status "$d" done ""
         else
-            write_status "$d" aborted "missing output file: $(printf '%s' "$missing" | tr -d '"\\')"
+            write_status "$d" aborted "$bad"
         fi
     elif [ -n "$t" ] && [ "$ex" -eq 124 ]; then
         write_status "$d" failed "timed out after ${t}s"
@@ -359,7 +402,7 @@ runjob() {
         write_status "$d" failed "out of memory: killed by the kernel's OOM killer"
     elif [ "$ex" -eq 137 ]; then
         write_status "$d" failed "killed by SIGKILL (out of memory, or killed by someone)"
-    elif [ "$ex" -ne 0 ] && tail -n 5 stderr | grep -qiE 'MemoryError|Cannot allocate memory|out of memory|bad_alloc'; then
+    elif [ "$ex" -ne 0 ] && tail -n 5 "$d/stderr" | grep -qiE 'MemoryError|Cannot allocate memory|out of memory|bad_alloc'; then
         write_status "$d" failed "out of memory (exit code $ex; see stderr)"
     elif [ "$ex" -gt 128 ]; then
         write_status "$d" failed "killed by signal $((ex - 128))"
@@ -371,6 +414,41 @@ runjob() {
     # The next job, if this process took one: same pid and process group (its own session), fresh shell.
     # shellcheck disable=SC2086
     if [ -n "$next" ]; then exec sh "$SELF" run "$BASE" $next; fi
+}
+
+# check_outputs: whether every output of the job in $d (cwd: its work dir $work) is a regular file, reached
+# without symbolic links, and all of them together within its maxout bytes; else why not, in $bad. Only
+# such files are fetched: a link could point anywhere on the host, a FIFO or device never ends.
+check_outputs() {
+    bad=
+    set --
+    while IFS= read -r o; do
+        if [ -L "$o" ]; then
+            bad="output $(clean "$o") is a symbolic link: only regular files are fetched"
+        elif [ ! -e "$o" ]; then
+            bad="missing output file: $(clean "$o")"
+        elif [ ! -f "$o" ]; then
+            bad="output $(clean "$o") is not a regular file (a directory, FIFO, socket or device): only regular files are fetched"
+        else
+            case $o in */*)
+                if ! cd -P "${o%/*}" 2>/dev/null || [ "$PWD" != "$work/${o%/*}" ]; then
+                    bad="output $(clean "$o") is under a symbolically linked directory: only files inside the job's directory are fetched"
+                fi
+                cd -P "$work" || return 1
+                ;;
+            esac
+        fi
+        [ -n "$bad" ] && return 1
+        set -- "$@" "$o"
+    done <"$d/outputs"
+    [ $# -gt 0 ] && [ -f "$d/maxout" ] || return 0
+    read -r maxout <"$d/maxout"
+    total=$(wc -c -- "$@" | { t=0; while read -r n _; do t=$n; done; echo "$t"; })
+    if [ "${total:-0}" -gt "$maxout" ]; then
+        bad="outputs total $total bytes, over the limit of $maxout bytes (max_output_mb)"
+        return 1
+    fi
+    return 0
 }
 
 # oom_kills: the OOM-killer count of this process's cgroup (cgroup v2) into $oom, 0 when unknown. No fork.
@@ -389,16 +467,17 @@ oom_kills() {
 
 run_cmd() {
     if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then
-        timeout -k 10 "$t" "$JOB_SHELL" cmd.sh >stdout 2>stderr
+        timeout -k 10 "$t" "$JOB_SHELL" "$d/cmd.sh" >"$d/stdout" 2>"$d/stderr"
     else
-        "$JOB_SHELL" cmd.sh >stdout 2>stderr
+        "$JOB_SHELL" "$d/cmd.sh" >"$d/stdout" 2>"$d/stderr"
     fi
 }
 
 # status BATCH [KEY...]: with keys, only those jobs (what a client watching a few jobs of a big batch asks).
 status() {
     batch=$1
-    shift
+    renew "$1" "$2"
+    shift 2
     vanished=0
     if [ $# -gt 0 ]; then
         for key in "$@"; do status_of "$BASE/jobs/$batch/$key"; done
@@ -486,8 +565,18 @@ cancel() {
 }
 
 missing() {
+    present=
     while read -r sha; do
-        [ -f "$BASE/files/$sha" ] || echo "$sha"
+        case $sha in '' | *[!0-9a-f]*) continue ;; esac
+        if [ -f "$BASE/files/$sha" ]; then present="$present $sha"; else echo "$sha"; fi
+    done
+    [ -n "$present" ] && command -v sha256sum >/dev/null 2>&1 || return 0
+    cd "$BASE/files" || exit 3
+    # A stored file whose content no longer matches its name is removed, and sent again.
+    # shellcheck disable=SC2086
+    sha256sum -- $present | while read -r sum name; do
+        name=${name#\*}
+        [ "$sum" = "$name" ] || { rm -f "$name" && echo "$name"; }
     done
 }
 
@@ -565,6 +654,7 @@ bootstrap() {
 case $cmd in
 stage) stage "$@" ;;
 status) status "$@" ;;
+lease) renew "$@" ;;
 cancel) cancel "$@" ;;
 missing) missing ;;
 env) ensure_env "$@" ;;

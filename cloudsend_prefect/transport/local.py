@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from cloudsend_prefect.transport.base import CommandResult
+from cloudsend_prefect.transport.base import CommandResult, FileRefused, check_regular, copy_bounded
+
+# What a job on the local provider sees of the client's environment: what a login on another host would
+# give it, never the client's credentials (AWS keys, Prefect API keys, tokens...).
+PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR")
 
 
 class LocalTransport:
@@ -17,6 +22,7 @@ class LocalTransport:
         self.name = name
         self.round_trips = 0
         self._home = Path.home()
+        self._env = {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith("LC_")}
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float | None = None) -> CommandResult:
         self.round_trips += 1
@@ -28,6 +34,7 @@ class LocalTransport:
                 text=True,
                 timeout=timeout,
                 cwd=self._home,
+                env=self._env,
             )
         except subprocess.TimeoutExpired as exc:
             raise TimeoutError(f"{self.name}: command timed out after {timeout}s") from exc
@@ -40,10 +47,35 @@ class LocalTransport:
         self.round_trips += 1
         shutil.copyfile(local, self._path(remote))
 
-    def get(self, remote: str, local: Path) -> None:
+    def _open(self, remote: str) -> int:
+        """O_NOFOLLOW: a link is refused, not followed; O_NONBLOCK: opening a FIFO does not wait for a writer."""
+        try:
+            return os.open(self._path(remote), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FileRefused(f"{remote} is a symbolic link: only regular files are fetched") from None
+            raise
+
+    def get(self, remote: str, local: Path, *, max_bytes: int | None = None, tail: int | None = None) -> int:
         self.round_trips += 1
-        local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(remote), local)
+        fd = self._open(remote)
+        with os.fdopen(fd, "rb") as source:
+            st = os.fstat(fd)
+            skip = check_regular(remote, st.st_mode, st.st_size, max_bytes, tail)
+            return copy_bounded(source, st.st_size, skip, local)
+
+    def read(self, remote: str, offset: int, size: int) -> bytes:
+        self.round_trips += 1
+        try:
+            fd = self._open(remote)
+        except FileNotFoundError:
+            return b""
+        try:
+            st = os.fstat(fd)
+            check_regular(remote, st.st_mode, st.st_size, None, None)
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         return None

@@ -29,7 +29,7 @@ from paramiko.hostkeys import HostKeyEntry
 from paramiko.message import Message
 from paramiko.ssh_exception import BadHostKeyException, ChannelException, SSHException
 
-from cloudsend_prefect.transport.base import CommandResult, TransportError
+from cloudsend_prefect.transport.base import CommandResult, FileRefused, TransportError, check_regular, copy_bounded
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ _NETWORK_ERRORS = (SSHException, OSError, EOFError)
 _KNOWN_HOSTS_WRITE_LOCK = threading.Lock()
 _CHUNK = 32768
 _T = TypeVar("_T")
+TRANSFER_TIMEOUT = 120.0  # seconds an SFTP request may go unanswered before the transfer is given up
 _REFUSED_CHANNEL_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -426,6 +427,7 @@ class SSHTransport:
             sftp = paramiko.SFTPClient.from_transport(transport)
             if sftp is None:
                 raise SSHException("the server refused the SFTP subsystem")
+            sftp.get_channel().settimeout(TRANSFER_TIMEOUT)  # type: ignore[union-attr]
             self._sftp, self._sftp_transport = sftp, transport
             return sftp
 
@@ -438,8 +440,13 @@ class SSHTransport:
             sftp = self._sftp_client()
             try:
                 action(sftp)
-            except (FileNotFoundError, PermissionError, IsADirectoryError):
+            except (FileNotFoundError, PermissionError, IsADirectoryError, FileRefused):
                 raise  # a file problem, not a connection one
+            except TimeoutError as exc:  # the host stopped answering mid-transfer: this SFTP session is stuck
+                with contextlib.suppress(Exception):
+                    sftp.close()
+                self._sftp = None
+                raise self._error(f"{what}: no answer for {TRANSFER_TIMEOUT:g}s") from exc
             except _NETWORK_ERRORS as exc:
                 transport = self._sftp_transport
                 if (
@@ -457,24 +464,44 @@ class SSHTransport:
         """Copy a local file to ``remote`` (absolute, or relative to the login home)."""
         self._transfer(f"put {remote}", lambda sftp: sftp.put(str(local), self._remote_path(remote)))
 
-    def get(self, remote: str, local: Path) -> None:
-        """Copy ``remote`` to ``local`` via a temporary name, so a failed transfer leaves no partial file."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        part = local.with_name(f".{local.name}.part")
+    def get(self, remote: str, local: Path, *, max_bytes: int | None = None, tail: int | None = None) -> int:
+        """Copy the regular file ``remote`` to ``local`` (see ``Transport.get``).
+
+        The file is checked with lstat (a link, FIFO or device is refused before anything opens it) and read
+        through a channel with a timeout, so nothing a job leaves behind can block or flood the client.
+        """
+        copied = 0
 
         def fetch(sftp: paramiko.SFTPClient) -> None:
-            try:
-                path = self._remote_path(remote)
-                size = sftp.stat(path).st_size
-                sftp.get(path, str(part))
-                # paramiko only checks what it wrote against the local size: a cut transfer can look whole.
-                if size is not None and part.stat().st_size != size:
-                    raise EOFError(f"got {part.stat().st_size} of {size} bytes")
-                os.replace(part, local)
-            finally:
-                part.unlink(missing_ok=True)
+            nonlocal copied
+            path = self._remote_path(remote)
+            attrs = sftp.lstat(path)
+            skip = check_regular(remote, attrs.st_mode, attrs.st_size, max_bytes, tail)
+            size = attrs.st_size or 0
+            with sftp.open(path, "rb") as source:
+                source.prefetch(size)
+                copied = copy_bounded(source, size, skip, local)  # type: ignore[arg-type]
 
         self._transfer(f"get {remote}", fetch)
+        return copied
+
+    def read(self, remote: str, offset: int, size: int) -> bytes:
+        data = b""
+
+        def read(sftp: paramiko.SFTPClient) -> None:
+            nonlocal data
+            path = self._remote_path(remote)
+            try:
+                attrs = sftp.lstat(path)
+            except FileNotFoundError:
+                return
+            check_regular(remote, attrs.st_mode, attrs.st_size, None, None)
+            with sftp.open(path, "rb") as source:
+                source.seek(offset)
+                data = source.read(size)
+
+        self._transfer(f"read {remote}", read)
+        return data
 
     def close(self) -> None:
         """Close the connection; detached jobs on the host keep running. The next call reconnects."""
