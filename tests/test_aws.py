@@ -244,6 +244,139 @@ def test_without_ssh_from_only_this_machines_public_address_is_let_in(
     assert [r["CidrIp"] for rule in ingress("myip") for r in rule["IpRanges"]] == ["198.51.100.7/32"]
 
 
+def group_of(project: str) -> dict[str, Any]:
+    (group,) = ec2().describe_security_groups(Filters=[{"Name": "group-name", "Values": [f"cloudsend-{project}"]}])[
+        "SecurityGroups"
+    ]
+    return group
+
+
+def only_ssh_from(project: str, *cidrs: str) -> None:
+    """The group lets in TCP 22 from exactly ``cidrs`` and nothing else (no other port, source or group)."""
+    permissions = ingress(project)
+    assert [(p["IpProtocol"], p.get("FromPort"), p.get("ToPort")) for p in permissions] == [("tcp", 22, 22)]
+    (rule,) = permissions
+    sources = [r["CidrIp"] for r in rule["IpRanges"]] + [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])]
+    assert sorted(sources) == sorted(cidrs)
+    assert not rule.get("UserIdGroupPairs") and not rule.get("PrefixListIds")
+
+
+def test_a_reused_security_group_converges_to_the_ssh_from_of_this_run(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cloudsend.aws")
+    provision(make_config(tmp_path, "drift", [instance(ami)], ssh_from=["0.0.0.0/0", "2001:db8:5::/64"]))
+    only_ssh_from("drift", "0.0.0.0/0", "2001:db8:5::/64")
+    group = group_of("drift")["GroupId"]
+
+    provision(make_config(tmp_path, "drift", [instance(ami)]))  # ssh_from: [CIDR]
+    only_ssh_from("drift", CIDR)  # the world and the old IPv6 block are out, not kept beside the /32
+    assert group_of("drift")["GroupId"] == group  # the same group, converged (instances keep it)
+    messages = [r.getMessage() for r in caplog.records if r.name == "cloudsend.aws"]
+    assert f"security group {group}: let in SSH from {CIDR}" in messages
+    revoked = [m for m in messages if "revoked" in m]
+    assert any("tcp 22 from 0.0.0.0/0" in m for m in revoked)
+    assert any("tcp 22 from 2001:db8:5::/64" in m for m in revoked)
+
+
+def test_rules_added_to_the_group_by_hand_are_revoked(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire
+) -> None:
+    config = make_config(tmp_path, "byhand", [instance(ami)], ssh_from=[CIDR, "2001:db8:5::/64"])
+    provision(config)
+    group = group_of("byhand")["GroupId"]
+    (default,) = ec2().describe_security_groups(Filters=[{"Name": "group-name", "Values": ["default"]}])[
+        "SecurityGroups"
+    ]
+    ec2().authorize_security_group_ingress(
+        GroupId=group,
+        IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "198.51.100.0/24"}]},
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 23, "IpRanges": [{"CidrIp": CIDR}]},  # not exactly 22
+            {"IpProtocol": "udp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": CIDR}]},  # not tcp
+            {"IpProtocol": "icmp", "FromPort": -1, "ToPort": -1, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]},
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": default["GroupId"]}]},  # another group
+        ],
+    )
+    with wire.lock:
+        wire.calls.clear()
+
+    provision(config)
+    only_ssh_from("byhand", CIDR, "2001:db8:5::/64")
+    assert len(wire.sent("RevokeSecurityGroupIngress")) == 7  # one call per stale rule
+    assert wire.sent("AuthorizeSecurityGroupIngress") == []  # the requested rules were there already
+
+
+def test_an_unchanged_group_is_only_read(tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire) -> None:
+    config = make_config(tmp_path, "steady", [instance(ami)], ssh_from=[CIDR, "2001:db8:5::/64"])
+    provision(config)
+    before = group_of("steady")
+    with wire.lock:
+        wire.calls.clear()
+    provision(config)
+    assert wire.sent("DescribeSecurityGroups")
+    assert wire.sent("AuthorizeSecurityGroupIngress") == [] and wire.sent("RevokeSecurityGroupIngress") == []
+    assert group_of("steady") == before
+
+
+def test_another_run_converging_the_group_at_once_is_not_an_error(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire
+) -> None:
+    provision(make_config(tmp_path, "race", [instance(ami)], ssh_from=["0.0.0.0/0"]))
+    # Each change is carried out, but answered as if another run had made it first.
+    wire.lost_answers.append(
+        lambda op, body: {
+            "AuthorizeSecurityGroupIngress": "InvalidPermission.Duplicate",
+            "RevokeSecurityGroupIngress": "InvalidPermission.NotFound",
+        }.get(op)
+    )
+    provision(make_config(tmp_path, "race", [instance(ami)]))
+    only_ssh_from("race", CIDR)
+    assert wire.sent("AuthorizeSecurityGroupIngress") and wire.sent("RevokeSecurityGroupIngress")
+
+
+def test_key_path_refuses_a_project_or_region_that_is_not_one_file_name(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire
+) -> None:
+    config = make_config(tmp_path, "safe", [instance(ami)])
+    assert aws.key_path(config, "eu-west-1") == aws_env.config_home / "cloudsend" / "keys" / "safe-eu-west-1.pem"
+    for project in ("../../x", "a/b", "a\\b", "..", ".", ".hidden", "", "a\0b", "a\nb"):
+        # Built past the config's own checks: key_path must hold on its own.
+        bad = config.model_copy(update={"project": project})
+        with pytest.raises(ValueError, match=r"project .* cannot name a key file"):
+            aws.key_path(bad, "eu-west-1")
+    with pytest.raises(ValueError, match=r"region .* cannot name a key file"):
+        aws.key_path(config, "../eu-west-1")
+
+    escaping = config.model_copy(update={"project": "../../x"})
+    with pytest.raises(ValueError, match="cannot name a key file"):
+        provision(escaping)
+    assert wire.sent("ImportKeyPair") == [] and wire.sent("RunInstances") == []
+    assert not list(tmp_path.rglob("*.pem"))  # no private key written anywhere
+
+    keys = aws_env.config_home / "cloudsend" / "keys"
+    keys.mkdir(parents=True)
+    (keys / "planted-eu-west-1.pem").symlink_to(tmp_path / "elsewhere.pem")
+    with pytest.raises(ValueError, match="resolves outside"):
+        aws.key_path(config.model_copy(update={"project": "planted"}), "eu-west-1")
+    assert not (tmp_path / "elsewhere.pem").exists()
+
+
+def test_key_file_and_directory_are_made_private_even_when_they_were_not(
+    tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any]
+) -> None:
+    config = make_config(tmp_path, "loose", [instance(ami)])
+    key_file = aws.key_path(config, "eu-west-1")
+    aws.ensure_key(ec2(), config, "eu-west-1")
+    key_file.chmod(0o644)  # e.g. copied from another machine with a loose umask
+    key_file.parent.chmod(0o755)
+    aws.ensure_key(ec2(), config, "eu-west-1")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+
+
 # -- run_instances --------------------------------------------------------------------------------------
 def test_run_instances_arguments_as_ec2_records_them(
     tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire

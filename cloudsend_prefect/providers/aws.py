@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import math
 import os
+import stat
 import threading
 import time
 import urllib.request
@@ -113,8 +114,26 @@ def _code(exc: Exception) -> str:
 
 
 # -- keys and network -----------------------------------------------------------------------------------
+def _path_component(what: str, value: str) -> str:
+    """``value`` if it can only ever name one file inside a directory: a project or region with a separator,
+    a NUL or a leading dot (``..``) would put the private key (or unlink a file) outside ``keys/``."""
+    unsafe = {"/", "\\", "\0", os.sep, os.altsep or "/"}
+    if not value or value.startswith(".") or any(c in value for c in unsafe) or not value.isprintable():
+        raise ValueError(
+            f"{what} {value!r} cannot name a key file: it must be one file name component "
+            "(no '/', '\\', NUL or control characters, and no leading '.')"
+        )
+    return value
+
+
 def key_path(config: BatchConfig, region: str) -> Path:
-    return config_dir() / "keys" / f"{config.project}-{region}.pem"
+    """``<config_dir>/keys/<project>-<region>.pem``. Checked here as well as in the config: whatever builds a
+    ``BatchConfig`` (a test, a caller skipping validation), the key is never written or removed elsewhere."""
+    keys = config_dir() / "keys"
+    path = keys / f"{_path_component('project', config.project)}-{_path_component('region', region)}.pem"
+    if path.resolve().parent != keys.resolve():  # e.g. a symlink planted as the key file's name
+        raise ValueError(f"key file {path} resolves outside {keys}")
+    return path
 
 
 def ensure_key(ec2: EC2Client, config: BatchConfig, region: str) -> tuple[str, Path]:
@@ -124,8 +143,14 @@ def ensure_key(ec2: EC2Client, config: BatchConfig, region: str) -> tuple[str, P
 
     path = key_path(config, region)
     secret = f"{config.key_secret}-{region}" if config.key_secret else None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # mkdir's mode leaves an existing directory (or one made under a strict umask) as it is; ssh refuses a
+    # private key others can read, and the directory holds every project's keys.
+    if stat.S_IMODE(path.parent.stat().st_mode) != 0o700:
+        path.parent.chmod(0o700)
+    if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o600)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         private = _secret_key(secret) or Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
@@ -178,8 +203,101 @@ def my_cidrs(config: BatchConfig) -> list[str]:
     return cidrs
 
 
+SSH_PORT = 22
+
+
+def _ssh_cidr(permission: dict[str, Any], cidr: str, wanted: set[str]) -> str | None:
+    """The requested CIDR this range of ``permission`` is, when the rule is exactly TCP 22 from it; else None."""
+    if permission.get("IpProtocol") not in ("tcp", "6"):
+        return None
+    if (permission.get("FromPort"), permission.get("ToPort")) != (SSH_PORT, SSH_PORT):
+        return None
+    try:
+        network = str(ipaddress.ip_network(cidr, strict=False))  # EC2 may spell an IPv6 block differently
+    except ValueError:
+        return None
+    return network if network in wanted else None
+
+
+def _stale_ingress(permissions: list[dict[str, Any]], wanted: set[str]) -> tuple[list[dict[str, Any]], set[str]]:
+    """Split a group's ingress into rules to revoke (one source each, as RevokeSecurityGroupIngress takes
+    them) and the requested CIDRs already let in. Anything but TCP 22 from a requested CIDR is stale: other
+    ports or protocols, other CIDRs (IPv4 or IPv6), other groups, prefix lists."""
+    stale: list[dict[str, Any]] = []
+    present: set[str] = set()
+    for permission in permissions:
+        base: dict[str, Any] = {k: permission[k] for k in ("IpProtocol", "FromPort", "ToPort") if k in permission}
+        for ranges, address in (("IpRanges", "CidrIp"), ("Ipv6Ranges", "CidrIpv6")):
+            for entry in permission.get(ranges) or []:
+                cidr = _ssh_cidr(permission, entry[address], wanted)
+                if cidr is None:
+                    stale.append({**base, ranges: [{address: entry[address]}]})
+                else:
+                    present.add(cidr)
+        for pair in permission.get("UserIdGroupPairs") or []:
+            source = {k: pair[k] for k in ("GroupId", "UserId") if k in pair} or {"GroupName": pair["GroupName"]}
+            stale.append({**base, "UserIdGroupPairs": [source]})
+        for prefix in permission.get("PrefixListIds") or []:
+            stale.append({**base, "PrefixListIds": [{"PrefixListId": prefix["PrefixListId"]}]})
+    return stale, present
+
+
+def _describe_rule(permission: dict[str, Any]) -> str:
+    """A rule for the log: ``tcp 80 from 0.0.0.0/0``."""
+    ports = (permission.get("FromPort"), permission.get("ToPort"))
+    port = "" if ports == (None, None) else f" {ports[0]}" if ports[0] == ports[1] else f" {ports[0]}-{ports[1]}"
+    protocol = "all traffic" if permission["IpProtocol"] == "-1" else permission["IpProtocol"]
+    sources = [
+        *(r["CidrIp"] for r in permission.get("IpRanges", [])),
+        *(r["CidrIpv6"] for r in permission.get("Ipv6Ranges", [])),
+        *(p.get("GroupId") or p.get("GroupName", "?") for p in permission.get("UserIdGroupPairs", [])),
+        *(p["PrefixListId"] for p in permission.get("PrefixListIds", [])),
+    ]
+    return f"{protocol}{port} from {', '.join(sources)}"
+
+
+def _converge_ingress(ec2: EC2Client, group: str, permissions: list[dict[str, Any]], cidrs: list[str]) -> None:
+    """Make the group's ingress exactly TCP 22 from ``cidrs``, whatever it held before.
+
+    A reused group keeps what an earlier run (``ssh_from: [0.0.0.0/0]``, an address since given up) or a
+    person added by hand; adding the requested rules alone would leave that open for ever. The missing rules
+    are added before the stale ones go, so a batch still running from a requested address never loses SSH.
+    Another run converging the same group at once only makes these calls find their work done (Duplicate,
+    NotFound), which is not an error.
+    """
+    wanted = set(cidrs)
+    stale, present = _stale_ingress(permissions, wanted)
+    for cidr in cidrs:
+        if cidr in present:
+            continue
+        ranges, address = ("Ipv6Ranges", "CidrIpv6") if ":" in cidr else ("IpRanges", "CidrIp")
+        rule = {"IpProtocol": "tcp", "FromPort": SSH_PORT, "ToPort": SSH_PORT}
+        try:  # one rule per CIDR: a rule already there (Duplicate) must not keep the others out
+            ec2.authorize_security_group_ingress(
+                GroupId=group, IpPermissions=[{**rule, ranges: [{address: cidr, "Description": "cloudsend client"}]}]
+            )
+            log.info("security group %s: let in SSH from %s", group, cidr)
+        except Exception as exc:
+            if _code(exc) != "InvalidPermission.Duplicate":
+                raise
+    for permission in stale:
+        try:  # one call per rule: a rule someone else already removed must not keep the others in
+            answer = ec2.revoke_security_group_ingress(GroupId=group, IpPermissions=[permission])
+        except Exception as exc:
+            if _code(exc) != "InvalidPermission.NotFound":
+                raise
+            continue
+        if not answer.get("UnknownIpPermissions"):  # EC2 may answer a vanished rule with this instead of NotFound
+            log.warning(
+                "security group %s: revoked %s (only TCP 22 from %s is let in)",
+                group,
+                _describe_rule(permission),
+                ", ".join(cidrs),
+            )
+
+
 def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> tuple[str, list[str]]:
-    """The project's security group (SSH from ``my_cidrs`` only) and the subnets to try, in order."""
+    """The project's security group, converged to SSH from ``my_cidrs`` only, and the subnets to try, in order."""
     if inst.cloud_id:
         vpc = inst.cloud_id
     else:
@@ -191,8 +309,10 @@ def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> t
     groups = ec2.describe_security_groups(
         Filters=[{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]}]
     )["SecurityGroups"]
+    permissions: list[dict[str, Any]] = []
     if groups:
         group = groups[0]["GroupId"]
+        permissions = list(groups[0].get("IpPermissions") or [])
     else:
         group = ec2.create_security_group(
             GroupName=name,
@@ -202,17 +322,7 @@ def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> t
                 {"ResourceType": "security-group", "Tags": [{"Key": TAG_PROJECT, "Value": config.project}]}
             ],
         )["GroupId"]
-    for cidr in my_cidrs(config):
-        ranges = "Ipv6Ranges" if ":" in cidr else "IpRanges"
-        address = "CidrIpv6" if ":" in cidr else "CidrIp"
-        rule = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22}
-        try:  # one rule per CIDR: a rule already there (Duplicate) must not keep the others out
-            ec2.authorize_security_group_ingress(
-                GroupId=group, IpPermissions=[{**rule, ranges: [{address: cidr, "Description": "cloudsend client"}]}]
-            )
-        except Exception as exc:
-            if _code(exc) != "InvalidPermission.Duplicate":
-                raise
+    _converge_ingress(ec2, group, permissions, my_cidrs(config))
     subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
     by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in sorted(subnets, key=lambda s: not s.get("DefaultForAz"))}
     if inst.zones:
