@@ -7,10 +7,14 @@ had are errors. Everything here is pure data and checks: no Prefect, SSH or boto
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
+import posixpath
 import re
-from pathlib import Path
+import unicodedata
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -44,6 +48,28 @@ AWS_ONLY_KEYS = (
 )
 SSH_ONLY_KEYS = ("host", "port", "user", "key_file", "host_key", "accept_new_host_key", "remote_dir")
 
+# Names that become one path component, an AWS tag, a key file name or a host name.
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SLUG_PATTERN = f"^{SLUG.pattern}$"  # the same rule, for the JSON Schema
+SLUG_MAX = 63  # a DNS label's length: the strictest place such a name goes
+JOB_NAME_MAX = 128
+# Bounds that keep a typo (an extra zero or ten) from becoming hours of work or a stuck batch.
+MAX_SECONDS = 30 * 24 * 3600  # 30 days
+MAX_JOB_RUNS = 1_000_000  # all jobs' `repeat`s together
+# Unicode categories that are never part of a readable name: controls, format marks (bidi overrides,
+# zero-width joiners), surrogates (not encodable) and line/paragraph separators.
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+# OpenSSH public key types paramiko can check a host against.
+HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+
 
 def split_ignored(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Drop the predecessor's global keys that mean nothing here, saying why for each."""
@@ -55,6 +81,90 @@ def _as_list(value: Any) -> Any:
     """The predecessor accepted a comma-separated string wherever a list of names was expected."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def unprintable_char(value: str) -> str | None:
+    """The first character of ``value`` that has no business in a name or a path, as ``U+000A``."""
+    bad = next((ch for ch in value if unicodedata.category(ch) in _UNPRINTABLE), None)
+    return None if bad is None else f"U+{ord(bad):04X}"
+
+
+def check_printable(value: str, what: str = "") -> str:
+    """A control character in a file name or host setting ends up in a shell line, a log or a path; refuse it."""
+    bad = unprintable_char(value)
+    if bad:
+        raise ValueError(f"{what}contains a control character ({bad})")
+    return value
+
+
+def check_slug(value: str) -> str:
+    """Project, instance and environment names go into paths, AWS tags, key file and host names."""
+    if not SLUG.fullmatch(value):
+        raise ValueError("use letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+    if len(value) > SLUG_MAX:
+        raise ValueError(f"at most {SLUG_MAX} characters (it has {len(value)})")
+    return value
+
+
+def check_job_name(value: str) -> str:
+    """A job name is the results folder's name and the task run's: one safe, printable path component.
+
+    Anything printable is allowed otherwise (``[bold]`` is a fine name: the CLI escapes markup); a ``/``
+    is not, as the results folder ``<results>/<name>`` would become nested folders.
+    """
+    bad = unprintable_char(value)
+    if bad:
+        raise ValueError(f"contains a control character ({bad})")
+    if not value.strip():
+        raise ValueError("empty")
+    if value != value.strip():
+        raise ValueError("leading or trailing whitespace")
+    if len(value) > JOB_NAME_MAX:
+        raise ValueError(f"at most {JOB_NAME_MAX} characters (it has {len(value)})")
+    if "/" in value or "\\" in value:
+        raise ValueError("must be one path component: no '/' or '\\'")
+    if value in (".", ".."):
+        raise ValueError("'.' and '..' are not names")
+    if value.startswith("-"):
+        raise ValueError("must not start with '-' (it would read as an option)")
+    return value
+
+
+def check_no_nul(value: str) -> str:
+    """A NUL byte cannot be passed to a shell or a process: it would cut the line short."""
+    if "\0" in value:
+        raise ValueError("contains a NUL byte")
+    return value
+
+
+def check_host_key(value: str) -> str:
+    """``<type> <base64> [comment]`` whose base64 really is a key of that type, as paramiko will need it."""
+    parts = value.split()
+    if len(parts) < 2:
+        raise ValueError("expected an OpenSSH public key line, '<type> <base64> [comment]' (as in ssh-keyscan output)")
+    kind, blob = parts[0], parts[1]
+    if kind not in HOST_KEY_TYPES:
+        raise ValueError(f"unknown key type {kind!r} (known: {', '.join(HOST_KEY_TYPES)})")
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the key after {kind!r} is not valid base64") from None
+    size = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
+    if raw[4 : 4 + size] != kind.encode():
+        raise ValueError(f"the base64 part is not a {kind} key (its embedded type does not match)")
+    return value
+
+
+def check_remote_dir(value: str) -> str:
+    """cloudsend owns what is under ``remote_dir`` (and cleans it): never a home, the root, or a path that climbs."""
+    check_printable(value)
+    hint = "must be a dedicated directory, e.g. ~/.cloudsend"
+    stripped = value.strip()
+    if not stripped.strip("/") or posixpath.normpath(stripped) in (".", "~"):
+        raise ValueError(hint)
+    if ".." in PurePosixPath(stripped).parts:
+        raise ValueError(f"{hint}, without '..'")
     return value
 
 
@@ -76,15 +186,21 @@ class InstanceType(_Strict):
     provider: Provider | None = Field(
         None, title="Provider", description="Overrides the global provider for this instance type."
     )
-    name: str | None = Field(None, title="Name", description="A label for these instances in logs and tables.")
+    name: str | None = Field(
+        None,
+        title="Name",
+        description="A label for these instances in logs and tables; names their hosts.",
+        json_schema_extra={"pattern": SLUG_PATTERN, "maxLength": SLUG_MAX},
+    )
     cpus: int | None = Field(
         None,
         ge=1,
+        le=100_000,
         title="CPUs",
         description="CPU slots jobs are packed into. local: defaults to this machine's CPU count; "
         "aws: defaults to the type's vCPUs.",
     )
-    number: int = Field(1, ge=1, title="Number", description="How many instances of this type.")
+    number: int = Field(1, ge=1, le=1000, title="Number", description="How many instances of this type.")
     explode: bool = Field(
         False,
         title="Explode",
@@ -96,12 +212,18 @@ class InstanceType(_Strict):
     gpu: str | None = Field(None, title="GPU", description="aws: a GPU kind to ask for.")
     img_id: str | None = Field(None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS).")
     img_username: str | None = Field(None, title="Image user", description="aws: the login user of the image.")
-    disk_size: int | None = Field(None, ge=1, title="Disk size (GiB)", description="aws: root volume size.")
+    disk_size: int | None = Field(None, ge=1, le=65536, title="Disk size (GiB)", description="aws: root volume size.")
     disk_type: str | None = Field(None, title="Disk type", description="aws: EBS volume type (gp3, io2...).")
     eco: bool = Field(False, title="Spot", description="aws: use spot capacity.")
-    max_bid: float | None = Field(None, gt=0, title="Max spot price", description="aws: USD per hour.")
+    max_bid: float | None = Field(
+        None, gt=0, le=1000, allow_inf_nan=False, title="Max spot price", description="aws: USD per hour."
+    )
     eco_life: float | None = Field(
-        None, gt=0, title="Spot request life (hours)", description="aws: how long a spot request stays valid."
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        title="Spot request life (hours)",
+        description="aws: how long a spot request stays valid.",
     )
     cloud_id: str | None = Field(None, title="VPC id", description="aws: VPC to use (default VPC otherwise).")
     zones: list[str] = Field(
@@ -154,11 +276,36 @@ class InstanceType(_Strict):
                 raise ValueError("expected a price in USD per hour, like 0.05") from None
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str | None) -> str | None:
+        return None if value is None else check_slug(value)
+
+    @field_validator("host", "user", "key_file")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        return None if value is None else check_printable(value)
+
+    @field_validator("host_key")
+    @classmethod
+    def _host_key(cls, value: str | None) -> str | None:
+        return None if value is None else check_host_key(value)
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _remote_dir(cls, value: str | None) -> str | None:
+        return None if value is None else check_remote_dir(value)
+
 
 class Environment(_Strict):
     """Software a job runs in, bootstrapped once per host and reused by content hash."""
 
-    name: str | None = Field(None, title="Name", description="Needed when there is more than one environment.")
+    name: str | None = Field(
+        None,
+        title="Name",
+        description="Needed when there is more than one environment.",
+        json_schema_extra={"pattern": SLUG_PATTERN, "maxLength": SLUG_MAX},
+    )
     env_pypi: list[str] | str | None = Field(
         None, title="pip packages", description="A list of requirements, or a requirements.txt file."
     )
@@ -181,15 +328,23 @@ class Environment(_Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
-        return value
+        return None if value is None else check_slug(value)
+
+    @field_validator("command")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        return None if value is None else check_no_nul(value)
 
 
 class Job(_Strict):
     """One script or command; ``repeat`` runs it several times."""
 
-    name: str | None = Field(None, title="Name", description="Names the job's task run and results folder.")
+    name: str | None = Field(
+        None,
+        title="Name",
+        description="Names the job's task run and results folder: one path component, unique in the batch.",
+        json_schema_extra={"maxLength": JOB_NAME_MAX, "pattern": r"^[^-/\\\s]([^/\\]*\S)?$"},
+    )
     run_script: str | None = Field(
         None,
         title="Script",
@@ -204,16 +359,59 @@ class Job(_Strict):
     output_files: list[str] = Field(
         default_factory=list, title="Output files", description="Must exist when the job ends; fetched back."
     )
-    cpus_req: int = Field(1, ge=1, title="CPUs needed")
+    cpus_req: int = Field(1, ge=1, le=100_000, title="CPUs needed")
     env_name: str | None = Field(None, title="Environment")
-    repeat: int = Field(1, ge=1, title="Repeat", description="Run this many copies.")
-    max_retries: int = Field(0, ge=0, title="Retries on failure")
-    timeout: float | None = Field(None, gt=0, title="Timeout (s)", description="Kill the job after this long.")
-    expected_duration: float | None = Field(None, gt=0, title="Expected duration (s)")
+    repeat: int = Field(1, ge=1, le=100_000, title="Repeat", description="Run this many copies.")
+    max_retries: int = Field(0, ge=0, le=100, title="Retries on failure")
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        title="Timeout (s)",
+        description="Kill the job after this long (at most 30 days).",
+    )
+    expected_duration: float | None = Field(
+        None, gt=0, le=MAX_SECONDS, allow_inf_nan=False, title="Expected duration (s)"
+    )
 
     _lists = field_validator("upload_files", "input_files", "output_files", mode="before")(
         lambda value: _as_list(value) if value is not None else []
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else check_job_name(value)
+
+    @field_validator("upload_files", "input_files", "output_files")
+    @classmethod
+    def _file_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_printable(name, f"{name!r}: a file name ")
+        return value
+
+    @field_validator("run_command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        return None if value is None else check_no_nul(value)
+
+    @field_validator("run_script")
+    @classmethod
+    def _script(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        check_no_nul(value)
+        # whitespace between a script's arguments may be a tab or a folded line's end; any other control is not
+        check_printable(re.sub(r"[\t\n\r]", " ", value))
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            check_no_nul(arg)
+        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> Job:
@@ -227,7 +425,12 @@ class Job(_Strict):
 class ClusterSettings(BaseModel):
     """Where and how a batch runs: everything but the jobs. The config file and the Prefect block share it."""
 
-    project: str = Field("cloudsend", title="Project", description="Names and tags what this batch creates.")
+    project: str = Field(
+        "cloudsend",
+        title="Project",
+        description="Names and tags what this batch creates.",
+        json_schema_extra={"pattern": SLUG_PATTERN, "maxLength": SLUG_MAX},
+    )
     provider: Provider = Field("local", title="Provider", description="Default provider of instance types.")
     profile: str | None = Field(None, title="AWS profile", description="aws: profile used without a block.")
     auto_stop: bool | Literal["terminate"] = Field(
@@ -239,6 +442,8 @@ class ClusterSettings(BaseModel):
     idle_minutes: float = Field(
         30,
         gt=0,
+        le=10080,
+        allow_inf_nan=False,
         title="Idle shutdown (minutes)",
         description="aws: each instance shuts itself down after this long without a running job, even if the "
         "client died.",
@@ -261,6 +466,11 @@ class ClusterSettings(BaseModel):
         "looked up once). 0.0.0.0/0 only if you write it here.",
     )
 
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        return check_slug(value)
+
     @field_validator("ssh_from")
     @classmethod
     def _cidrs(cls, value: list[str] | None) -> list[str] | None:
@@ -271,10 +481,19 @@ class ClusterSettings(BaseModel):
                 raise ValueError(f"{cidr!r} is not an address or CIDR block (like 203.0.113.5/32)") from None
         return value
 
-    poll_interval: float = Field(1.0, gt=0, title="Poll interval (s)", description="How often hosts are watched.")
+    poll_interval: float = Field(
+        1.0,
+        ge=0.05,
+        le=3600,
+        allow_inf_nan=False,
+        title="Poll interval (s)",
+        description="How often hosts are watched.",
+    )
     lost_after: float = Field(
         120,
-        gt=0,
+        ge=1,
+        le=86400,
+        allow_inf_nan=False,
         title="Lost after (s)",
         description="A host that answers no round trip for this long is declared lost (its unfinished jobs run "
         "again elsewhere); a stopped or terminated instance is declared lost at once, from the cloud API.",
@@ -290,6 +509,15 @@ class ClusterSettings(BaseModel):
         title="Environments",
         description="Software the jobs run in, built once per host and reused while unchanged.",
     )
+
+    @model_validator(mode="after")
+    def _periods(self) -> ClusterSettings:
+        """A host is only declared lost after at least one poll could have heard from it."""
+        if self.lost_after <= self.poll_interval:
+            raise ValueError(
+                f"lost_after: {self.lost_after:g} s must be longer than poll_interval ({self.poll_interval:g} s)"
+            )
+        return self
 
 
 class BatchConfig(ClusterSettings, _Strict):
@@ -334,13 +562,20 @@ class BatchConfig(ClusterSettings, _Strict):
             if job.env_name is not None and job.env_name not in names:
                 known = ", ".join(repr(n) for n in names if n) or "none defined"
                 raise ValueError(f"jobs[{i}].env_name: no environment named {job.env_name!r} (known: {known})")
+        self._check_jobs()
         labels = [inst.name for inst in self.instances if inst.name]
         if len(labels) != len(set(labels)):
             raise ValueError(f"instances: duplicate name {next(n for n in labels if labels.count(n) > 1)!r}")
+        self._check_host_names()
         for i, inst in enumerate(self.instances):
             provider = inst.provider or self.provider
             if provider == "ssh" and not inst.host:
                 raise ValueError(f"instances[{i}].host: required for the ssh provider")
+            if provider == "ssh" and inst.host_key is not None and inst.accept_new_host_key:
+                raise ValueError(
+                    f"instances[{i}].accept_new_host_key: contradicts host_key (a pinned key is never replaced by "
+                    "a new one); remove one of them"
+                )
             if provider == "aws":
                 self._check_aws(i, inst)
             if provider == "ssh" and inst.number != 1:
@@ -350,6 +585,38 @@ class BatchConfig(ClusterSettings, _Strict):
             if job.cpus_req > biggest:
                 raise ValueError(f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})")
         return self
+
+    def _check_jobs(self) -> None:
+        """Explicit names are distinct, and the runs are counted before `repeat` expands anything."""
+        runs = sum(job.repeat for job in self.jobs)
+        if runs > MAX_JOB_RUNS:
+            raise ValueError(f"jobs: {runs} runs in all (the sum of `repeat`), more than the limit of {MAX_JOB_RUNS}")
+        first: dict[str, int] = {}
+        for i, job in enumerate(self.jobs):
+            if job.name is None:
+                continue
+            if job.name in first:
+                raise ValueError(
+                    f"jobs[{i}].name: duplicate job name {job.name!r} (also the name of jobs[{first[job.name]}])"
+                )
+            first[job.name] = i
+
+    def _check_host_names(self) -> None:
+        """Two instance types must not name a host alike: the second would be taken for the first.
+
+        This repeats the naming of ``providers.base.host_names`` (``<name or provider-index>[.<copy>]``) and of
+        the aws provider (``<name or aws>-<index>[.<copy>]``; the parts of `explode` are left out, as their number
+        needs the type's vCPUs), because the config layer imports no provider.
+        """
+        owner: dict[str, int] = {}
+        for i, inst in enumerate(self.instances):
+            provider = inst.provider or self.provider
+            stem = f"{inst.name or 'aws'}-{i}" if provider == "aws" else inst.name or f"{provider}-{i}"
+            names = [stem] if inst.number == 1 else [f"{stem}.{copy}" for copy in range(inst.number)]
+            for name in names:
+                if name in owner and owner[name] != i:
+                    raise ValueError(f"instances[{i}]: host name {name!r} is also used by instances[{owner[name]}]")
+                owner[name] = i
 
     @staticmethod
     def _check_aws(index: int, inst: InstanceType) -> None:

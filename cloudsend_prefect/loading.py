@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """Bad input: the message names the file and the field; nothing has been created or started."""
 
 
+# A batch config is a few levels deep and a few kilobytes; these bounds turn a pathological file (a generated
+# one gone wrong, or a hostile one) into a one-line error instead of a stack overflow or a memory hog.
+MAX_CONFIG_BYTES = 50 * 1024 * 1024
+MAX_NESTING = 64
+
+
 def load_config(path: str | Path, *, allow_exec: bool = False) -> BatchConfig:
     """Load and validate a config file; relative paths inside it are relative to its directory.
 
@@ -40,12 +46,51 @@ def load_config(path: str | Path, *, allow_exec: bool = False) -> BatchConfig:
 def parse_config(data: Any, *, source: str, base_dir: Path) -> BatchConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with instances, environments and jobs")
+    if _deeper_than(data, MAX_NESTING):
+        raise ConfigError(_too_deep(source))
     data, notes = split_ignored(data)
     try:
         config = BatchConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source)) from None
+    except RecursionError:  # (the depth check above should make this unreachable)
+        raise ConfigError(_too_deep(source)) from None
     return config.located(base_dir, source, notes)
+
+
+def _too_deep(source: object) -> str:
+    return f"{source}: nesting deeper than {MAX_NESTING} levels (lists and mappings inside each other)"
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether lists and mappings nest more than ``limit`` deep, level by level without recursion.
+
+    Each level holds every container once (YAML aliases share them), and a structure that contains itself
+    never ends, so it counts as too deep.
+    """
+    level = [data]
+    for _ in range(limit + 1):
+        children: dict[int, Any] = {}
+        for node in level:
+            items = node.values() if isinstance(node, dict) else node if isinstance(node, list | tuple) else ()
+            for child in items:
+                if isinstance(child, dict | list | tuple):
+                    children[id(child)] = child
+        if not children:
+            return False
+        level = list(children.values())
+    return True
+
+
+def _short_repr(value: Any) -> str:
+    """The bad value as the user wrote it, cut short; a container by its kind only."""
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (Python's digit limit)
+        return "a number with too many digits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # Location parts pydantic adds for the members of a union (`str | list[str]`), not keys of the config.
@@ -64,8 +109,7 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown key (check its spelling against the config reference)"
         elif "input" in err and where and (not isinstance(err["input"], dict | list) or err["type"].endswith("_type")):
             value = err["input"]  # a container is only worth naming when a scalar was expected
-            got = "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else repr(value)
-            inputs[where] = f" (got {got if len(got) <= 60 else got[:57] + '...'})"
+            inputs[where] = f" (got {_short_repr(value)})"
         if msg not in problems.setdefault(where, []):
             problems[where].append(msg)
     return "\n".join(
@@ -77,9 +121,17 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
 def _read_mapping(path: Path, allow_exec: bool) -> Any:
     suffix = path.suffix.lower()
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: {size / 2**20:.0f} MiB is too large for a config file (the limit is "
+                f"{MAX_CONFIG_BYTES // 2**20} MiB); list data in files the jobs upload instead"
+            )
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     try:
         if suffix in (".yaml", ".yml"):
             return yaml.safe_load(text)
@@ -95,6 +147,12 @@ def _read_mapping(path: Path, allow_exec: bool) -> Any:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(_too_deep(path)) from None
+    except ValueError as exc:  # Python's limit on digits when reading an int; the parsers let it through
+        if "digits" in str(exc):
+            raise ConfigError(f"{path}: a number with too many digits (at most 4300)") from None
         raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
     if suffix == ".py":
         return _exec_config(path) if allow_exec else _literal_config(path, text)

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel
 
-from cloudsend_prefect.config import BatchConfig, Environment, Job
+from cloudsend_prefect.config import MAX_JOB_RUNS, BatchConfig, Environment, Job, unprintable_char
 from cloudsend_prefect.hashing import digest, file_digest
 from cloudsend_prefect.loading import ConfigError
 
@@ -57,18 +57,27 @@ class JobSpec(BaseModel):
     max_retries: int = 0
     timeout: float | None = None
     expected_duration: float | None = None
+    max_output_bytes: int = 10 * 1024**3  # outputs of one run, and each of its logs, fetched at most
 
 
 def _relative(base: Path, path: Path) -> str:
-    """Where a file lands in the run dir: its path under the config's directory, else its name."""
+    """Where a file lands in the run dir: its path under the config's directory, else its name.
+
+    Both come from the path as written (made absolute and normalized, symlinks not followed): an upload that
+    is a link keeps the link's name, which is the name the job was written against.
+    """
     try:
-        return path.resolve().relative_to(base.resolve()).as_posix()
+        return path.relative_to(os.path.abspath(base)).as_posix()
     except ValueError:
         return path.name
 
 
 def _existing(config: BatchConfig, value: str, field: str) -> Path:
-    path = (config.base_dir / os.path.expanduser(value)).resolve()
+    """The file ``value`` names (absolute, symlinks kept), checked to exist and be readable now, not mid-batch."""
+    bad = unprintable_char(value)
+    if bad:
+        raise ConfigError(f"{config.source}: {field}: {value!r}: a file name contains a control character ({bad})")
+    path = Path(os.path.abspath(config.base_dir / os.path.expanduser(value)))
     if path.is_dir():
         raise ConfigError(f"{config.source}: {field}: {value} is a directory, expected a file")
     if not path.is_file():
@@ -77,7 +86,33 @@ def _existing(config: BatchConfig, value: str, field: str) -> Path:
             # the predecessor resolved paths against the working directory
             hint = "; it exists relative to the working directory, but paths are relative to the config's directory"
         raise ConfigError(f"{config.source}: {field}: file not found: {value} (looked in {config.base_dir}{hint})")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: {field}: cannot read {value}: {exc.strerror or exc}") from None
     return path
+
+
+def _read_text(config: BatchConfig, path: Path, value: str, field: str) -> str:
+    """A file the host needs as text (requirements, environment.yml, setup script)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{config.source}: {field}: {value} is not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: {field}: cannot read {value}: {exc.strerror or exc}") from None
+
+
+def _file_spec(config: BatchConfig, path: Path, value: str, field: str, *, executable: bool = False) -> FileSpec:
+    """The file as the job receives it: named as written, content (through any link) hashed."""
+    try:
+        sha = file_digest(path)
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: {field}: cannot read {value}: {exc.strerror or exc}") from None
+    return FileSpec(local=str(path.resolve()), rel=_relative(config.base_dir, path), sha256=sha, executable=executable)
 
 
 def _safe_rel(config: BatchConfig, value: str, field: str) -> str:
@@ -91,11 +126,13 @@ def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
     field = f"environments[{index}]"
     files: dict[str, str] = {}
     if isinstance(env.env_pypi, str):
-        files["requirements.txt"] = _existing(config, env.env_pypi, f"{field}.env_pypi").read_text()
+        where = f"{field}.env_pypi"
+        files["requirements.txt"] = _read_text(config, _existing(config, env.env_pypi, where), env.env_pypi, where)
     elif env.env_pypi:
         files["requirements.txt"] = "\n".join(env.env_pypi) + "\n"
     if isinstance(env.env_conda, str):
-        files["environment.yml"] = _existing(config, env.env_conda, f"{field}.env_conda").read_text()
+        where = f"{field}.env_conda"
+        files["environment.yml"] = _read_text(config, _existing(config, env.env_conda, where), env.env_conda, where)
     elif env.env_conda:
         files["conda.txt"] = "\n".join(env.env_conda) + "\n"
     if env.env_conda_channels:
@@ -106,11 +143,11 @@ def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
         files["julia.txt"] = "\n".join(env.env_julia) + "\n"
     if env.command:
         looks_like_file = "\n" not in env.command and env.command.strip().endswith(".sh")
-        files["setup.sh"] = (
-            _existing(config, env.command.strip(), f"{field}.command").read_text()
-            if looks_like_file
-            else env.command + "\n"
-        )
+        if looks_like_file:
+            script, where = env.command.strip(), f"{field}.command"
+            files["setup.sh"] = _read_text(config, _existing(config, script, where), script, where)
+        else:
+            files["setup.sh"] = env.command + "\n"
     return EnvSpec(name=env.name or "default", hash=digest(files), files=files)
 
 
@@ -132,10 +169,10 @@ def _command(config: BatchConfig, job: Job, field: str, files: list[FileSpec]) -
     if not words:
         raise ConfigError(f"{config.source}: {field}.run_script: empty")
     script = _existing(config, words[0], f"{field}.run_script")
-    rel = _relative(config.base_dir, script)
     interpreter = INTERPRETERS.get(script.suffix.lower())
-    files.append(FileSpec(local=str(script), rel=rel, sha256=file_digest(script), executable=interpreter is None))
-    argv = [interpreter, rel] if interpreter else ["./" + rel]
+    spec = _file_spec(config, script, words[0], f"{field}.run_script", executable=interpreter is None)
+    files.append(spec)
+    argv = [interpreter, spec.rel] if interpreter else ["./" + spec.rel]
     return shlex.join([*argv, *words[1:], *job.args])
 
 
@@ -151,22 +188,119 @@ def _base_name(job: Job) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(word).stem).strip("-.") or "job"
 
 
+def _check_key_files(config: BatchConfig) -> None:
+    """An ssh key file that is missing is found now, not at the first connection.
+
+    The SSH transport opens ``key_file`` as given (``~`` expanded, a relative path against the working
+    directory), so that is where it must exist; the config's directory is tried only to say what went wrong.
+    """
+    for i, inst in enumerate(config.instances):
+        if (inst.provider or config.provider) != "ssh" or not inst.key_file:
+            continue
+        field = f"instances[{i}].key_file"
+        path = Path(os.path.expanduser(inst.key_file))
+        if path.is_file():
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(
+                    f"{config.source}: {field}: cannot read {inst.key_file}: {exc.strerror or exc}"
+                ) from None
+            continue
+        if path.is_dir():
+            raise ConfigError(f"{config.source}: {field}: {inst.key_file} is a directory, expected a private key file")
+        hint = ""
+        if not path.is_absolute() and (config.base_dir / path).is_file():
+            hint = (
+                f"; it exists relative to the config's directory ({config.base_dir / path}), but the SSH connection "
+                "reads it relative to the working directory: write it as an absolute or ~/ path"
+            )
+        raise ConfigError(
+            f"{config.source}: {field}: file not found: {inst.key_file} (looked for {path.absolute()}{hint})"
+        )
+
+
+def _check_run_dir_names(config: BatchConfig, field: str, files: list[FileSpec], values: list[tuple[str, str]]) -> None:
+    """Two different files of one job must not land on the same name in its run directory."""
+    first: dict[str, int] = {}
+    for n, spec in enumerate(files):
+        if spec.rel in first and files[first[spec.rel]].local != spec.local:
+            (key_a, value_a), (key_b, value_b) = values[first[spec.rel]], values[n]
+            raise ConfigError(
+                f"{config.source}: {field}.{key_b}: {value_b!r} lands on {spec.rel!r} in the run directory, as does "
+                f"{value_a!r} ({field}.{key_a}); rename one, or keep both under the config's directory"
+            )
+        first.setdefault(spec.rel, n)
+
+
+def _run_names(config: BatchConfig, jobs: list[Job]) -> list[list[str]]:
+    """Each job's run names: its name (given, or derived from its script), numbered ``-1``, ``-2``... when repeated
+    or shared by several jobs; a number that makes a name some other run already has is an error."""
+    bases = [_base_name(job) for job in jobs]
+    counts: Counter[str] = Counter()
+    for base, job in zip(bases, jobs, strict=True):
+        counts[base] += job.repeat
+    numbered: Counter[str] = Counter()
+    taken: dict[str, tuple[int, int]] = {}  # name -> (job index, run number)
+
+    def why(i: int, run: int) -> str:
+        """Why run ``run`` of job ``i`` has the name it has: its own, its repeat, or a shared name."""
+        if counts[bases[i]] == 1:
+            return ""
+        if jobs[i].repeat > 1:
+            return f"run {run} of "
+        return f"numbered, as several jobs are named {bases[i]!r}: "
+
+    def owner(i: int, run: int) -> str:
+        reason = why(i, run)
+        return f"{reason}jobs[{i}] (repeat)" if reason.startswith("run") else f"{reason}jobs[{i}]"
+
+    result = []
+    for i, (job, base) in enumerate(zip(jobs, bases, strict=True)):
+        names = []
+        for run in range(1, job.repeat + 1):
+            if counts[base] == 1:
+                name = base
+            else:
+                numbered[base] += 1
+                name = f"{base}-{numbered[base]}"
+            if name in taken:
+                reason = why(i, run).removesuffix(" of ").removesuffix(": ")
+                mine = f" ({reason})" if reason else ""
+                field, hint = (f"jobs[{i}].name", "") if job.name else (f"jobs[{i}]", "; give the job a `name`")
+                kind = "" if job.name else "the name taken from its script or command, "
+                raise ConfigError(
+                    f"{config.source}: {field}: {kind}{name!r}{mine} is also the name of {owner(*taken[name])}{hint}"
+                )
+            taken[name] = (i, run)
+            names.append(name)
+        result.append(names)
+    return result
+
+
 def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobSpec]:
     """Resolve every job (`repeat` expanded) in order, checking files and computing hashes."""
-    envs = resolve_envs(config)
     jobs = config.jobs if jobs is None else jobs
+    runs = sum(job.repeat for job in jobs)
+    if runs > MAX_JOB_RUNS:  # (the config checks its own jobs; these may have come separately)
+        raise ConfigError(f"{config.source}: jobs: {runs} runs in all (the sum of `repeat`), more than {MAX_JOB_RUNS}")
+    _check_key_files(config)
+    envs = resolve_envs(config)
+    run_names = _run_names(config, jobs)
     specs: list[JobSpec] = []
     seen: Counter[str] = Counter()
-    names = Counter(_base_name(job) for job in jobs for _ in range(job.repeat))
-    name_seen: Counter[str] = Counter()
     for i, job in enumerate(jobs):
         field = f"jobs[{i}]"
         files: list[FileSpec] = []
         command = _command(config, job, field, files)
+        values = [("run_script", shlex.split(job.run_script or "")[0])] if files else []
         for key in ("upload_files", "input_files"):
             for value in getattr(job, key):
                 path = _existing(config, value, f"{field}.{key}")
-                files.append(FileSpec(local=str(path), rel=_relative(config.base_dir, path), sha256=file_digest(path)))
+                files.append(_file_spec(config, path, value, f"{field}.{key}"))
+                values.append((key, value))
+        _check_run_dir_names(config, field, files, values)
         outputs = [_safe_rel(config, out, f"{field}.output_files") for out in job.output_files]
         env = envs.get(job.env_name)
         job_hash = digest(
@@ -177,14 +311,12 @@ def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobS
                 "outputs": sorted(outputs),
             }
         )
-        base = _base_name(job)
-        for _ in range(job.repeat):
+        for name in run_names[i]:
             seen[job_hash] += 1
-            name_seen[base] += 1
             specs.append(
                 JobSpec(
                     index=len(specs),
-                    name=base if names[base] == 1 else f"{base}-{name_seen[base]}",
+                    name=name,
                     key=f"{job_hash[:16]}-{seen[job_hash]}",
                     hash=job_hash,
                     command=command,

@@ -200,7 +200,7 @@ BAD_CONFIGS: list[tuple[str, tuple[str, str | None], list[str]]] = [
     ("zero-number", _yaml("instances: [{number: 0}]\n"), ["instances[0].number", "greater than or equal to 1"]),
     ("zero-cpus", _yaml("instances: [{cpus: 0}]\n"), ["instances[0].cpus", "greater than or equal to 1"]),
     ("negative-timeout", _yaml("jobs: [{run_command: x, timeout: -5}]\n"), ["jobs[0].timeout", "greater than 0"]),
-    ("zero-poll-interval", ("batch.toml", "poll_interval = 0\n"), ["poll_interval", "greater than 0"]),
+    ("zero-poll-interval", ("batch.toml", "poll_interval = 0\n"), ["poll_interval", "greater than or equal to 0.05"]),
     ("negative-max-retries", _yaml("jobs: [{run_command: x, max_retries: -1}]\n"), ["jobs[0].max_retries"]),
     # links between the lists
     (
