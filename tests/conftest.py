@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.sshd", "tests.moto_server"]  # real sshd on loopback ports; moto EC2 on loopback
+pytest_plugins = [
+    "tests.sshd",  # real sshd on loopback ports
+    "tests.moto_server",  # moto EC2 on loopback
+    "tests.host_runtime",  # host.sh driven directly, locally and over ssh
+]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")

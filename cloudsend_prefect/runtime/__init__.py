@@ -86,8 +86,9 @@ class HostRuntime:
 
     def install(self) -> None:
         """Ship this version of host.sh unless the host already has it (one round trip when it does)."""
-        check = self.transport.run(
-            f"test -f {self._q(self.script)} && echo present || mkdir -p {self._q(self.base)}/bin"
+        base = self._q(self.base)
+        check = self.transport.run(  # the base is private to the login user, whoever made it
+            f"umask 077 && mkdir -p {base}/bin && chmod 700 {base} && test -f {self._q(self.script)} && echo present"
         )
         if "present" in check.stdout:
             return
@@ -95,6 +96,7 @@ class HostRuntime:
             local = Path(tmp) / "host.sh"
             local.write_bytes(SCRIPT)
             self.transport.put(local, self.script)
+        self.transport.run(f"chmod 600 {self._q(self.script)}")
 
     # -- environments -------------------------------------------------------------------------------
     def env_state(self, env: EnvSpec) -> str:

@@ -273,8 +273,10 @@ dispatch_pass() {
 stage() {
     echo "$1" >"$BASE/capacity"
     lease=$2
-    for f in "$BASE"/files/.incoming/*; do
-        [ -f "$f" ] && mv -f "$f" "$BASE/files/${f##*/}"
+    for f in "$BASE"/files/.incoming/*; do # sent with the client's umask: made private, then stored
+        [ -f "$f" ] || continue
+        [ -n "${private:-}" ] || { chmod go= "$BASE"/files/.incoming/* && private=1; }
+        mv -f "$f" "$BASE/files/${f##*/}"
     done
     manifest="$BASE/jobs/.manifest.$$"
     incoming="$BASE/queue/.incoming.$$"

@@ -3,26 +3,57 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from cloudsend_prefect.transport.base import CommandResult, FileRefused, check_regular, copy_bounded
 
-# What a job on the local provider sees of the client's environment: what a login on another host would
-# give it, never the client's credentials (AWS keys, Prefect API keys, tokens...).
-PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR")
+# What a job on the local provider sees of the client's environment: what a login gives (identity, locale,
+# PATH) and what package tools need to reach their registries (TLS roots, proxies, pip/uv/conda settings),
+# never the rest: the client's credentials (AWS keys, Prefect API keys, tokens...) stay with the client.
+# ``pass_env`` (the config's) adds names or shell patterns.
+PASSED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "*_PROXY",
+    "*_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "PIP_*",
+    "UV_*",
+    "CONDA_*",
+    "MAMBA_*",
+)
+
+
+def job_environment(pass_env: Sequence[str] = ()) -> dict[str, str]:
+    """The client's variables a local job gets: those matching ``PASSED_ENV`` or ``pass_env``."""
+    patterns = (*PASSED_ENV, *pass_env)
+    return {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
 class LocalTransport:
     name = "local"
 
-    def __init__(self, name: str = "local") -> None:
+    def __init__(self, name: str = "local", pass_env: Sequence[str] = ()) -> None:
         self.name = name
         self.round_trips = 0
         self._home = Path.home()
-        self._env = {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith("LC_")}
+        self._env = job_environment(pass_env)
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float | None = None) -> CommandResult:
         self.round_trips += 1
