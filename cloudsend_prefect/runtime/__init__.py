@@ -28,8 +28,8 @@ FINAL_STATES = ("done", "failed", "aborted")
 # host.sh's reason for a queued job it did not start because its batch's lease had run out (see host.sh).
 FENCED_PREFIX = "not started: its batch's lease expired"
 MAX_OUTPUT_BYTES = 10 * 1024**3  # default limit on the outputs of one job, and on each of its logs
-LOG_TAIL_BYTES = 64 * 1024
-DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed  # at most this much of a log's end is read for its last lines
+LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
+DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
 
 
 class HostCommandError(RuntimeError):
