@@ -15,14 +15,16 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cloudsend_prefect.cli import app
 from cloudsend_prefect.flow import cloudsend
-from cloudsend_prefect.results import tail_lines
+from cloudsend_prefect.results import BatchSummary, tail_lines
 from cloudsend_prefect.runtime import FENCED_PREFIX, HostRuntime
 from cloudsend_prefect.specs import FileSpec, JobSpec
 from cloudsend_prefect.transport import FileRefused
 from cloudsend_prefect.transport.local import LocalTransport
-from tests.faults import CLOUDSEND, write_config
+from tests.faults import CLOUDSEND, assert_done_once, counted_jobs, driver_args, start_client, write_config
 from tests.host_runtime import job, wait_final
 
 
@@ -269,3 +271,39 @@ def test_queued_jobs_start_only_while_their_batchs_lease_runs(runtime: HostRunti
         time.sleep(0.2)
     assert {k: s.state for k, s in runtime.status("c").items()} == {"first": "done", "second": "done"}
     assert marker.exists()
+
+
+# -- 8. two runs of the same config at once ----------------------------------------------------------------
+def test_two_runs_of_the_same_config_at_once_both_finish_and_each_job_runs_once(
+    tmp_path: Path, cloudsend_home: Path
+) -> None:
+    counters, results = tmp_path / "counters", tmp_path / "results"
+    config = write_config(
+        tmp_path / "proj",
+        {"project": "twice", "poll_interval": 0.2, "instances": [{"cpus": 4}], "jobs": counted_jobs(counters, 8, 0.5)},
+    )
+    summaries = [tmp_path / f"summary-{i}.json" for i in range(2)]
+    clients = [
+        start_client(driver_args(config, results, summary), tmp_path / f"client-{i}.log", cloudsend_home)
+        for i, summary in enumerate(summaries)
+    ]
+    for client in clients:
+        try:
+            client.proc.wait(timeout=180)
+        finally:
+            client.stop()
+        assert client.proc.returncode == 0, client.output()
+    for summary in summaries:  # the second run re-attaches to the first one's jobs (or finds them done)
+        assert_done_once(BatchSummary.model_validate_json(summary.read_text()), counters, results / "twice", 8)
+
+
+def test_exec_python_config_reaches_the_flow(tmp_path: Path) -> None:
+    config = tmp_path / "computed.py"
+    config.write_text(
+        "config = {'project': 'computed', 'instances': [{'cpus': 2}],\n"
+        "          'jobs': [{'name': f'sq{i}', 'run_command': f'echo $(({i} * {i})) > out.txt',\n"
+        "                    'output_files': ['out.txt']} for i in range(3)]}\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(config), "--exec-python-config", "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert [(tmp_path / "r" / "computed" / f"sq{i}" / "out.txt").read_text() for i in range(3)] == ["0\n", "1\n", "4\n"]

@@ -418,8 +418,23 @@ cat > /usr/local/bin/cloudsend-idle <<'EOF'
 #!/bin/sh
 last=$(date +%s)
 while sleep 60; do
+    touch /run/cloudsend-now
     for d in /root/{REMOTE_DIR} /home/*/{REMOTE_DIR}; do
-        [ -n "$(ls -A "$d/running" "$d/queue" 2>/dev/null)" ] && last=$(date +%s)
+        # Busy: a job whose process lives, or a queued job whose batch's lease runs (host.sh's layout). Entries
+        # of jobs killed by a reboot, or queued by a client long gone, keep nothing up.
+        for r in "$d"/running/*; do
+            [ -f "$r" ] || continue
+            n=${{r##*/}}
+            p=
+            read -r p <"$d/jobs/${{n%%__*}}/${{n#*__}}/pid" 2>/dev/null
+            [ -n "$p" ] && kill -0 "$p" 2>/dev/null && last=$(date +%s)
+        done
+        for q in "$d"/queue/*; do
+            [ -f "$q" ] || continue
+            b=
+            read -r b _ <"$q"
+            [ "$d/leases/$b" -nt /run/cloudsend-now ] && last=$(date +%s)
+        done
     done
     [ $(( $(date +%s) - last )) -ge {limit} ] && shutdown -h now
 done
