@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cloudsend_prefect import runtime as runtime_module
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.flow import cloudsend
@@ -346,3 +347,29 @@ def test_the_idle_timer_is_not_kept_up_by_a_gone_clients_queue_or_dead_jobs(tmp_
     with pytest.raises(subprocess.TimeoutExpired):
         subprocess.run(["sh", "-c", idle], timeout=8)
     assert not marker.exists()
+
+
+def test_large_uploads_are_shared_read_only_and_checked_before_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large upload is not copied per job (hard link to the read-only store file, or a reflink): a job can
+    replace it but, unless it runs as root, not write into it; what root writes through is caught by the
+    next client's hash check, and the file is sent again."""
+    monkeypatch.setattr(runtime_module, "SHARE_ABOVE", 10)
+    data = tmp_path / "big.bin"
+    data.write_text("original large content\n")
+    spec = upload(data)
+    rt = HostRuntime(LocalTransport(), str(tmp_path / "host"), capacity=1)
+    rt.install()
+    writer = with_files(job("writer", "echo TAMPERED > big.bin 2>/dev/null; rm big.bin; echo new > big.bin"), spec)
+    rt.stage("b", [writer])
+    assert wait_final(rt, "b", ["writer"])["writer"].state == "done"
+    stored = tmp_path / "host" / "files" / spec.sha256
+    assert not stat.S_IMODE(stored.stat().st_mode) & 0o222  # read-only
+    if os.geteuid() != 0:
+        assert stored.read_text() == "original large content\n"
+    fresh = HostRuntime(LocalTransport(), str(tmp_path / "host"), capacity=1)
+    fresh.stage("c", [with_files(job("reader", "cat big.bin > seen.txt", outputs=["seen.txt"]), spec)])
+    assert wait_final(fresh, "c", ["reader"])["reader"].state == "done"
+    fresh.fetch("c", "reader", ["seen.txt"], tmp_path / "got")
+    assert (tmp_path / "got" / "seen.txt").read_text() == "original large content\n"

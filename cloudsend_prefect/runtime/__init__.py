@@ -29,6 +29,7 @@ FINAL_STATES = ("done", "failed", "aborted")
 FENCED_PREFIX = "not started: its batch's lease expired"
 MAX_OUTPUT_BYTES = 10 * 1024**3  # default limit on the outputs of one job, and on each of its logs
 LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
+SHARE_ABOVE = 16 * 1024**2  # uploads larger than this are shared read-only by the jobs of a host, not copied
 DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
 
 
@@ -71,6 +72,7 @@ class HostRuntime:
         self.capacity = capacity
         self.script = f"{self.base}/bin/host-{VERSION}.sh"
         self._verified: set[str] = set()  # store files checked (or sent) by this client: not hashed again
+        self._sizes: dict[str, int] = {}
 
     def _q(self, path: str) -> str:
         return shlex.quote(path) if not path.startswith("~/") else "~/" + shlex.quote(path[2:])
@@ -152,11 +154,19 @@ class HostRuntime:
             lines.append(
                 f"J {batch} {job.key} {job.cpus} {env} {timeout} {int(job.key in rerun)} {job.max_output_bytes}"
             )
-            lines += [f"F {f.sha256} {'x' if f.executable else '-'} {_line(f.rel)}" for f in job.files]
+            lines += [f"F {f.sha256} {self._flags(f)} {_line(f.rel)}" for f in job.files]
             lines += [f"O {_line(out)}" for out in job.outputs]
             lines += [f"C {_no_nul(text)}" for text in job.command.split("\n")]
             lines.append("E")
         self.call("stage", str(self.capacity), _seconds(lease), stdin="\n".join(lines) + "\n")
+
+    def _flags(self, spec: FileSpec) -> str:
+        """An upload's manifest flags: ``x`` executable, ``l`` large (shared read-only, not copied per job)."""
+        size = self._sizes.get(spec.sha256)
+        if size is None:
+            size = self._sizes[spec.sha256] = Path(spec.local).stat().st_size
+        flags = ("x" if spec.executable else "") + ("l" if size > SHARE_ABOVE else "")
+        return flags or "-"
 
     def status(self, batch: str, keys: list[str] | None = None, lease: float = 0) -> dict[str, JobStatus]:
         """The records of the batch's jobs (or of ``keys`` only), in one round trip; with ``lease``, the

@@ -337,16 +337,29 @@ stage() {
             : >"$d/outputs"
             : >"$d/cmd.sh"
             ;;
-        F)
+        F) # F sha flags rel: flags x (executable), l (large: shared, not copied), - (neither)
             [ $skip = 1 ] && continue
             sha=${rest%% *}
             rest=${rest#* }
             x=${rest%% *}
             rel=${rest#* }
             case $rel in */*) mkdir -p "$d/work/${rel%/*}" ;; esac
-            # A private copy: whatever the job does to it, the store (and every other job) keeps the original.
-            cp "$BASE/files/$sha" "$d/work/$rel" || exit 3
-            [ "$x" = x ] && chmod u+x "$d/work/$rel"
+            src="$BASE/files/$sha" dst="$d/work/$rel"
+            case $x in
+            *l*)
+                # A large file: a copy per job would cost its size in time and disk, so it is shared instead: a
+                # reflink where the file system has them (XFS, btrfs: private, free until written), else a hard
+                # link to the store's read-only copy (a job can delete or replace it, not write into it, unless
+                # it runs as root; the store is checked by hash before each client's first use).
+                cp --reflink=always "$src" "$dst" 2>/dev/null || { chmod a-w "$src" && ln -f "$src" "$dst"; } ||
+                    cp "$src" "$dst" || exit 3
+                ;;
+            *)
+                # A private copy: whatever the job does to it, the store (and every other job) keeps the original.
+                cp --reflink=auto "$src" "$dst" 2>/dev/null || cp "$src" "$dst" || exit 3
+                ;;
+            esac
+            case $x in *x*) chmod u+x "$dst" ;; esac
             ;;
         O) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/outputs" ;;
         C) [ $skip = 1 ] || printf '%s\n' "$rest" >>"$d/cmd.sh" ;;
