@@ -373,3 +373,22 @@ def test_large_uploads_are_shared_read_only_and_checked_before_reuse(
     assert wait_final(fresh, "c", ["reader"])["reader"].state == "done"
     fresh.fetch("c", "reader", ["seen.txt"], tmp_path / "got")
     assert (tmp_path / "got" / "seen.txt").read_text() == "original large content\n"
+
+
+# -- 5. names shown as text --------------------------------------------------------------------------------
+def test_rich_markup_in_names_is_shown_as_text(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "project": "markup",
+            "instances": [{"cpus": 1}],
+            "jobs": [{"name": "[bold]x", "run_command": "echo '[red]x[/red]' >&2; exit 3"}],
+        },
+    )
+    runner = CliRunner()
+    for args in (["validate"], ["plan"], ["run"], ["status"]):
+        result = runner.invoke(app, [*args, str(config)])
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        assert result.exit_code in (0, 1), (args, result.output)
+        if args != ["validate"]:
+            assert "[bold]x" in result.output, (args, result.output)
