@@ -68,13 +68,13 @@ def _deeper_than(data: Any, limit: int) -> bool:
     Each level holds every container once (YAML aliases share them), and a structure that contains itself
     never ends, so it counts as too deep.
     """
+    containers = (dict, list, tuple, set, frozenset)  # what pydantic takes for a list or a mapping
     level = [data]
     for _ in range(limit + 1):
         children: dict[int, Any] = {}
         for node in level:
-            items = node.values() if isinstance(node, dict) else node if isinstance(node, list | tuple) else ()
-            for child in items:
-                if isinstance(child, dict | list | tuple):
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, containers):
                     children[id(child)] = child
         if not children:
             return False
