@@ -374,6 +374,15 @@ class Job(_Strict):
     expected_duration: float | None = Field(
         None, gt=0, le=MAX_SECONDS, allow_inf_nan=False, title="Expected duration (s)"
     )
+    max_output_mb: float = Field(
+        10240,
+        gt=0,
+        le=10_000_000,
+        allow_inf_nan=False,
+        title="Output limit (MiB)",
+        description="The most a run's output files may hold together (and each of its logs) to be fetched; a "
+        "run over it ends aborted, and a longer log keeps its end.",
+    )
 
     _lists = field_validator("upload_files", "input_files", "output_files", mode="before")(
         lambda value: _as_list(value) if value is not None else []
@@ -466,10 +475,25 @@ class ClusterSettings(BaseModel):
         "looked up once). 0.0.0.0/0 only if you write it here.",
     )
 
+    pass_env: list[str] = Field(
+        default_factory=list,
+        title="Environment variables passed",
+        description="local: the client's environment variables (names, or patterns like MYAPP_*) that jobs "
+        "and environment builds get, besides login, locale, TLS, proxy and pip/uv/conda settings.",
+    )
+
     @field_validator("project")
     @classmethod
     def _project(cls, value: str) -> str:
         return check_slug(value)
+
+    @field_validator("pass_env")
+    @classmethod
+    def _variables(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_*?][A-Za-z0-9_*?]*", name):
+                raise ValueError(f"{name!r} is not a variable name or pattern (letters, digits, '_', '*', '?')")
+        return value
 
     @field_validator("ssh_from")
     @classmethod

@@ -13,10 +13,13 @@ threads submit jobs one by one, so it first waits a moment (``GATHER``) for more
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cloudsend_prefect.providers import HostInfo, connect, get_provider
@@ -38,6 +41,12 @@ class _Ticket:
     host: str | None = None
     status: JobStatus | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    wake: Callable[[], None] | None = None  # an awaiting coroutine's wake-up, called from a host thread
+
+    def end(self) -> None:
+        self.done.set()
+        if self.wake is not None:
+            self.wake()
 
 
 @dataclass
@@ -112,8 +121,8 @@ class Dispatcher:
         for thread in self._threads:
             thread.join(timeout=30)
         with self._cond:
-            for ticket in self._pending:  # never placed: _wait raises
-                ticket.done.set()
+            for ticket in self._pending:  # never placed: _outcome raises
+                ticket.end()
             self._pending.clear()
             for state in self.hosts.values():
                 for ticket in list(state.tickets.values()):
@@ -128,6 +137,36 @@ class Dispatcher:
         whole batch is rerun. A job still queued or running on its host is watched, not started again.
         """
         ticket = _Ticket(job, rerun=rerun)
+        adopted = self._enter(ticket)
+        if adopted is not None:
+            return adopted
+        ticket.done.wait()  # outside the lock: host threads need it to report the end
+        return self._outcome(ticket)
+
+    async def run_async(self, job: JobSpec, *, rerun: bool = False) -> tuple[str, JobStatus]:
+        """``run`` for a coroutine: waiting holds no thread, so thousands of jobs can wait at once."""
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def settle() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle)
+
+        ticket = _Ticket(job, rerun=rerun, wake=wake)
+        adopted = self._enter(ticket)
+        if adopted is not None:
+            return adopted
+        await ended
+        return self._outcome(ticket)
+
+    def _enter(self, ticket: _Ticket) -> tuple[str, JobStatus] | None:
+        """Hand the ticket to the hosts: the job's done record when it needs no run, else None (then its
+        ticket ends when the job does)."""
+        job = ticket.job
         with self._cond:
             ended = self._ended.get(job.key)  # from this run: a retry of the same task
             known = self._known.pop(job.key, None)  # from an earlier run, found on the hosts at start
@@ -143,15 +182,14 @@ class Dispatcher:
                     ticket.host = host
                     self.hosts[host].tickets[job.key] = ticket
                     self.hosts[host].committed += job.cpus
-                    break
+                    return None
                 ticket.rerun = True
-            else:
-                self._pending.append(ticket)
-                self._cond.notify_all()
-        return self._wait(ticket)  # outside the lock: host threads need it to report the end
+            self._pending.append(ticket)
+            self._cond.notify_all()
+        return None
 
-    def _wait(self, ticket: _Ticket) -> tuple[str, JobStatus]:
-        ticket.done.wait()
+    @staticmethod
+    def _outcome(ticket: _Ticket) -> tuple[str, JobStatus]:
         if ticket.host is None or ticket.status is None:
             raise RuntimeError(f"{ticket.job.name}: the batch stopped before the job was placed on a host")
         return ticket.host, ticket.status
@@ -265,7 +303,7 @@ class Dispatcher:
         state.tickets.pop(ticket.job.key, None)
         state.committed -= ticket.job.cpus
         ticket.status = status
-        ticket.done.set()
+        ticket.end()
 
     def _cloud_verdict(self, state: _HostState) -> str | None:
         """The cloud API's word on a host's instance, at most every CLOUD_CHECK seconds: a reason when it is

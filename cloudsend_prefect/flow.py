@@ -2,36 +2,31 @@
 
 # No `from __future__ import annotations`: served flows are cloudpickled by value; list[Job] must not be a string.
 
-import os
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.events import emit_event
-from prefect.futures import PrefectFuture, as_completed
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
-from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
-from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.providers import HostInfo, connect
-from cloudsend_prefect.results import BatchSummary, JobResult, deliver
+from cloudsend_prefect.results import BatchSummary, JobResult
+from cloudsend_prefect.running import Listener, run_jobs
 from cloudsend_prefect.specs import JobSpec, expand_jobs
-from cloudsend_prefect.tasks import LOSS_RETRIES, bootstrap, plan_batch, provision, retry_policy, run_job, teardown
+from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, teardown
 
-# Task threads mostly wait on the dispatcher; the bound keeps thousands of jobs from becoming thousands of threads.
-MAX_WORKERS = int(os.environ.get("CLOUDSEND_MAX_WORKERS", "64"))
+# Threads for the bootstrap tasks (jobs' task runs are coroutines: they hold no thread while they wait).
+MAX_WORKERS = 16
+MIN_WINDOW = 64  # job task runs alive at once, at least (else twice the fleet's CPU slots)
 
 # Called in the flow's process with each job's result as it ends (the CLI's progress bar listens here).
-job_listeners: list[Callable[[JobResult, int], None]] = []
+job_listeners: list[Listener] = []
 
 
 def _run_name() -> str:
@@ -118,7 +113,8 @@ def cloudsend(
             for env in envs.values()
         ]
         plan_batch(specs, hosts, name)
-        results = _run_jobs(specs, name, dispatcher, dest, refresh=refresh)
+        window = max(MIN_WINDOW, 2 * sum(h.cpus for h in hosts))  # task runs alive at once
+        results = run_jobs(specs, name, dispatcher, dest, refresh=refresh, window=window, listeners=list(job_listeners))
         for boot in boots:
             boot.wait()
     finally:
@@ -168,58 +164,3 @@ def _report_cost(batch: str, hosts: list[HostInfo], seconds: float, *, kept: boo
     except Exception as exc:
         logger.warning("batch %s: no cost report: %s: %s", batch, type(exc).__name__, exc)
         return None
-
-
-def _run_jobs(
-    specs: list[JobSpec], batch: str, dispatcher: Dispatcher, dest: Path, *, refresh: bool
-) -> dict[str, JobResult]:
-    """Submit one task per job and deliver each job's outputs as it ends (a cached job's from the store)."""
-    logger = get_run_logger()
-    progress = create_progress_artifact(progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended")
-    assert isinstance(progress, UUID)
-    results: dict[str, JobResult] = {}
-    last_update = 0.0
-
-    def submit(job: JobSpec, refresh_cache: bool) -> PrefectFuture[JobResult | State[JobResult]]:
-        options = run_job.with_options(
-            task_run_name=job.name,
-            retries=job.max_retries + LOSS_RETRIES,
-            retry_condition_fn=retry_policy(job.max_retries),
-            retry_delay_seconds=1,
-            refresh_cache=refresh_cache,
-            result_storage=cloudsend_home() / "results",
-        )
-        return options.submit(job, batch, dispatcher)
-
-    by_future = {submit(job, refresh): job for job in specs}
-    while by_future:
-        again: dict[PrefectFuture[JobResult | State[JobResult]], JobSpec] = {}
-        for future in as_completed(list(by_future)):
-            job = by_future[future]
-            result = _outcome(future, job)
-            if result.ok and not deliver(result, dest / job.name):
-                logger.warning("%s: cached outputs are gone from %s; running it again", job.name, result.store)
-                again[submit(job, True)] = job
-                continue
-            if not result.ok and result.store:
-                deliver(result, dest / job.name)
-            results[job.key] = result
-            for listener in job_listeners:
-                listener(result, len(specs))
-            emit_event(
-                event=f"cloudsend.job.{result.state}",
-                resource={"prefect.resource.id": f"cloudsend.job.{batch}.{job.key}", "prefect.resource.name": job.name},
-                payload={"batch": batch, "exit_code": result.exit_code, "reason": result.reason, "host": result.host},
-            )
-            if time.monotonic() - last_update > 1.0 or len(results) == len(specs):
-                last_update = time.monotonic()
-                update_progress_artifact(artifact_id=progress, progress=100.0 * len(results) / len(specs))
-        by_future = again
-    return results
-
-
-def _outcome(future: PrefectFuture[JobResult | State[JobResult]], job: JobSpec) -> JobResult:
-    value = future.result(raise_on_failure=False)
-    if isinstance(value, JobResult):
-        return value
-    return JobResult(name=job.name, key=job.key, state="aborted", reason=f"{type(value).__name__}: {value}")

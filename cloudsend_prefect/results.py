@@ -26,6 +26,7 @@ class JobResult(BaseModel):
     lost: bool = False  # its host was lost under it: run again elsewhere through a Prefect retry
     outputs: list[str] = []
     store: str | None = None  # client-side copy of the outputs and logs, which survives the hosts
+    cached: bool = False  # from an earlier run (Prefect's cache): not run again by this one
 
     @property
     def ok(self) -> bool:

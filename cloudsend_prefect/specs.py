@@ -57,7 +57,7 @@ class JobSpec(BaseModel):
     max_retries: int = 0
     timeout: float | None = None
     expected_duration: float | None = None
-    max_output_bytes: int = 10 * 1024**3  # outputs of one run, and each of its logs, fetched at most
+    max_output_bytes: int = 10 * 1024**3  # the most a run's outputs (and each of its logs) may hold to be fetched
 
 
 def _relative(base: Path, path: Path) -> str:
@@ -115,10 +115,18 @@ def _file_spec(config: BatchConfig, path: Path, value: str, field: str, *, execu
     return FileSpec(local=str(path.resolve()), rel=_relative(config.base_dir, path), sha256=sha, executable=executable)
 
 
+LOG_NAMES = ("stdout.log", "stderr.log")  # the job's logs, beside its outputs in its results folder
+
+
 def _safe_rel(config: BatchConfig, value: str, field: str) -> str:
     rel = PurePosixPath(value)
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise ConfigError(f"{config.source}: {field}: {value!r} must be a relative path inside the run directory")
+    if rel.as_posix() in LOG_NAMES:
+        raise ConfigError(
+            f"{config.source}: {field}: {value!r} is the name of the job's own log in its results folder; "
+            "name the file differently"
+        )
     return rel.as_posix()
 
 
@@ -327,6 +335,7 @@ def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobS
                     max_retries=job.max_retries,
                     timeout=job.timeout,
                     expected_duration=job.expected_duration,
+                    max_output_bytes=int(job.max_output_mb * 1024**2),
                 )
             )
     return specs

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import HostInfo, provision_all, release
 from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
-from cloudsend_prefect.runtime import HostRuntime
+from cloudsend_prefect.runtime import HostRuntime, JobStatus
 from cloudsend_prefect.specs import EnvSpec, JobSpec
 from cloudsend_prefect.transport import FileRefused, TransportError
 
@@ -73,24 +74,21 @@ def job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"cloudsend-job-{parameters['job'].key}"
 
 
-@task(name="run-job", cache_key_fn=job_cache_key, persist_result=True)
-def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | State[JobResult]:
-    """Run one job to its end on whichever host has room, then keep its outputs and logs client-side."""
+JOB_TAG = "cloudsend-job"  # on every job's task run: how the batch counts what the server has recorded
+
+
+@task(name="run-job", task_run_name="{job.name}", tags=[JOB_TAG], cache_key_fn=job_cache_key, persist_result=True)
+async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | State[JobResult]:
+    """Run one job to its end on whichever host has room, then keep its outputs and logs client-side.
+
+    A coroutine: waiting for the job holds no thread, so every CPU slot of the fleet can be busy at once; the
+    transfers, which block, run in worker threads.
+    """
     logger = get_run_logger()
-    host, status = dispatcher.run(job, rerun=task_run.run_count > 1)
+    host, status = await dispatcher.run_async(job, rerun=task_run.run_count > 1)
     runtime = dispatcher.runtime(host)
     store = store_dir(job.key)
-    fetched = job.outputs if status.state == "done" else []
-    with store_lock(store):
-        shutil.rmtree(store, ignore_errors=True)
-        if not status.lost:  # a lost host has nothing to give back
-            try:
-                _fetch(runtime, batch, job, fetched, store)
-            except FileRefused as exc:  # changed on the host after it ended: nothing of it is kept
-                shutil.rmtree(store, ignore_errors=True)
-                status = status.model_copy(update={"state": "aborted", "reason": f"output refused: {exc}"})
-                fetched = []
-                _fetch(runtime, batch, job, fetched, store)  # its logs, still worth having
+    status, fetched = await asyncio.to_thread(_collect, runtime, batch, job, status, store)
     result = JobResult(
         name=job.name,
         key=job.key,
@@ -108,12 +106,32 @@ def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | Sta
     if status.state != "done":
         detail = tail_lines(store / "stderr.log")
         if "environment" in status.reason and job.env is not None:
-            detail = runtime.env_log_tail(job.env).splitlines()
+            detail = (await asyncio.to_thread(runtime.env_log_tail, job.env)).splitlines()
         logger.error("%s on %s: %s\n%s", status.state, host, status.reason, "\n".join(detail))
         # A returned Failed state (not an exception): retried per max_retries, never cached, no traceback.
         return Failed(message=f"{status.state}: {status.reason}", data=result)
     logger.info("done on %s in %.2fs; outputs: %s", host, status.duration or 0, ", ".join(fetched) or "none")
     return result
+
+
+def _collect(
+    runtime: HostRuntime, batch: str, job: JobSpec, status: JobStatus, store: Path
+) -> tuple[JobStatus, list[str]]:
+    """Replace the job's client-side store with what its run left: its outputs when done, its logs always
+    (nothing from a lost host). Returns the status (aborted if an output was refused) and the outputs kept."""
+    fetched = job.outputs if status.state == "done" else []
+    with store_lock(store):
+        shutil.rmtree(store, ignore_errors=True)
+        if status.lost:  # a lost host has nothing to give back
+            return status, fetched
+        try:
+            _fetch(runtime, batch, job, fetched, store)
+        except FileRefused as exc:  # changed on the host after it ended: nothing of it is kept
+            shutil.rmtree(store, ignore_errors=True)
+            status = status.model_copy(update={"state": "aborted", "reason": f"output refused: {exc}"})
+            fetched = []
+            _fetch(runtime, batch, job, fetched, store)  # its logs, still worth having
+    return status, fetched
 
 
 def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, outputs: list[str], store: Path) -> None:
@@ -133,12 +151,13 @@ def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, outputs: list[str], s
 LOSS_RETRIES = 3  # extra attempts for jobs whose host was lost, on top of the job's own max_retries
 
 
-def retry_policy(max_retries: int) -> Callable[[Any, Any, State[Any]], bool]:
+def retry_policy(max_retries: int) -> Callable[[Any, Any, State[Any]], Awaitable[bool]]:
     """When a job's task is retried: always after its host was lost or could not be reached (up to
-    ``LOSS_RETRIES`` more times), but after a failure of its own only ``max_retries`` times."""
+    ``LOSS_RETRIES`` more times), but after a failure of its own only ``max_retries`` times. A coroutine, as
+    the job's task is: Prefect awaits it."""
 
-    def should_retry(task: Any, task_run: Any, state: State[Any]) -> bool:
-        outcome = state.result(raise_on_failure=False)
+    async def should_retry(task: Any, task_run: Any, state: State[Any]) -> bool:
+        outcome = await state.aresult(raise_on_failure=False)
         if (isinstance(outcome, JobResult) and outcome.lost) or isinstance(outcome, TransportError):
             return True
         return bool(task_run.run_count <= max_retries)

@@ -61,7 +61,7 @@ def connect(host: HostInfo) -> Transport:
             if host.provider == "local":
                 from cloudsend_prefect.transport.local import LocalTransport
 
-                transport = LocalTransport(host.name)
+                transport = LocalTransport(host.name, host.pass_env)
             else:
                 from cloudsend_prefect.transport.ssh import SSHTransport
 

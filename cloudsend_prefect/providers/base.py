@@ -36,6 +36,9 @@ class HostInfo(BaseModel):
     instance_type: str | None = None
     spot: bool = False
     created: bool = Field(False, description="This run created the host, so teardown may remove it.")
+    pass_env: list[str] = Field(
+        default_factory=list, description="local: the client's variables (names, patterns) its jobs also get."
+    )
 
 
 def host_names(inst: InstanceType, index: int, provider: str) -> list[str]:

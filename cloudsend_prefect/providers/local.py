@@ -10,7 +10,13 @@ from cloudsend_prefect.providers.base import HostHealth, HostInfo, host_names
 def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True) -> list[HostInfo]:
     home = cloudsend_home() / "hosts"
     return [
-        HostInfo(name=name, provider="local", cpus=config.instance_cpus(inst), base_dir=str(home / name))
+        HostInfo(
+            name=name,
+            provider="local",
+            cpus=config.instance_cpus(inst),
+            base_dir=str(home / name),
+            pass_env=config.pass_env,
+        )
         for index, inst in instances
         for name in host_names(inst, index, "local")
     ]

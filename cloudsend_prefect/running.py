@@ -1,0 +1,213 @@
+"""Running a batch's jobs as Prefect task runs: one per job, all waiting at once on one event loop.
+
+A job's task run is a coroutine that awaits the dispatcher: waiting holds no thread, so the only limit on
+how many jobs run at once is the hosts' CPU slots. Task runs are started in a window (a few times the
+fleet's slots) rather than all at once, and new ones wait while the Prefect server lags behind in recording
+the ended ones: a burst of events beyond its queue would be dropped, and the UI would miss task runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+from prefect import Task, get_run_logger
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterStateType,
+    TaskRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.context import AsyncClientContext
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.paths import cloudsend_home
+from cloudsend_prefect.results import JobResult, deliver
+from cloudsend_prefect.specs import JobSpec
+from cloudsend_prefect.tasks import JOB_TAG, LOSS_RETRIES, retry_policy, run_job
+
+MAX_LAG = 1500  # job task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
+LAG_CHECK = 0.5  # seconds between two looks at the server's records while it lags
+DRAIN_TIMEOUT = 120.0  # seconds the batch waits at its end for the server to record its last task runs
+PROGRESS_EVERY = 1.0  # seconds between two updates of the progress artifact
+FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+
+_T = TypeVar("_T")
+Listener = Callable[[JobResult, int], None]
+
+
+def run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine to its end from sync code (the flow), keeping the caller's context (the flow run):
+    in this thread, or in a new one when this thread already runs an event loop (a notebook, say)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    context = contextvars.copy_context()
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(context.run, asyncio.run, coroutine).result()
+
+
+def run_jobs(
+    specs: list[JobSpec],
+    batch: str,
+    dispatcher: Dispatcher,
+    dest: Path,
+    *,
+    refresh: bool,
+    window: int,
+    listeners: list[Listener],
+) -> dict[str, JobResult]:
+    """Run every job as its own task run and deliver each one's outputs to ``dest/<job>`` as it ends (a
+    cached job's from the client-side store); returns the results by job key."""
+    return run_coroutine(_run_jobs(specs, batch, dispatcher, dest, refresh, window, listeners))
+
+
+class _Recorder:
+    """How far the Prefect server is behind this batch in recording its job task runs."""
+
+    def __init__(self, client: PrefectClient, flow_run_id: str | None) -> None:
+        self.client = client
+        self.flow_run_id = flow_run_id
+        self.ended = 0  # job task runs that reached a final state here
+        self.recorded = 0  # ... and that the server shows in a final state
+        self._checked = 0.0
+
+    async def _count(self) -> None:
+        if self.flow_run_id is None:
+            self.recorded = self.ended
+            return
+        body = {
+            "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[UUID(self.flow_run_id)])).model_dump(
+                mode="json", exclude_unset=True
+            ),
+            "task_runs": TaskRunFilter(
+                tags=TaskRunFilterTags(all_=[JOB_TAG]), state=dict(type=TaskRunFilterStateType(any_=FINAL))
+            ).model_dump(mode="json", exclude_unset=True),
+        }
+        response = await self.client.request("POST", "/task_runs/count", json=body)
+        response.raise_for_status()
+        self.recorded = int(response.json())
+        self._checked = time.monotonic()
+
+    async def admit(self) -> None:
+        """Return once the server is within ``MAX_LAG`` task runs of this batch."""
+        while self.ended - self.recorded > MAX_LAG:
+            if time.monotonic() - self._checked >= LAG_CHECK:
+                await self._count()
+            if self.ended - self.recorded > MAX_LAG:
+                await asyncio.sleep(LAG_CHECK)
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> bool:
+        """Wait (at most ``timeout`` s) until the server has recorded every ended task run: an ephemeral
+        server stops with this process, and what it had not recorded by then would be lost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._count()
+            if self.recorded >= self.ended or time.monotonic() >= deadline:
+                return self.recorded >= self.ended
+            await asyncio.sleep(LAG_CHECK)
+
+
+async def _run_jobs(
+    specs: list[JobSpec],
+    batch: str,
+    dispatcher: Dispatcher,
+    dest: Path,
+    refresh: bool,
+    window: int,
+    listeners: list[Listener],
+) -> dict[str, JobResult]:
+    logger = get_run_logger()
+    async with AsyncClientContext.get_or_create() as context:  # one API client for every task run
+        recorder = _Recorder(context.client, flow_run.id)
+        progress = await acreate_progress_artifact(
+            progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended"
+        )
+        results: dict[str, JobResult] = {}
+        slots = asyncio.Semaphore(window)
+        variants: dict[tuple[int, bool], Task[Any, Any]] = {}
+
+        def task_for(job: JobSpec, refresh_cache: bool) -> Task[Any, Any]:
+            """The task with this job's retry policy (one variant per policy, not per job)."""
+            key = (job.max_retries, refresh_cache)
+            if key not in variants:
+                variants[key] = run_job.with_options(
+                    retries=job.max_retries + LOSS_RETRIES,
+                    retry_condition_fn=retry_policy(job.max_retries),
+                    retry_delay_seconds=1,
+                    refresh_cache=refresh_cache,
+                    result_storage=cloudsend_home() / "results",
+                )
+            return variants[key]
+
+        async def one(job: JobSpec) -> None:
+            refresh_cache = refresh
+            while True:
+                async with slots:
+                    await recorder.admit()
+                    state = await task_for(job, refresh_cache)(job, batch, dispatcher, return_state=True)
+                    recorder.ended += 1
+                result = await _outcome(state, job)
+                if result.ok and not await asyncio.to_thread(deliver, result, dest / job.name):
+                    logger.warning("%s: cached outputs are gone from %s; running it again", job.name, result.store)
+                    refresh_cache = True
+                    continue
+                break
+            if not result.ok and result.store:
+                await asyncio.to_thread(deliver, result, dest / job.name)
+            results[job.key] = result
+            for listener in listeners:
+                listener(result, len(specs))
+            emit_event(
+                event=f"cloudsend.job.{result.state}",
+                resource={"prefect.resource.id": f"cloudsend.job.{batch}.{job.key}", "prefect.resource.name": job.name},
+                payload={"batch": batch, "exit_code": result.exit_code, "reason": result.reason, "host": result.host},
+            )
+
+        async def report_progress() -> None:
+            """The progress artifact, once a second while jobs end (one writer: updates stay in order)."""
+            shown = -1
+            while True:
+                if isinstance(progress, UUID) and len(results) != shown:
+                    shown = len(results)
+                    await aupdate_progress_artifact(artifact_id=progress, progress=100.0 * shown / (len(specs) or 1))
+                if shown == len(specs):
+                    return
+                await asyncio.sleep(PROGRESS_EVERY)
+
+        reporter = asyncio.create_task(report_progress())
+        try:
+            await asyncio.gather(*(one(job) for job in specs))
+            await reporter
+        finally:
+            reporter.cancel()
+        if not await recorder.drain():
+            logger.warning(
+                "the Prefect server has recorded %d of the batch's %d job task runs so far; the rest may be "
+                "missing from the UI (results and outputs are complete)",
+                recorder.recorded,
+                recorder.ended,
+            )
+    return results
+
+
+async def _outcome(state: State[Any], job: JobSpec) -> JobResult:
+    """The job's result from its task run's final state (a cached one is marked so)."""
+    value = await state.aresult(raise_on_failure=False)
+    if isinstance(value, JobResult):
+        return value.model_copy(update={"cached": True}) if state.name == "Cached" else value
+    return JobResult(name=job.name, key=job.key, state="aborted", reason=f"{type(value).__name__}: {value}")
