@@ -41,7 +41,7 @@ for dir in files/.incoming envs jobs queue running leases; do # tests are builti
 done
 case $BASE in /*) ;; *) BASE=$(cd "$BASE" && pwd) || exit 3 ;; esac
 JOB_SHELL=bash
-command -v bash >/dev/null 2>&1 || JOB_SHELL=sh
+command -v bash >/dev/null 2>&1 || JOB_SHELL="sh"
 FENCED="not started: its batch's lease expired (the client stopped watching this host; a rerun queues it again)"
 
 now() {
@@ -60,6 +60,7 @@ stamp() {
 
 # clean TEXT: TEXT without control characters, quotes or backslashes, fit for a JSON string (failure paths only).
 clean() {
+    # shellcheck disable=SC1003 # a backslash inside single quotes, for tr
     printf '%s' "$1" | tr -d '\000-\037"\\'
 }
 
@@ -205,7 +206,7 @@ dispatch_pass() {
     for q in "$BASE"/queue/*; do
         [ -f "$q" ] || continue
         [ "$used" -ge "$cap" ] && break
-        batch= key=
+        batch='' key=''
         read -r batch key <"$q"
         [ -n "$key" ] || continue # never half-written (entries are moved in whole); skip anyway
         d="$BASE/jobs/$batch/$key"
@@ -214,6 +215,7 @@ dispatch_pass() {
 "
             continue
         fi
+        # shellcheck disable=SC3013 # -nt: in dash, bash, ksh and busybox alike
         if [ ! "$BASE/leases/$batch" -nt "$BASE/now" ]; then
             consumed="$consumed$q
 "
@@ -263,6 +265,7 @@ dispatch_pass() {
 "
     done
     # Only lock holders read the queue, so its entries go before the lock does (rm removes in order).
+    # shellcheck disable=SC2086 # one path per line (IFS), globbing off
     rm -f $consumed "$BASE/lock"
     set +f
     IFS=$old_ifs
@@ -288,6 +291,7 @@ stage() {
     renewed=
     while IFS= read -r line; do
         case $line in 'J '*)
+            # shellcheck disable=SC2086 # the fields of the line
             set -- ${line#J }
             [ -n "$renewed" ] || { renew "$1" "$lease" && renewed=1; }
             d="$BASE/jobs/$1/$2"
@@ -309,9 +313,11 @@ stage() {
     IFS='
 '
     set -f
+    # shellcheck disable=SC2086 # one path per line (IFS), globbing off
     [ -n "$gone" ] && rm -rf $gone
     for g in $gone; do new="$new$g/work
 "; done
+    # shellcheck disable=SC2086 # one path per line (IFS), globbing off
     [ -n "$new" ] && mkdir -p $new "$incoming"
     set +f
     IFS=$old_ifs
@@ -324,6 +330,7 @@ stage() {
         rest=${line#* }
         case $tag in
         J)
+            # shellcheck disable=SC2086 # the fields of the line
             set -- $rest
             d="$BASE/jobs/$1/$2"
             batch=$1 key=$2
@@ -407,7 +414,7 @@ runjob() {
         write_status "$d" aborted "cancelled"
     elif [ "$ex" -eq 0 ]; then
         if check_outputs; then
-            write_status "$d" done ""
+            write_status "$d" "done" ""
         else
             write_status "$d" aborted "$bad"
         fi
@@ -458,7 +465,7 @@ check_outputs() {
     done <"$d/outputs"
     [ $# -gt 0 ] && [ -f "$d/maxout" ] || return 0
     read -r maxout <"$d/maxout"
-    total=$(wc -c -- "$@" | { t=0; while read -r n _; do t=$n; done; echo "$t"; })
+    total=$(wc -c -- "$@" | { last=0; while read -r n _; do last=$n; done; echo "$last"; })
     if [ "${total:-0}" -gt "$maxout" ]; then
         bad="outputs total $total bytes, over the limit of $maxout bytes (max_output_mb)"
         return 1
@@ -529,6 +536,7 @@ cancel() {
     shift
     lock
     killed=
+    # shellcheck disable=SC2231 # BATCH '*' means every batch
     for d in "$BASE"/jobs/$batch/*/; do
         d=${d%/}
         key=${d##*/}
@@ -658,9 +666,11 @@ bootstrap() {
                 python3 -m venv venv
                 venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
             fi
+            # shellcheck disable=SC2016 # $VIRTUAL_ENV and $PATH are expanded when the file is sourced
             printf 'VIRTUAL_ENV=%s\nPATH="$VIRTUAL_ENV/bin:$PATH"\nexport VIRTUAL_ENV PATH\n' "$e/venv" >activate
         fi
     ) >bootstrap.log 2>&1
+    # shellcheck disable=SC2181 # the subshell above is not an `if` condition (see there)
     if [ $? = 0 ]; then echo ready >state.tmp; else echo failed >state.tmp; fi
     mv -f state.tmp state
     dispatch
