@@ -11,11 +11,22 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Task as RichTask
 from rich.table import Table
+from rich.text import Text
 
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.results import BatchSummary, JobResult
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 
 if TYPE_CHECKING:
@@ -33,6 +44,7 @@ ExecOpt = Annotated[
 ]
 BatchOpt = Annotated[str | None, typer.Option(help="Batch name (default: the project).")]
 
+MAX_ROWS = 50  # rows of a job table in the terminal; the rest is counted, and `status` lists them
 STATE_STYLE = {"done": "green", "failed": "red", "aborted": "red", "running": "cyan", "queued": "yellow"}
 
 
@@ -180,15 +192,25 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from cloudsend_prefect.flow import cloudsend, job_listeners
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("jobs", total=len(jobs))
-        failed = 0
+        failed = cached = 0
 
-        def on_job(result: object, total: int) -> None:
-            nonlocal failed
-            failed += getattr(result, "state", "") != "done"
-            progress.update(bar, advance=1, description=f"jobs ({failed} not done)" if failed else "jobs")
+        def on_job(result: JobResult, total: int) -> None:
+            nonlocal failed, cached
+            failed += not result.ok
+            cached += result.cached
+            parts = [f"{failed} not done"] * bool(failed) + [f"{cached} cached"] * bool(cached)
+            progress.update(bar, advance=1, description=f"jobs ({', '.join(parts)})" if parts else "jobs")
 
         job_listeners.append(on_job)
         try:
@@ -202,20 +224,42 @@ def run(
             )
         finally:
             job_listeners.remove(on_job)
-    table = Table(title=f"batch {summary.batch}")
-    for col in ("job", "state", "host", "exit", "duration (s)", "reason / outputs"):
-        table.add_column(col)
-    for job in summary.jobs:
-        detail = job.reason if not job.ok else ", ".join(job.outputs)
-        duration = f"{job.duration:.2f}" if job.duration is not None else "-"
-        exit_code = str(job.exit_code) if job.exit_code is not None else "-"
-        table.add_row(escape(job.name), _styled(job.state), job.host or "-", exit_code, duration, escape(detail))
-    out.print(table)
-    counts = ", ".join(f"{n} {state}" for state, n in sorted(summary.counts.items()))
-    out.print(f"{counts}; results in {summary.results_dir}/")
+    _print_summary(summary, config)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+class RateColumn(ProgressColumn):
+    """Jobs ended per second, over the last moments (rich's own estimate)."""
+
+    def render(self, task: RichTask) -> Text:
+        return Text(f"{task.speed:.1f} jobs/s" if task.speed else "- jobs/s", style="progress.data.speed")
+
+
+def _print_summary(summary: BatchSummary, config: Path) -> None:
+    """A table a person can read whatever the batch's size: every job of a small batch, else only the jobs
+    not done (at most ``MAX_ROWS``), then the counts per state."""
+    shown = summary.jobs if len(summary.jobs) <= MAX_ROWS else [j for j in summary.jobs if not j.ok]
+    if shown:
+        title = f"batch {summary.batch}" if shown is summary.jobs else f"batch {summary.batch}: jobs not done"
+        table = Table(title=title)
+        for col in ("job", "state", "host", "exit", "duration (s)", "reason / outputs"):
+            table.add_column(col)
+        for job in shown[:MAX_ROWS]:
+            detail = job.reason if not job.ok else ", ".join(job.outputs)
+            duration = f"{job.duration:.2f}" if job.duration is not None else "-"
+            exit_code = str(job.exit_code) if job.exit_code is not None and job.state != "aborted" else "-"
+            state = _styled(job.state) + (" (cached)" if job.cached else "")
+            table.add_row(escape(job.name), state, job.host or "-", exit_code, duration, escape(detail))
+        out.print(table)
+        if len(shown) > MAX_ROWS:
+            out.print(f"… and {len(shown) - MAX_ROWS} more: `cloudsend status {config}`", highlight=False)
+    counts = summary.counts
+    cached = sum(job.cached for job in summary.jobs)
+    text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    out.print(f"{text}{f' ({cached} cached)' if cached else ''}; results in {summary.results_dir}/")
     if not summary.ok:
         out.print("logs of jobs not done: stderr.log in their results folder")
-        raise typer.Exit(1)
 
 
 def _find_jobs(cfg: BatchConfig, batch: str) -> tuple[dict[str, tuple[str, JobStatus]], dict[str, HostRuntime]]:

@@ -105,3 +105,17 @@ def test_cancel_a_running_batch(tmp_path: Path) -> None:
     thread.join(timeout=60)
     assert summary, "the flow did not end after the cancel"
     assert [(j.state, j.reason) for j in summary[0].jobs] == [("aborted", "cancelled")] * 2
+
+
+def test_run_output_stays_readable_for_big_batches(tmp_path: Path) -> None:
+    """Past 50 jobs the final table lists only the jobs not done, and the counts say the rest; a rerun shows
+    the finished jobs as cached, not as freshly done."""
+    jobs = [{"name": "ok", "run_command": "true", "repeat": 60}, {"name": "bad", "run_command": "exit 3", "repeat": 3}]
+    config = write(tmp_path, {"project": "big-cli", "poll_interval": 0.2, "instances": [{"cpus": 8}], "jobs": jobs})
+    result = runner.invoke(app, ["run", str(config), "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 1, result.output
+    assert "jobs not done" in result.output and "60 done, 3 failed;" in result.output
+    assert "bad-1" in result.output and "ok-1 " not in result.output
+    again = runner.invoke(app, ["run", str(config), "--results-dir", str(tmp_path / "r")])
+    assert again.exit_code == 1, again.output
+    assert "60 done, 3 failed (60 cached);" in again.output
