@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+BARE_THREADS = 64  # threads of the without-Prefect baseline (enough for the hosts' slots here)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `tests.sshd` lives in the repository, not in the package
 
@@ -243,32 +244,31 @@ def jobs_end_at_once() -> Iterator[None]:
     from cloudsend_prefect.dispatch import Dispatcher
     from cloudsend_prefect.runtime import HostRuntime, JobStatus
 
-    saved = (Dispatcher.start, Dispatcher.run, HostRuntime.fetch)
+    saved = (Dispatcher.start, Dispatcher.run_async, HostRuntime.fetch)
 
-    def run(self: Any, job: Any, *, rerun: bool = False) -> tuple[str, Any]:
+    async def run_async(self: Any, job: Any, *, rerun: bool = False) -> tuple[str, Any]:
         now = time.time()
         return next(iter(self.hosts)), JobStatus(key=job.key, state="done", start=now, end=now, exit=0)
 
-    def fetch(self: Any, batch: str, key: str, outputs: list[str], dest: Path) -> list[Path]:
+    def fetch(self: Any, batch: str, key: str, outputs: list[str], dest: Path, *args: Any) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)
         return []
 
     Dispatcher.start = lambda self: None  # type: ignore[method-assign]
-    Dispatcher.run = run  # type: ignore[method-assign]
+    Dispatcher.run_async = run_async  # type: ignore[method-assign]
     HostRuntime.fetch = fetch  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Dispatcher.start, Dispatcher.run, HostRuntime.fetch = saved  # type: ignore[method-assign]
+        Dispatcher.start, Dispatcher.run_async, HostRuntime.fetch = saved  # type: ignore[method-assign]
 
 
 def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, poll: float, wl: Workload) -> FlowRun:
-    """The same jobs through the same Dispatcher, host runtime and transport, without Prefect: as many threads
-    as the flow's task runner has, each doing what the `run-job` task does (run, then fetch logs/outputs)."""
+    """The same jobs through the same Dispatcher, host runtime and transport, without Prefect: BARE_THREADS
+    threads, each doing what the `run-job` task does (run, then fetch logs/outputs)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cloudsend_prefect.dispatch import Dispatcher
-    from cloudsend_prefect.flow import MAX_WORKERS
     from cloudsend_prefect.loading import load_config
     from cloudsend_prefect.providers import connect, disconnect, provision_all
     from cloudsend_prefect.results import store_dir
@@ -290,7 +290,7 @@ def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, pol
 
     try:
         dispatcher.start()
-        with ThreadPoolExecutor(MAX_WORKERS) as pool:
+        with ThreadPoolExecutor(BARE_THREADS) as pool:
             statuses = list(pool.map(one, specs))
     finally:
         dispatcher.stop()

@@ -1,0 +1,174 @@
+"""Benchmark: large batches through the `cloudsend` flow, and whether Prefect's server records every job.
+
+Run from the repository root:
+
+    .venv/bin/python bench/scale.py                                  # 10,000 x `true` on 1,000 local slots
+    .venv/bin/python bench/scale.py --jobs 10000 50000 --command true "sleep 1"
+    .venv/bin/python bench/scale.py --jobs 2000 --slots 8
+
+Each batch runs in a fresh process with a fresh ``PREFECT_HOME`` (Prefect's ephemeral server, on a new
+SQLite database) and ``CLOUDSEND_HOME``, on the ``local`` provider with one host of ``--slots`` CPU slots.
+It prints, per batch: the wall time of the ``cloudsend(...)`` call, the time from the call to the first job
+running (from the jobs' own start times), the client's CPU time per job, the peak RSS of the client and of
+Prefect's server process, and how many of the batch's job task runs the server holds in a final state, read
+from its API after the flow returned (the target: all of them, Completed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
+    """One batch in this process (a fresh one: the driver starts it); returns its figures."""
+    import asyncio
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterTags
+
+    from cloudsend_prefect.flow import cloudsend
+    from cloudsend_prefect.tasks import JOB_TAG
+
+    root = Path(os.environ["CLOUDSEND_HOME"]).parent
+    config = root / "scale.yaml"
+    job = {"name": "j", "run_command": command, "repeat": jobs}
+    config.write_text(
+        yaml.safe_dump({"project": "scale", "poll_interval": poll, "instances": [{"cpus": slots}], "jobs": [job]})
+    )
+    server_peak = 0
+    done = threading.Event()
+
+    def sample() -> None:  # Prefect's ephemeral server is a child process of this one
+        nonlocal server_peak
+        while not done.wait(0.5):
+            server_peak = max([server_peak, *(rss_kib(p) for p in children(os.getpid()))])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu0 = os.times()
+    start = time.time()
+    state = cloudsend(config=str(config), results_dir=str(root / "results"), return_state=True)
+    wall = time.time() - start
+    cpu1 = os.times()
+    summary = state.result()
+    flow_run_id = state.state_details.flow_run_id
+
+    async def recorded() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        async with get_client() as client:
+            for kind in ("COMPLETED", "FAILED", "CRASHED", "RUNNING", "PENDING", "SCHEDULED"):
+                body = {
+                    "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])).model_dump(
+                        mode="json", exclude_unset=True
+                    ),
+                    "task_runs": TaskRunFilter(
+                        tags=TaskRunFilterTags(all_=[JOB_TAG]), state={"type": {"any_": [kind]}}
+                    ).model_dump(mode="json", exclude_unset=True),
+                }
+                response = await client.request("POST", "/task_runs/count", json=body)
+                if int(response.json()):
+                    counts[kind.lower()] = int(response.json())
+        return counts
+
+    counts = asyncio.run(recorded())
+    done.set()
+    first = min((j.started for j in summary.jobs if j.started), default=start)
+    return {
+        "jobs": jobs,
+        "command": command,
+        "slots": slots,
+        "wall": wall,
+        "first_job": first - start,
+        "client_cpu_ms_per_job": 1000 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / jobs,
+        "client_rss_mb": rss_kib(os.getpid(), "VmHWM") / 1024,
+        "server_rss_mb": server_peak / 1024,
+        "states": summary.counts,
+        "recorded": counts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, nargs="+", default=[10_000])
+    parser.add_argument("--command", nargs="+", default=["true"])
+    parser.add_argument("--slots", type=int, default=1000)
+    parser.add_argument("--poll-interval", type=float, default=0.5)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.jobs[0], args.command[0], args.slots, args.poll_interval)), flush=True)
+        return
+    rows = []
+    for command in args.command:
+        for jobs in args.jobs:
+            with tempfile.TemporaryDirectory(prefix="cloudsend-scale-") as tmp:
+                env = {
+                    **os.environ,
+                    "PREFECT_HOME": f"{tmp}/prefect",
+                    "CLOUDSEND_HOME": f"{tmp}/cloudsend-home",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_LOGGING_LEVEL": "WARNING",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                }
+                env.pop("PREFECT_API_URL", None)
+                cmd = [sys.executable, __file__, "--one", "--jobs", str(jobs), "--command", command]
+                cmd += ["--slots", str(args.slots), "--poll-interval", str(args.poll_interval)]
+                print(f"== {jobs} x {command!r} on {args.slots} local slots", flush=True)
+                proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+                errors = [line for line in proc.stderr.splitlines() if "Traceback" in line or "ERROR" in line]
+                if proc.returncode != 0 or not proc.stdout.strip():
+                    print(proc.stderr[-3000:])
+                    raise SystemExit(f"the batch failed ({proc.returncode})")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["error_lines"] = len(errors)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print()
+    columns = ["batch", "wall", "to first job", "client CPU/job", "client RSS", "server RSS", "recorded", "errors"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        recorded = ", ".join(f"{n} {s}" for s, n in r["recorded"].items())
+        print(
+            f"| {r['jobs']} x `{r['command']}` | {r['wall']:.1f} s | {r['first_job']:.1f} s | "
+            f"{r['client_cpu_ms_per_job']:.2f} ms | {r['client_rss_mb']:.0f} MB | {r['server_rss_mb']:.0f} MB | "
+            f"{recorded} of {r['jobs']} | {r['error_lines']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
