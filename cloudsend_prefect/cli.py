@@ -190,6 +190,8 @@ def run(
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
     # The ephemeral server this process may start should not phone home (and offline it only logs errors).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its 20 s default start-up limit is too short on a loaded 2-core machine (a raw traceback otherwise).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from cloudsend_prefect.flow import cloudsend, job_listeners
 
     columns = (
