@@ -8,6 +8,9 @@ Run from the repository root:
 
 Each batch runs in a fresh process with a fresh ``PREFECT_HOME`` (Prefect's ephemeral server, on a new
 SQLite database) and ``CLOUDSEND_HOME``, on the ``local`` provider with one host of ``--slots`` CPU slots.
+With ``--server postgres`` it runs against what a user outgrowing the ephemeral server would run instead:
+a ``prefect server`` on PostgreSQL with Redis messaging (``prefect-redis``), all three started here on
+loopback from Debian's ``postgresql`` and ``redis-server`` packages (``pip install prefect-redis``).
 It prints, per batch: the wall time of the ``cloudsend(...)`` call, the time from the call to the first job
 running (from the jobs' own start times), the client's CPU time per job, the peak RSS of the client and of
 Prefect's server process, and how many of the batch's job task runs the server holds in a final state, read
@@ -17,13 +20,17 @@ from its API after the flow returned (the target: all of them, Completed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,93 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def postgres_server(root: Path) -> Iterator[tuple[dict[str, str], list[subprocess.Popen[bytes]]]]:
+    """PostgreSQL, Redis and a `prefect server` on them, on loopback; yields the client's environment (the
+    API's URL) and the server processes (to measure them). PostgreSQL refuses to run as root: its cluster
+    belongs to the `postgres` user the Debian package made."""
+    pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    data, pg_port, redis_port, api_port = root / "pg", _free_port(), _free_port(), _free_port()
+    data.mkdir(parents=True)
+    root.parent.chmod(0o755)  # a temporary directory is root's alone; the postgres user must reach its cluster
+    shutil.chown(data, "postgres")
+    shutil.chown(root, "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_postgres, f"{pg_bin}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {pg_port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    subprocess.run(
+        [*as_postgres, f"{pg_bin}/pg_ctl", "-D", str(data), "-o", options, "-w", "start", "-l", str(data / "log")],
+        check=True,
+        capture_output=True,
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        subprocess.run(
+            [f"{pg_bin}/createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "prefect"], check=True
+        )
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        procs.append(redis)
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(root / "prefect-server"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}/prefect",
+            "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+            "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+            "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+            "PREFECT_REDIS_MESSAGING_HOST": "127.0.0.1",
+            "PREFECT_REDIS_MESSAGING_PORT": str(redis_port),
+        }
+        prefect = Path(sys.executable).with_name("prefect")
+        server = subprocess.Popen(
+            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(api_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(server)
+        api = f"http://127.0.0.1:{api_port}/api"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the prefect server on PostgreSQL did not start")
+            time.sleep(0.5)
+        yield {"PREFECT_API_URL": api}, procs
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+        subprocess.run([*as_postgres, f"{pg_bin}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+
+
+def tree_rss_kib(pid: int) -> int:
+    """The resident memory of a process and all its descendants."""
+    return rss_kib(pid) + sum(tree_rss_kib(child) for child in children(pid))
 
 
 def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
@@ -127,6 +221,7 @@ def main() -> None:
     parser.add_argument("--command", nargs="+", default=["true"])
     parser.add_argument("--slots", type=int, default=1000)
     parser.add_argument("--poll-interval", type=float, default=0.5)
+    parser.add_argument("--server", choices=["ephemeral", "postgres"], default="ephemeral")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -135,7 +230,11 @@ def main() -> None:
     rows = []
     for command in args.command:
         for jobs in args.jobs:
-            with tempfile.TemporaryDirectory(prefix="cloudsend-scale-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="cloudsend-scale-") as tmp, contextlib.ExitStack() as stack:
+                server_env: dict[str, str] = {}
+                server_procs: list[subprocess.Popen[bytes]] = []
+                if args.server == "postgres":
+                    server_env, server_procs = stack.enter_context(postgres_server(Path(tmp) / "server"))
                 env = {
                     **os.environ,
                     "PREFECT_HOME": f"{tmp}/prefect",
@@ -145,16 +244,28 @@ def main() -> None:
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                 }
                 env.pop("PREFECT_API_URL", None)
+                env.update(server_env)
                 cmd = [sys.executable, __file__, "--one", "--jobs", str(jobs), "--command", command]
                 cmd += ["--slots", str(args.slots), "--poll-interval", str(args.poll_interval)]
-                print(f"== {jobs} x {command!r} on {args.slots} local slots", flush=True)
-                proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+                print(f"== {jobs} x {command!r} on {args.slots} local slots, {args.server} server", flush=True)
+                batch = subprocess.Popen(
+                    cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+                server_peak = 0
+                while batch.poll() is None and server_procs:  # the server's processes, sampled from here
+                    server_peak = max(server_peak, sum(tree_rss_kib(p.pid) for p in server_procs))
+                    time.sleep(0.5)
+                out, err = batch.communicate()
+                proc = subprocess.CompletedProcess(cmd, batch.returncode, out, err)
                 errors = [line for line in proc.stderr.splitlines() if "Traceback" in line or "ERROR" in line]
                 if proc.returncode != 0 or not proc.stdout.strip():
                     print(proc.stderr[-3000:])
                     raise SystemExit(f"the batch failed ({proc.returncode})")
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["error_lines"] = len(errors)
+                row["server"] = args.server
+                if server_procs:
+                    row["server_rss_mb"] = server_peak / 1024
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print()
@@ -164,7 +275,7 @@ def main() -> None:
     for r in rows:
         recorded = ", ".join(f"{n} {s}" for s, n in r["recorded"].items())
         print(
-            f"| {r['jobs']} x `{r['command']}` | {r['wall']:.1f} s | {r['first_job']:.1f} s | "
+            f"| {r['jobs']} x `{r['command']}`, {r['server']} | {r['wall']:.1f} s | {r['first_job']:.1f} s | "
             f"{r['client_cpu_ms_per_job']:.2f} ms | {r['client_rss_mb']:.0f} MB | {r['server_rss_mb']:.0f} MB | "
             f"{recorded} of {r['jobs']} | {r['error_lines']} |"
         )
