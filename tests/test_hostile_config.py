@@ -468,14 +468,6 @@ def test_a_config_file_that_cannot_be_read(tmp_path: Path, monkeypatch: pytest.M
         load_config(path)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads chmod 000 files")
-def test_a_file_without_read_permission(tmp_path: Path) -> None:
-    path = write(tmp_path, one_job(upload_files=["data/input.csv"]))
-    (tmp_path / "data" / "input.csv").chmod(0)
-    with pytest.raises(ConfigError, match=r"jobs\[0\]\.upload_files: cannot read data/input.csv: Permission denied"):
-        load_config(path)
-
-
 def test_a_requirements_file_that_is_not_text(tmp_path: Path) -> None:
     path = write(tmp_path, {"environments": [{"env_pypi": "requirements.txt"}]})
     (tmp_path / "requirements.txt").write_bytes(b"numpy\n\xff\xfe\n")
