@@ -152,10 +152,9 @@ def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
 
     import yaml
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterTags
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 
     from cloudsend_prefect.flow import cloudsend
-    from cloudsend_prefect.tasks import JOB_TAG
 
     root = Path(os.environ["CLOUDSEND_HOME"]).parent
     config = root / "scale.yaml"
@@ -189,9 +188,9 @@ def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
                     "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])).model_dump(
                         mode="json", exclude_unset=True
                     ),
-                    "task_runs": TaskRunFilter(
-                        tags=TaskRunFilterTags(all_=[JOB_TAG]), state={"type": {"any_": [kind]}}
-                    ).model_dump(mode="json", exclude_unset=True),
+                    "task_runs": TaskRunFilter(name={"like_": "j-"}, state={"type": {"any_": [kind]}}).model_dump(
+                        mode="json", exclude_unset=True
+                    ),
                 }
                 response = await client.request("POST", "/task_runs/count", json=body)
                 if int(response.json()):
@@ -259,8 +258,9 @@ def main() -> None:
                 proc = subprocess.CompletedProcess(cmd, batch.returncode, out, err)
                 errors = [line for line in proc.stderr.splitlines() if "Traceback" in line or "ERROR" in line]
                 if proc.returncode != 0 or not proc.stdout.strip():
-                    print(proc.stderr[-3000:])
-                    raise SystemExit(f"the batch failed ({proc.returncode})")
+                    log = Path(tempfile.gettempdir()) / "cloudsend-scale-failed.log"
+                    log.write_text(proc.stderr)
+                    raise SystemExit(f"the batch failed ({proc.returncode}); its output is in {log}")
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["error_lines"] = len(errors)
                 row["server"] = args.server

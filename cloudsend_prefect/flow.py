@@ -17,7 +17,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.results import BatchSummary, JobResult
-from cloudsend_prefect.running import Listener, run_jobs
+from cloudsend_prefect.running import Listener, run_jobs, wait_until_recorded
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, teardown
 
@@ -114,9 +114,13 @@ def cloudsend(
         ]
         plan_batch(specs, hosts, name)
         window = max(MIN_WINDOW, 2 * sum(h.cpus for h in hosts))  # task runs alive at once
-        results = run_jobs(specs, name, dispatcher, dest, refresh=refresh, window=window, listeners=list(job_listeners))
+        results, job_runs = run_jobs(
+            specs, name, dispatcher, dest, refresh=refresh, window=window, listeners=list(job_listeners), ended_before=2
+        )
         for boot in boots:
             boot.wait()
+        # provision and plan, the bootstraps, the jobs' task runs: all in the UI before an ephemeral server stops
+        wait_until_recorded(2 + len(boots) + job_runs)
     finally:
         if dispatcher is not None:
             dispatcher.stop()

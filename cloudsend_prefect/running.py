@@ -20,13 +20,7 @@ from uuid import UUID
 from prefect import Task, get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
-    TaskRunFilter,
-    TaskRunFilterStateType,
-    TaskRunFilterTags,
-)
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.context import AsyncClientContext
 from prefect.events import emit_event
@@ -37,7 +31,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.results import JobResult, deliver
 from cloudsend_prefect.specs import JobSpec
-from cloudsend_prefect.tasks import JOB_TAG, LOSS_RETRIES, retry_policy, run_job
+from cloudsend_prefect.tasks import LOSS_RETRIES, retry_policy, run_job
 
 MAX_LAG = 1500  # job task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
 LAG_CHECK = 0.5  # seconds between two looks at the server's records while it lags
@@ -70,20 +64,41 @@ def run_jobs(
     refresh: bool,
     window: int,
     listeners: list[Listener],
-) -> dict[str, JobResult]:
+    ended_before: int = 0,
+) -> tuple[dict[str, JobResult], int]:
     """Run every job as its own task run and deliver each one's outputs to ``dest/<job>`` as it ends (a
-    cached job's from the client-side store); returns the results by job key."""
-    return run_coroutine(_run_jobs(specs, batch, dispatcher, dest, refresh, window, listeners))
+    cached job's from the client-side store). ``ended_before``: task runs of the flow run that ended before
+    (they count in the server's records). Returns the results by job key, and how many task runs were made."""
+    return run_coroutine(_run_jobs(specs, batch, dispatcher, dest, refresh, window, listeners, ended_before))
+
+
+def wait_until_recorded(task_runs: int, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Wait (at most ``timeout`` s) until the server holds ``task_runs`` ended task runs of this flow run: an
+    ephemeral server stops with this process, and what it had not recorded by then would be missing."""
+
+    async def drain() -> None:
+        async with AsyncClientContext.get_or_create() as context:
+            recorder = _Recorder(context.client, flow_run.id)
+            recorder.ended = task_runs
+            if not await recorder.drain(timeout):
+                get_run_logger().warning(
+                    "the Prefect server has recorded %d of this flow run's %d task runs so far; the rest may be "
+                    "missing from the UI (results and outputs are complete)",
+                    recorder.recorded,
+                    task_runs,
+                )
+
+    run_coroutine(drain())
 
 
 class _Recorder:
-    """How far the Prefect server is behind this batch in recording its job task runs."""
+    """How far the Prefect server is behind this flow run in recording its ended task runs."""
 
     def __init__(self, client: PrefectClient, flow_run_id: str | None) -> None:
         self.client = client
         self.flow_run_id = flow_run_id
-        self.ended = 0  # job task runs that reached a final state here
-        self.recorded = 0  # ... and that the server shows in a final state
+        self.ended = 0  # task runs of the flow run that reached a final state here
+        self.recorded = 0  # ... that the server shows in a final state
         self._checked = 0.0
 
     async def _count(self) -> None:
@@ -94,9 +109,9 @@ class _Recorder:
             "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[UUID(self.flow_run_id)])).model_dump(
                 mode="json", exclude_unset=True
             ),
-            "task_runs": TaskRunFilter(
-                tags=TaskRunFilterTags(all_=[JOB_TAG]), state=dict(type=TaskRunFilterStateType(any_=FINAL))
-            ).model_dump(mode="json", exclude_unset=True),
+            "task_runs": TaskRunFilter(state=dict(type=TaskRunFilterStateType(any_=FINAL))).model_dump(
+                mode="json", exclude_unset=True
+            ),
         }
         response = await self.client.request("POST", "/task_runs/count", json=body)
         response.raise_for_status()
@@ -104,16 +119,15 @@ class _Recorder:
         self._checked = time.monotonic()
 
     async def admit(self) -> None:
-        """Return once the server is within ``MAX_LAG`` task runs of this batch."""
+        """Return once the server is within ``MAX_LAG`` task runs of this flow run."""
         while self.ended - self.recorded > MAX_LAG:
             if time.monotonic() - self._checked >= LAG_CHECK:
                 await self._count()
             if self.ended - self.recorded > MAX_LAG:
                 await asyncio.sleep(LAG_CHECK)
 
-    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> bool:
-        """Wait (at most ``timeout`` s) until the server has recorded every ended task run: an ephemeral
-        server stops with this process, and what it had not recorded by then would be lost."""
+    async def drain(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until the server has recorded every ended task run."""
         deadline = time.monotonic() + timeout
         while True:
             await self._count()
@@ -130,10 +144,12 @@ async def _run_jobs(
     refresh: bool,
     window: int,
     listeners: list[Listener],
-) -> dict[str, JobResult]:
+    ended_before: int,
+) -> tuple[dict[str, JobResult], int]:
     logger = get_run_logger()
     async with AsyncClientContext.get_or_create() as context:  # one API client for every task run
         recorder = _Recorder(context.client, flow_run.id)
+        recorder.ended = ended_before
         progress = await acreate_progress_artifact(
             progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended"
         )
@@ -195,14 +211,7 @@ async def _run_jobs(
             await reporter
         finally:
             reporter.cancel()
-        if not await recorder.drain():
-            logger.warning(
-                "the Prefect server has recorded %d of the batch's %d job task runs so far; the rest may be "
-                "missing from the UI (results and outputs are complete)",
-                recorder.recorded,
-                recorder.ended,
-            )
-    return results
+    return results, recorder.ended - ended_before
 
 
 async def _outcome(state: State[Any], job: JobSpec) -> JobResult:

@@ -74,10 +74,8 @@ def job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"cloudsend-job-{parameters['job'].key}"
 
 
-JOB_TAG = "cloudsend-job"  # on every job's task run: how the batch counts what the server has recorded
-
-
-@task(name="run-job", task_run_name="{job.name}", tags=[JOB_TAG], cache_key_fn=job_cache_key, persist_result=True)
+# No tags: a task run with tags asks the server for tag concurrency slots, one API call per job.
+@task(name="run-job", task_run_name="{job.name}", cache_key_fn=job_cache_key, persist_result=True)
 async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | State[JobResult]:
     """Run one job to its end on whichever host has room, then keep its outputs and logs client-side.
 
