@@ -19,7 +19,7 @@ from uuid import UUID
 
 from prefect import Task, get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
-from prefect.client.orchestration import PrefectClient
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.context import AsyncClientContext
@@ -33,7 +33,7 @@ from cloudsend_prefect.results import JobResult, deliver
 from cloudsend_prefect.specs import JobSpec
 from cloudsend_prefect.tasks import LOSS_RETRIES, retry_policy, run_job
 
-MAX_LAG = 1500  # job task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
+MAX_BACKLOG = 800  # task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
 LAG_CHECK = 0.5  # seconds between two looks at the server's records while it lags
 DRAIN_TIMEOUT = 120.0  # seconds the batch waits at its end for the server to record its last task runs
 PROGRESS_EVERY = 1.0  # seconds between two updates of the progress artifact
@@ -77,9 +77,8 @@ def wait_until_recorded(task_runs: int, timeout: float = DRAIN_TIMEOUT) -> None:
     ephemeral server stops with this process, and what it had not recorded by then would be missing."""
 
     async def drain() -> None:
-        async with AsyncClientContext.get_or_create() as context:
-            recorder = _Recorder(context.client, flow_run.id)
-            recorder.ended = task_runs
+        async with get_client() as client:
+            recorder = _Recorder(client, flow_run.id, task_runs)
             if not await recorder.drain(timeout):
                 get_run_logger().warning(
                     "the Prefect server has recorded %d of this flow run's %d task runs so far; the rest may be "
@@ -92,45 +91,65 @@ def wait_until_recorded(task_runs: int, timeout: float = DRAIN_TIMEOUT) -> None:
 
 
 class _Recorder:
-    """How far the Prefect server is behind this flow run in recording its ended task runs."""
+    """How far the Prefect server is behind this flow run in recording its task runs.
 
-    def __init__(self, client: PrefectClient, flow_run_id: str | None) -> None:
+    The server records task runs from their events (about four each: pending, running, an end state, the
+    job's own event), queued in memory on the ephemeral server, which drops what overflows 10,000. The
+    backlog is estimated from what the server shows: task runs begun here that it has no record of yet, and
+    task runs ended here that it does not show ended yet. Counting uses a client of its own, so it is never
+    stuck behind the task runs' own requests; a failed count leaves the estimate as it was (held back).
+    """
+
+    def __init__(self, client: PrefectClient, flow_run_id: str | None, ended_before: int = 0) -> None:
         self.client = client
         self.flow_run_id = flow_run_id
-        self.ended = 0  # task runs of the flow run that reached a final state here
-        self.recorded = 0  # ... that the server shows in a final state
+        self.started = ended_before  # task runs of the flow run begun here
+        self.ended = ended_before  # ... that reached a final state here
+        self.seen = 0  # task runs the server has a record of
+        self.recorded = 0  # ... in a final state
         self._checked = 0.0
 
-    async def _count(self) -> None:
-        if self.flow_run_id is None:
-            self.recorded = self.ended
-            return
+    @property
+    def backlog(self) -> int:
+        return max(0, self.started - self.seen) + max(0, self.ended - self.recorded)
+
+    async def _count(self, final: bool) -> int:
+        assert self.flow_run_id is not None
+        runs = TaskRunFilter(state=dict(type=TaskRunFilterStateType(any_=FINAL))) if final else TaskRunFilter()
         body = {
             "flow_runs": FlowRunFilter(id=FlowRunFilterId(any_=[UUID(self.flow_run_id)])).model_dump(
                 mode="json", exclude_unset=True
             ),
-            "task_runs": TaskRunFilter(state=dict(type=TaskRunFilterStateType(any_=FINAL))).model_dump(
-                mode="json", exclude_unset=True
-            ),
+            "task_runs": runs.model_dump(mode="json", exclude_unset=True),
         }
         response = await self.client.request("POST", "/task_runs/count", json=body)
         response.raise_for_status()
-        self.recorded = int(response.json())
+        return int(response.json())
+
+    async def refresh(self) -> None:
+        if self.flow_run_id is None:  # not in a flow run (tests calling the function): nothing to wait for
+            self.seen, self.recorded = self.started, self.ended
+            return
+        try:
+            self.seen, self.recorded = await self._count(final=False), await self._count(final=True)
+        except Exception as exc:  # a busy server: the estimate stays as it was, and is asked again soon
+            get_run_logger().debug("cannot count the recorded task runs yet: %r", exc)
         self._checked = time.monotonic()
 
     async def admit(self) -> None:
-        """Return once the server is within ``MAX_LAG`` task runs of this flow run."""
-        while self.ended - self.recorded > MAX_LAG:
+        """Return once the server's backlog for this flow run is below ``MAX_BACKLOG``; counts the start."""
+        while self.backlog >= MAX_BACKLOG:
             if time.monotonic() - self._checked >= LAG_CHECK:
-                await self._count()
-            if self.ended - self.recorded > MAX_LAG:
+                await self.refresh()
+            if self.backlog >= MAX_BACKLOG:
                 await asyncio.sleep(LAG_CHECK)
+        self.started += 1
 
     async def drain(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until the server has recorded every ended task run."""
         deadline = time.monotonic() + timeout
         while True:
-            await self._count()
+            await self.refresh()
             if self.recorded >= self.ended or time.monotonic() >= deadline:
                 return self.recorded >= self.ended
             await asyncio.sleep(LAG_CHECK)
@@ -147,9 +166,9 @@ async def _run_jobs(
     ended_before: int,
 ) -> tuple[dict[str, JobResult], int]:
     logger = get_run_logger()
-    async with AsyncClientContext.get_or_create() as context:  # one API client for every task run
-        recorder = _Recorder(context.client, flow_run.id)
-        recorder.ended = ended_before
+    # One API client for every task run, another for counting what the server recorded.
+    async with AsyncClientContext.get_or_create(), get_client() as counter:
+        recorder = _Recorder(counter, flow_run.id, ended_before)
         progress = await acreate_progress_artifact(
             progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended"
         )
