@@ -215,9 +215,11 @@ async def _run_jobs(
 
         async def report_progress() -> None:
             """The progress artifact, once a second while jobs end (one writer: updates stay in order)."""
+            if not isinstance(progress, UUID):  # no artifact was made: nothing to update
+                return
             shown = -1
             while True:
-                if isinstance(progress, UUID) and len(results) != shown:
+                if len(results) != shown:
                     shown = len(results)
                     await aupdate_progress_artifact(artifact_id=progress, progress=100.0 * shown / (len(specs) or 1))
                 if shown == len(specs):
