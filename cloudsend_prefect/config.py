@@ -56,6 +56,7 @@ JOB_NAME_MAX = 128
 # Bounds that keep a typo (an extra zero or ten) from becoming hours of work or a stuck batch.
 MAX_SECONDS = 30 * 24 * 3600  # 30 days
 MAX_JOB_RUNS = 1_000_000  # all jobs' `repeat`s together
+DEFAULT_MAX_OUTPUT_MB = 10240  # a job run's outputs together, and each of its logs, fetched at most (10 GiB)
 # Unicode categories that are never part of a readable name: controls, format marks (bidi overrides,
 # zero-width joiners), surrogates (not encodable) and line/paragraph separators.
 _UNPRINTABLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
@@ -375,7 +376,7 @@ class Job(_Strict):
         None, gt=0, le=MAX_SECONDS, allow_inf_nan=False, title="Expected duration (s)"
     )
     max_output_mb: float = Field(
-        10240,
+        DEFAULT_MAX_OUTPUT_MB,
         gt=0,
         le=10_000_000,
         allow_inf_nan=False,

@@ -17,13 +17,14 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.results import BatchSummary, JobResult
-from cloudsend_prefect.running import Listener, run_jobs, wait_until_recorded
+from cloudsend_prefect.running import Listener, run_coroutine, run_jobs, wait_until_recorded
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, teardown
 
 # Threads for the bootstrap tasks (jobs' task runs are coroutines: they hold no thread while they wait).
 MAX_WORKERS = 16
 MIN_WINDOW = 64  # job task runs alive at once, at least (else twice the fleet's CPU slots)
+EARLY_TASK_RUNS = 2  # provision and plan: ended before the jobs' task runs start
 
 # Called in the flow's process with each job's result as it ends (the CLI's progress bar listens here).
 job_listeners: list[Listener] = []
@@ -114,13 +115,22 @@ def cloudsend(
         ]
         plan_batch(specs, hosts, name)
         window = max(MIN_WINDOW, 2 * sum(h.cpus for h in hosts))  # task runs alive at once
-        results, job_runs = run_jobs(
-            specs, name, dispatcher, dest, refresh=refresh, window=window, listeners=list(job_listeners), ended_before=2
+        results, job_runs = run_coroutine(
+            run_jobs(
+                specs,
+                name,
+                dispatcher,
+                dest,
+                refresh=refresh,
+                window=window,
+                listeners=list(job_listeners),
+                ended_before=EARLY_TASK_RUNS,
+            )
         )
         for boot in boots:
             boot.wait()
         # provision and plan, the bootstraps, the jobs' task runs: all in the UI before an ephemeral server stops
-        wait_until_recorded(2 + len(boots) + job_runs)
+        wait_until_recorded(EARLY_TASK_RUNS + len(boots) + job_runs)
     finally:
         if dispatcher is not None:
             dispatcher.stop()

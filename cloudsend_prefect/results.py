@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cloudsend_prefect.paths import cloudsend_home
+from cloudsend_prefect.runtime import LOG_TAIL_BYTES
 
 
 class JobResult(BaseModel):
@@ -83,7 +84,7 @@ def deliver(result: JobResult, dest: Path) -> bool:
     return True
 
 
-def tail_lines(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+def tail_lines(path: Path, lines: int = 20, max_bytes: int = LOG_TAIL_BYTES) -> list[str]:
     """The last ``lines`` lines of a file, read from at most its last ``max_bytes``: constant memory, however
     long the file (a job may write gigabytes to stderr)."""
     if not path.is_file():

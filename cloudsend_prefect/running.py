@@ -55,23 +55,6 @@ def run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
         return pool.submit(context.run, asyncio.run, coroutine).result()
 
 
-def run_jobs(
-    specs: list[JobSpec],
-    batch: str,
-    dispatcher: Dispatcher,
-    dest: Path,
-    *,
-    refresh: bool,
-    window: int,
-    listeners: list[Listener],
-    ended_before: int = 0,
-) -> tuple[dict[str, JobResult], int]:
-    """Run every job as its own task run and deliver each one's outputs to ``dest/<job>`` as it ends (a
-    cached job's from the client-side store). ``ended_before``: task runs of the flow run that ended before
-    (they count in the server's records). Returns the results by job key, and how many task runs were made."""
-    return run_coroutine(_run_jobs(specs, batch, dispatcher, dest, refresh, window, listeners, ended_before))
-
-
 def wait_until_recorded(task_runs: int, timeout: float = DRAIN_TIMEOUT) -> None:
     """Wait (at most ``timeout`` s) until the server holds ``task_runs`` ended task runs of this flow run: an
     ephemeral server stops with this process, and what it had not recorded by then would be missing."""
@@ -155,16 +138,21 @@ class _Recorder:
             await asyncio.sleep(LAG_CHECK)
 
 
-async def _run_jobs(
+async def run_jobs(
     specs: list[JobSpec],
     batch: str,
     dispatcher: Dispatcher,
     dest: Path,
+    *,
     refresh: bool,
     window: int,
     listeners: list[Listener],
-    ended_before: int,
+    ended_before: int = 0,
 ) -> tuple[dict[str, JobResult], int]:
+    """Run every job as its own task run and deliver each one's outputs to ``dest/<job>`` as it ends (a
+    cached job's from the client-side store). ``ended_before``: task runs of the flow run that ended before
+    (they count in the server's records). Returns the results by job key, and how many task runs were made;
+    the flow, which is sync, runs it with ``run_coroutine``."""
     logger = get_run_logger()
     # One API client for every task run, another for counting what the server recorded.
     async with AsyncClientContext.get_or_create(), get_client() as counter:

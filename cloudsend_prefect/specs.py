@@ -14,10 +14,18 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel
 
-from cloudsend_prefect.config import MAX_JOB_RUNS, BatchConfig, Environment, Job, unprintable_char
+from cloudsend_prefect.config import (
+    DEFAULT_MAX_OUTPUT_MB,
+    MAX_JOB_RUNS,
+    BatchConfig,
+    Environment,
+    Job,
+    unprintable_char,
+)
 from cloudsend_prefect.hashing import digest, file_digest
 from cloudsend_prefect.loading import ConfigError
 
+DEFAULT_MAX_OUTPUT_BYTES = DEFAULT_MAX_OUTPUT_MB * 1024**2
 INTERPRETERS = {".py": "python3", ".jl": "julia", ".sh": "bash"}
 
 
@@ -57,7 +65,7 @@ class JobSpec(BaseModel):
     max_retries: int = 0
     timeout: float | None = None
     expected_duration: float | None = None
-    max_output_bytes: int = 10 * 1024**3  # the most a run's outputs (and each of its logs) may hold to be fetched
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # the most its outputs (and each log) may hold
 
 
 def _relative(base: Path, path: Path) -> str:

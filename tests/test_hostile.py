@@ -224,13 +224,17 @@ def test_logs_streams_a_big_stdout_in_constant_memory(tmp_path: Path, cloudsend_
 
 
 # -- 8. what crosses from the client to a job --------------------------------------------------------------
-def test_local_jobs_do_not_see_the_clients_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_jobs_see_only_login_and_pass_env_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's secrets never reach a local job; what `pass_env` names does."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak")
     monkeypatch.setenv("PREFECT_API_KEY", "do-not-leak-either")
+    monkeypatch.setenv("OTHER_SECRET", "hidden")
+    monkeypatch.setenv("MYAPP_MODE", "fast")
     config = write_config(
         tmp_path,
         {
             "project": "envleak",
+            "pass_env": ["MYAPP_*"],
             "instances": [{"cpus": 1}],
             "jobs": [{"name": "env", "run_command": "env > env.txt", "output_files": ["env.txt"]}],
         },
@@ -238,24 +242,8 @@ def test_local_jobs_do_not_see_the_clients_secrets(tmp_path: Path, monkeypatch: 
     summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
     seen = (tmp_path / "results" / "envleak" / "env" / "env.txt").read_text()
     assert summary.jobs[0].state == "done"
-    assert "do-not-leak" not in seen and "PATH=" in seen and "HOME=" in seen
-
-
-def test_pass_env_hands_named_variables_to_local_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MYAPP_MODE", "fast")
-    monkeypatch.setenv("OTHER_SECRET", "hidden")
-    config = write_config(
-        tmp_path,
-        {
-            "project": "passenv",
-            "pass_env": ["MYAPP_*"],
-            "instances": [{"cpus": 1}],
-            "jobs": [{"name": "env", "run_command": "env > env.txt", "output_files": ["env.txt"]}],
-        },
-    )
-    assert cloudsend(config=str(config), results_dir=str(tmp_path / "results")).jobs[0].state == "done"
-    seen = (tmp_path / "results" / "passenv" / "env" / "env.txt").read_text()
-    assert "MYAPP_MODE=fast" in seen and "hidden" not in seen
+    assert "do-not-leak" not in seen and "hidden" not in seen
+    assert "PATH=" in seen and "HOME=" in seen and "MYAPP_MODE=fast" in seen
 
 
 def test_output_limit_and_log_names_come_from_the_config(tmp_path: Path) -> None:

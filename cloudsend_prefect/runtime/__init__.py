@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from cloudsend_prefect.specs import EnvSpec, FileSpec, JobSpec
+from cloudsend_prefect.specs import DEFAULT_MAX_OUTPUT_BYTES, EnvSpec, FileSpec, JobSpec
 from cloudsend_prefect.transport import CommandResult, Transport
 
 SCRIPT = files("cloudsend_prefect.runtime").joinpath("host.sh").read_bytes()
@@ -27,7 +27,6 @@ JobState = Literal["queued", "waiting", "running", "done", "failed", "aborted"]
 FINAL_STATES = ("done", "failed", "aborted")
 # host.sh's reason for a queued job it did not start because its batch's lease had run out (see host.sh).
 FENCED_PREFIX = "not started: its batch's lease expired"
-MAX_OUTPUT_BYTES = 10 * 1024**3  # default limit on the outputs of one job, and on each of its logs
 LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
 SHARE_ABOVE = 16 * 1024**2  # uploads larger than this are shared read-only by the jobs of a host, not copied
 DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
@@ -190,7 +189,7 @@ class HostRuntime:
         return f"{self.job_dir(batch, key)}/work"
 
     def fetch(
-        self, batch: str, key: str, outputs: list[str], dest: Path, max_bytes: int = MAX_OUTPUT_BYTES
+        self, batch: str, key: str, outputs: list[str], dest: Path, max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     ) -> list[Path]:
         """Copy a finished job's output files (and its stdout/stderr) into ``dest``.
 
@@ -215,11 +214,6 @@ class HostRuntime:
         """Up to ``size`` bytes of a job's stdout or stderr from byte ``offset`` on (one round trip): what
         ``logs`` reads chunk by chunk, in constant memory whatever the log's length."""
         return self.transport.read(f"{self.job_dir(batch, key)}/{stream}", offset, size)
-
-    def tail(self, batch: str, key: str, stream: str = "stderr", lines: int = 20) -> str:
-        """The last lines of a job's stdout or stderr, from at most its last ``LOG_TAIL_BYTES``."""
-        path = self._q(f"{self.job_dir(batch, key)}/{stream}")
-        return self.transport.run(f"tail -c {LOG_TAIL_BYTES} {path} 2>/dev/null | tail -n {int(lines)}").stdout
 
 
 def _seconds(lease: float) -> str:
