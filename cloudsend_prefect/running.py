@@ -91,6 +91,7 @@ class _Recorder:
         self.seen = 0  # task runs the server has a record of
         self.recorded = 0  # ... in a final state
         self._checked = 0.0
+        self._counting = asyncio.Lock()  # one count at a time, however many task runs wait to begin
 
     @property
     def backlog(self) -> int:
@@ -122,8 +123,9 @@ class _Recorder:
     async def admit(self) -> None:
         """Return once the server's backlog for this flow run is below ``MAX_BACKLOG``; counts the start."""
         while self.backlog >= MAX_BACKLOG:
-            if time.monotonic() - self._checked >= LAG_CHECK:
-                await self.refresh()
+            async with self._counting:  # the waiters behind the one counting take its figures
+                if self.backlog >= MAX_BACKLOG and time.monotonic() - self._checked >= LAG_CHECK:
+                    await self.refresh()
             if self.backlog >= MAX_BACKLOG:
                 await asyncio.sleep(LAG_CHECK)
         self.started += 1
