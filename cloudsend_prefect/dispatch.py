@@ -6,9 +6,11 @@ reads the state of the jobs it watches in one ``host.sh status`` call and wakes 
 ended. The host itself starts queued jobs the moment CPUs free up, so a job never waits for the client's
 next poll to start.
 
-A poll costs two round trips (status, then staging what the ended jobs made room for). Between polls a host
-thread stages only when its host may run short of queued jobs (no more staged than it has CPUs); task
-threads submit jobs one by one, so it first waits a moment (``GATHER``) for more to arrive.
+A poll is one round trip: it stages the jobs taken since the last one and reads the states of the staged
+ones (``host.sh tick``). The window is wide enough (two poll intervals of finishing jobs) that a host rarely
+runs short before the next poll; between polls a host thread stages only when it may (no more staged than
+it has CPUs), and since tasks submit jobs one by one, it first waits a moment (``GATHER``) for more to
+arrive. Fetching a job's outputs and logs costs round trips of its own, per job.
 """
 
 from __future__ import annotations
@@ -251,28 +253,34 @@ class Dispatcher:
         return state.committed - sum(t.job.cpus for t in state.unstaged) <= state.info.cpus
 
     def _tick(self, state: _HostState, *, poll: bool = True) -> None:
-        """At a poll: read the states of the staged jobs, then take and stage what fits the window (two round
-        trips). Between polls: take and stage, when the host is short of queued jobs."""
-        if poll:
-            self._poll(state)
+        """Take what fits the host's window; at a poll, stage it and read the states of the staged jobs in
+        one round trip; between polls, stage only when the host is short of queued jobs."""
         with self._cond:
             self._take(state)
-        if state.unstaged and (poll or self._short(state)):
-            rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
-            state.runtime.stage(self.batch, [t.job for t in state.unstaged], rerun, lease=self.lease)
-            state.unstaged = []
-            state.failing_since = None
+        if poll:
+            self._poll(state)
+        elif state.unstaged and self._short(state):
+            self._stage(state)
+
+    def _stage(self, state: _HostState, watch: list[str] | None = None) -> dict[str, JobStatus]:
+        """Stage the jobs taken since the last call (sent again if that call failed), and read the records
+        of ``watch``: one round trip. Each call renews the batch's lease on the host."""
+        rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
+        jobs = [t.job for t in state.unstaged]
+        statuses = state.runtime.stage(self.batch, jobs, rerun, lease=self.lease, watch=watch or [])
+        state.unstaged = []
+        state.failing_since = None
+        return statuses
 
     def _poll(self, state: _HostState) -> None:
         unstaged = {t.job.key for t in state.unstaged}
         keys = [key for key in state.tickets if key not in unstaged]
-        if not keys:
+        if not keys and not unstaged:
             if state.unclaimed:  # jobs of an earlier run wait there for their tasks: keep them startable
                 state.runtime.renew(self.batch, self.lease)
                 state.failing_since = None
             return
-        statuses = state.runtime.status(self.batch, keys, lease=self.lease)
-        state.failing_since = None
+        statuses = self._stage(state, keys)
         finished = 0
         with self._cond:
             for key, ticket in list(state.tickets.items()):
@@ -282,8 +290,10 @@ class Dispatcher:
                 elif status is not None and status.final:
                     finished += 1
                     self._finish(state, ticket, status)
-            # Keep enough queued on the host to cover two poll intervals of finishing jobs.
-            state.window = state.info.cpus + max(state.info.cpus, 2 * finished)
+            # Keep enough queued on the host to cover two poll intervals of finishing jobs, beyond the ones
+            # that ended unseen while the next poll's jobs were taken (what the next poll stages, it takes
+            # before it sees what ended since this one).
+            state.window = state.info.cpus + max(state.info.cpus, 3 * finished)
             if finished:
                 self._cond.notify_all()
 

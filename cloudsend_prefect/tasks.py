@@ -123,21 +123,22 @@ def _collect(
         if status.lost:  # a lost host has nothing to give back
             return status, fetched
         try:
-            _fetch(runtime, batch, job, fetched, store)
+            _fetch(runtime, batch, job, status, fetched, store)
         except FileRefused as exc:  # changed on the host after it ended: nothing of it is kept
             shutil.rmtree(store, ignore_errors=True)
             status = status.model_copy(update={"state": "aborted", "reason": f"output refused: {exc}"})
             fetched = []
-            _fetch(runtime, batch, job, fetched, store)  # its logs, still worth having
+            _fetch(runtime, batch, job, status, fetched, store)  # its logs, still worth having
     return status, fetched
 
 
-def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, outputs: list[str], store: Path) -> None:
+def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, status: JobStatus, outputs: list[str], store: Path) -> None:
     """Fetch, trying again while the connection comes back: a failed transfer is never a reason to run a
     finished job again (if it keeps failing, the task's retry adopts the done job and fetches once more)."""
+    logs = status.logs if status.start is not None else None  # a job never started has no logs to make
     for delay in (1.0, 2.0, 4.0, None):
         try:
-            runtime.fetch(batch, job.key, outputs, store, job.max_output_bytes)
+            runtime.fetch(batch, job.key, outputs, store, job.max_output_bytes, logs)
             return
         except TransportError as exc:
             if delay is None:

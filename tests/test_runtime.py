@@ -97,3 +97,21 @@ def test_running_out_of_memory_is_reported_as_such(runtime: HostRuntime) -> None
     runtime.stage("b", [job("hog", hog)])
     state = wait_final(runtime, "b", ["hog"])["hog"]
     assert state.state == "failed" and state.reason.startswith("out of memory"), state
+
+
+def test_a_poll_is_one_round_trip_and_empty_logs_cost_none(runtime: HostRuntime, tmp_path: Path) -> None:
+    first, second = job("first", "echo out; echo made > o.txt", outputs=["o.txt"]), job("second", "sleep 30")
+    runtime.stage("b", [first])
+    wait_final(runtime, "b", ["first"])
+    trips = runtime.transport.round_trips
+    seen = runtime.stage("b", [second], watch=["first"])  # stage one job and read another's record
+    assert runtime.transport.round_trips == trips + 1
+    assert seen["first"].state == "done" and seen["first"].logs == "o" and "second" not in seen
+    trips = runtime.transport.round_trips
+    got = runtime.fetch("b", "first", ["o.txt"], tmp_path / "got", logs=seen["first"].logs)
+    assert runtime.transport.round_trips == trips + 2  # o.txt and stdout: stderr is empty, made here
+    assert sorted(p.name for p in got) == ["o.txt", "stderr.log", "stdout.log"]
+    assert (tmp_path / "got" / "stdout.log").read_text() == "out\n"
+    assert (tmp_path / "got" / "stderr.log").read_bytes() == b""
+    assert runtime.stage("b", [], watch=["second"])["second"].state in ("queued", "running")
+    runtime.cancel("b", ["second"])

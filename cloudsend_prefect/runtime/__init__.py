@@ -11,6 +11,7 @@ import json
 import math
 import shlex
 import tempfile
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ class JobStatus(BaseModel):
     end: float | None = None
     exit: int | None = None
     reason: str = ""
+    logs: str | None = None  # which logs held something when this record was written: o stdout, e stderr
     lost: bool = False  # aborted because its host was lost, not for anything the job did: worth retrying
 
     @property
@@ -138,10 +140,16 @@ class HostRuntime:
         return len(missing)
 
     def stage(
-        self, batch: str, jobs: list[JobSpec], rerun: frozenset[str] = frozenset(), lease: float = DEFAULT_LEASE
-    ) -> None:
-        """Upload, stage and queue jobs; the host starts them as its CPUs free up, while the batch's lease
-        (renewed here for ``lease`` seconds) runs.
+        self,
+        batch: str,
+        jobs: list[JobSpec],
+        rerun: frozenset[str] = frozenset(),
+        lease: float = DEFAULT_LEASE,
+        watch: Sequence[str] = (),
+    ) -> dict[str, JobStatus]:
+        """Upload, stage and queue jobs, and read the records of the jobs in ``watch``: a dispatcher's poll in
+        one round trip (plus one to send files the host lacks). The host starts queued jobs as its CPUs free
+        up, while the batch's lease (renewed here for ``lease`` seconds) runs.
 
         Jobs the host already knows are left alone (re-attached), except ended ones whose key is in ``rerun``.
         """
@@ -157,7 +165,9 @@ class HostRuntime:
             lines += [f"O {_line(out)}" for out in job.outputs]
             lines += [f"C {_no_nul(text)}" for text in job.command.split("\n")]
             lines.append("E")
-        self.call("stage", str(self.capacity), _seconds(lease), stdin="\n".join(lines) + "\n")
+        manifest = "".join(line + "\n" for line in lines)
+        out = self.call("tick", str(self.capacity), _seconds(lease), batch, *watch, stdin=manifest).stdout
+        return _records(out)
 
     def _flags(self, spec: FileSpec) -> str:
         """An upload's manifest flags: ``x`` executable, ``l`` large (shared read-only, not copied per job)."""
@@ -171,8 +181,7 @@ class HostRuntime:
         """The records of the batch's jobs (or of ``keys`` only), in one round trip; with ``lease``, the
         batch's queued jobs may start on this host for that many seconds more (only the batch's own client
         should renew it: someone merely looking must not keep a dead client's queue alive)."""
-        out = self.call("status", batch, _seconds(lease), *(keys or [])).stdout
-        return {s.key: s for s in (JobStatus.model_validate(json.loads(line)) for line in out.splitlines() if line)}
+        return _records(self.call("status", batch, _seconds(lease), *(keys or [])).stdout)
 
     def renew(self, batch: str, lease: float) -> None:
         """Renew the batch's lease on this host without asking about any job."""
@@ -189,20 +198,33 @@ class HostRuntime:
         return f"{self.job_dir(batch, key)}/work"
 
     def fetch(
-        self, batch: str, key: str, outputs: list[str], dest: Path, max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+        self,
+        batch: str,
+        key: str,
+        outputs: list[str],
+        dest: Path,
+        max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        logs: str | None = None,
     ) -> list[Path]:
         """Copy a finished job's output files (and its stdout/stderr) into ``dest``.
 
         Only regular files are copied, and at most ``max_bytes`` of outputs in all (``FileRefused`` otherwise;
         host.sh has checked both when the job ended, this holds even if something changed them since). A log
-        longer than ``max_bytes`` is cut to its end, with a first line saying so.
+        longer than ``max_bytes`` is cut to its end, with a first line saying so. ``logs``: the job's final
+        record's word on which logs hold something (``JobStatus.logs``); an empty one is made here, without a
+        round trip (None: unknown, both are fetched).
         """
         got = []
         budget = max_bytes
         for rel in outputs:
             budget -= self.transport.get(f"{self.work_dir(batch, key)}/{rel}", dest / rel, max_bytes=budget)
             got.append(dest / rel)
-        for stream in ("stdout", "stderr"):  # absent when the job never started
+        for stream, flag in (("stdout", "o"), ("stderr", "e")):  # absent when the job never started
+            if logs is not None and flag not in logs:
+                dest.mkdir(parents=True, exist_ok=True)
+                (dest / f"{stream}.log").touch()
+                got.append(dest / f"{stream}.log")
+                continue
             try:
                 self.transport.get(f"{self.job_dir(batch, key)}/{stream}", dest / f"{stream}.log", tail=max_bytes)
             except FileNotFoundError:
@@ -214,6 +236,11 @@ class HostRuntime:
         """Up to ``size`` bytes of a job's stdout or stderr from byte ``offset`` on (one round trip): what
         ``logs`` reads chunk by chunk, in constant memory whatever the log's length."""
         return self.transport.read(f"{self.job_dir(batch, key)}/{stream}", offset, size)
+
+
+def _records(out: str) -> dict[str, JobStatus]:
+    """Job records as host.sh prints them (one JSON line each), by key."""
+    return {s.key: s for s in (JobStatus.model_validate(json.loads(line)) for line in out.splitlines() if line)}
 
 
 def _seconds(lease: float) -> str:

@@ -1,8 +1,10 @@
 #!/bin/sh
 # cloudsend host runtime: the only code that runs on a host. POSIX sh, no Python needed.
 #
-#   host.sh stage    BASE CAPACITY LEASE < manifest  stage jobs (private copies of files from the store), queue
-#                                                  them, renew the batch's lease, start what fits
+#   host.sh tick     BASE CAPACITY LEASE BATCH [KEY...] < manifest
+#                                                  a poll in one round trip: renew BATCH's lease, stage the
+#                                                  manifest's jobs (private copies of files from the store),
+#                                                  queue them, start what fits, print the records of KEYs
 #   host.sh status   BASE BATCH LEASE [KEY...]    one JSON line per job of BATCH (or per KEY); catches vanished
 #                                                  processes; renews the batch's lease for LEASE seconds (0: not)
 #   host.sh lease    BASE BATCH LEASE             renew the batch's lease only
@@ -128,9 +130,12 @@ write_status() {
     [ -f "$1/start" ] && read -r ws_start <"$1/start"
     [ -f "$1/end" ] && read -r ws_end <"$1/end"
     [ -f "$1/exit" ] && read -r ws_exit <"$1/exit"
+    ws_logs= # which logs hold something (o: stdout, e: stderr): the client fetches no empty one
+    [ -s "$1/stdout" ] && ws_logs=o
+    [ -s "$1/stderr" ] && ws_logs=${ws_logs}e
     if [ "${4:-}" = new ]; then ws_to=$1/status; else ws_to=$1/status.tmp; fi
-    printf '{"key":"%s","state":"%s","pid":%s,"start":%s,"end":%s,"exit":%s,"reason":"%s"}\n' \
-        "${1##*/}" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$3" >"$ws_to" || return 1
+    printf '{"key":"%s","state":"%s","pid":%s,"start":%s,"end":%s,"exit":%s,"logs":"%s","reason":"%s"}\n' \
+        "${1##*/}" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$ws_logs" "$3" >"$ws_to" || return 1
     [ "$ws_to" = "$1/status" ] || mv -f "$1/status.tmp" "$1/status"
 }
 
@@ -676,8 +681,18 @@ bootstrap() {
     dispatch
 }
 
+# The lease is renewed once, first (so stage renews nothing); the manifest may be empty (a poll with nothing new
+# to stage), and without KEYs nothing is printed (status would print every job of the batch).
+tick() {
+    renew "$3" "$2"
+    stage "$1" 0
+    batch=$3
+    shift 3
+    [ $# -eq 0 ] || status "$batch" 0 "$@"
+}
+
 case $cmd in
-stage) stage "$@" ;;
+tick) tick "$@" ;;
 status) status "$@" ;;
 lease) renew "$@" ;;
 cancel) cancel "$@" ;;
