@@ -250,7 +250,7 @@ def jobs_end_at_once() -> Iterator[None]:
         now = time.time()
         return next(iter(self.hosts)), JobStatus(key=job.key, state="done", start=now, end=now, exit=0)
 
-    def fetch(self: Any, batch: str, key: str, outputs: list[str], dest: Path, *args: Any) -> list[Path]:
+    def fetch(self: Any, batch: str, key: str, outputs: list[str], dest: Path, *args: Any, **kw: Any) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)
         return []
 
