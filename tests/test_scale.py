@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -10,7 +11,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from cloudsend_prefect.flow import cloudsend
-from tests.faults import write_config
+from tests.faults import ssh_instances, write_config
+from tests.sshd import sshd_hosts_running
 
 
 def peak_concurrency(spans: list[tuple[float, float]]) -> int:
@@ -67,3 +69,32 @@ def test_every_slot_of_the_fleet_is_busy_at_once(tmp_path: Path) -> None:
     assert flow_run_id is not None
     recorded = asyncio.run(job_task_runs(flow_run_id, count, "sleeper"))  # at once: the flow waits until they are
     assert recorded == {"Completed": count}, recorded
+
+
+def test_thirty_hosts_cost_one_round_trip_per_host_per_poll(tmp_path: Path) -> None:
+    """30 sshd hosts x 8 slots: all 240 slots busy at once, and watching them costs each host one round trip
+    per poll (what else it costs is per job: the output and the log a job leaves)."""
+    count, poll = 480, 0.5
+    job = {"name": "w", "run_command": "sleep 6; echo ok > o.txt; echo hi", "output_files": ["o.txt"], "repeat": count}
+    with sshd_hosts_running(tmp_path / "hosts", count=30) as hosts:
+        config = write_config(
+            tmp_path / "proj",
+            {"project": "fleet", "poll_interval": poll, "instances": ssh_instances(hosts, 8, "fleet"), "jobs": [job]},
+        )
+        started = time.monotonic()
+        summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+        wall = time.monotonic() - started
+    assert summary.counts == {"done": count}
+    spans = [(j.started or 0.0, j.ended or 0.0) for j in summary.jobs]
+    assert peak_concurrency(spans) == 30 * 8
+    per_host: dict[str, int] = {}
+    for result in summary.jobs:
+        assert result.host is not None
+        per_host[result.host] = per_host.get(result.host, 0) + 1
+    assert len(per_host) == 30
+    phase = max(e for _, e in spans) - min(s for s, _ in spans)
+    polls = (phase + 2.0) / poll  # while jobs run, and a second on each side for the first and last look
+    setup = 4  # per host: look for the runtime, send it, make it private, read what the host holds of the batch
+    commands = {host: summary.round_trips[host] - 2 * jobs - setup for host, jobs in per_host.items()}
+    print(f"wall {wall:.1f}s, job phase {phase:.1f}s: {polls:.0f} polls; commands per host {sorted(commands.values())}")
+    assert max(commands.values()) <= polls + 4, commands  # a few stages between polls, while tasks trickle in
