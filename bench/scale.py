@@ -5,16 +5,20 @@ Run from the repository root:
     .venv/bin/python bench/scale.py                                  # 10,000 x `true` on 1,000 local slots
     .venv/bin/python bench/scale.py --jobs 10000 50000 --command true "sleep 1"
     .venv/bin/python bench/scale.py --jobs 2000 --slots 8
+    .venv/bin/python bench/scale.py --jobs 10000 --hosts 8          # on 8 loopback sshd hosts x 125 slots
 
 Each batch runs in a fresh process with a fresh ``PREFECT_HOME`` (Prefect's ephemeral server, on a new
-SQLite database) and ``CLOUDSEND_HOME``, on the ``local`` provider with one host of ``--slots`` CPU slots.
+SQLite database) and ``CLOUDSEND_HOME``, on the ``local`` provider with one host of ``--slots`` CPU slots, or
+with ``--hosts N`` on the ``ssh`` provider with N sshd hosts on loopback ports (``tests/sshd.py``) sharing
+the slots.
 With ``--server postgres`` it runs against what a user outgrowing the ephemeral server would run instead:
 a ``prefect server`` on PostgreSQL with Redis messaging (``prefect-redis``), all three started here on
 loopback from Debian's ``postgresql`` and ``redis-server`` packages (``pip install prefect-redis``).
 It prints, per batch: the wall time of the ``cloudsend(...)`` call, the time from the call to the first job
 running (from the jobs' own start times), the client's CPU time per job, the peak RSS of the client and of
-Prefect's server process, and how many of the batch's job task runs the server holds in a final state, read
-from its API after the flow returned (the target: all of them, Completed).
+Prefect's server process, the round trips to hosts per job, and how many of the batch's job task runs the
+server holds in a final state, read from its API after the flow returned (the target: all of them,
+Completed).
 """
 
 from __future__ import annotations
@@ -146,8 +150,9 @@ def tree_rss_kib(pid: int) -> int:
     return rss_kib(pid) + sum(tree_rss_kib(child) for child in children(pid))
 
 
-def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
-    """One batch in this process (a fresh one: the driver starts it); returns its figures."""
+def one(jobs: int, command: str, slots: int, poll: float, instances: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch in this process (a fresh one: the driver starts it) on ``instances`` (default: one local
+    host of ``slots``); returns its figures."""
     import asyncio
 
     import yaml
@@ -160,7 +165,9 @@ def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
     config = root / "scale.yaml"
     job = {"name": "j", "run_command": command, "repeat": jobs}
     config.write_text(
-        yaml.safe_dump({"project": "scale", "poll_interval": poll, "instances": [{"cpus": slots}], "jobs": [job]})
+        yaml.safe_dump(
+            {"project": "scale", "poll_interval": poll, "instances": instances or [{"cpus": slots}], "jobs": [job]}
+        )
     )
     server_peak = 0
     done = threading.Event()
@@ -208,6 +215,7 @@ def one(jobs: int, command: str, slots: int, poll: float) -> dict[str, Any]:
         "first_job": first - start,
         "client_cpu_ms_per_job": 1000 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / jobs,
         "client_rss_mb": rss_kib(os.getpid(), "VmHWM") / 1024,
+        "round_trips_per_job": sum(summary.round_trips.values()) / jobs,
         "server_rss_mb": server_peak / 1024,
         "states": summary.counts,
         "recorded": counts,
@@ -221,11 +229,40 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=1000)
     parser.add_argument("--poll-interval", type=float, default=0.5)
     parser.add_argument("--server", choices=["ephemeral", "postgres"], default="ephemeral")
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=0,
+        help="run on this many loopback sshd hosts (ssh provider), SLOTS split among them",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.jobs[0], args.command[0], args.slots, args.poll_interval)), flush=True)
+        instances = json.loads(os.environ.get("SCALE_INSTANCES", "[]"))
+        print(json.dumps(one(args.jobs[0], args.command[0], args.slots, args.poll_interval, instances)), flush=True)
         return
+    hosts: list[Any] = []
+    where = f"{args.slots} local slots"
+    with contextlib.ExitStack() as fleet:
+        if args.hosts:
+            sys.path.insert(0, str(REPO))  # tests.sshd lives in the repository, not in the package
+            from tests.faults import ssh_instances
+            from tests.sshd import sshd_hosts_running
+
+            hosts = ssh_instances(
+                fleet.enter_context(
+                    sshd_hosts_running(Path(fleet.enter_context(tempfile.TemporaryDirectory())), args.hosts)
+                ),
+                max(1, args.slots // args.hosts),
+                "scale",
+            )
+            where = f"{args.hosts} sshd hosts x {max(1, args.slots // args.hosts)} slots"
+        rows = run_batches(args, hosts, where)
+    report(rows)
+
+
+def run_batches(args: argparse.Namespace, hosts: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Each batch (command x jobs) in a fresh process, with a fresh Prefect server and CLOUDSEND_HOME."""
     rows = []
     for command in args.command:
         for jobs in args.jobs:
@@ -243,10 +280,10 @@ def main() -> None:
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
                 }
                 env.pop("PREFECT_API_URL", None)
-                env.update(server_env)
+                env.update(server_env, SCALE_INSTANCES=json.dumps(hosts))
                 cmd = [sys.executable, __file__, "--one", "--jobs", str(jobs), "--command", command]
                 cmd += ["--slots", str(args.slots), "--poll-interval", str(args.poll_interval)]
-                print(f"== {jobs} x {command!r} on {args.slots} local slots, {args.server} server", flush=True)
+                print(f"== {jobs} x {command!r} on {where}, {args.server} server", flush=True)
                 batch = subprocess.Popen(
                     cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 )
@@ -264,20 +301,26 @@ def main() -> None:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["error_lines"] = len(errors)
                 row["server"] = args.server
+                row["where"] = where
                 if server_procs:
                     row["server_rss_mb"] = server_peak / 1024
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    return rows
+
+
+def report(rows: list[dict[str, Any]]) -> None:
     print()
-    columns = ["batch", "wall", "to first job", "client CPU/job", "client RSS", "server RSS", "recorded", "errors"]
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = ["batch", "wall", "to first job", "client CPU/job", "client RSS", "server RSS", "trips/job", "recorded"]
+    print("| " + " | ".join([*columns, "errors"]) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for r in rows:
         recorded = ", ".join(f"{n} {s}" for s, n in r["recorded"].items())
         print(
-            f"| {r['jobs']} x `{r['command']}`, {r['server']} | {r['wall']:.1f} s | {r['first_job']:.1f} s | "
-            f"{r['client_cpu_ms_per_job']:.2f} ms | {r['client_rss_mb']:.0f} MB | {r['server_rss_mb']:.0f} MB | "
-            f"{recorded} of {r['jobs']} | {r['error_lines']} |"
+            f"| {r['jobs']} x `{r['command']}` on {r['where']}, {r['server']} | {r['wall']:.1f} s | "
+            f"{r['first_job']:.1f} s | {r['client_cpu_ms_per_job']:.2f} ms | {r['client_rss_mb']:.0f} MB | "
+            f"{r['server_rss_mb']:.0f} MB | {r['round_trips_per_job']:.2f} | {recorded} of {r['jobs']} | "
+            f"{r['error_lines']} |"
         )
 
 
