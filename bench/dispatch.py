@@ -76,6 +76,7 @@ class Result:
     parallel: dict[str, float] = field(default_factory=dict)  # mode -> wall seconds
     floor: FlowRun | None = None  # the same flow with jobs that end at once (no hosts): Prefect's own cost
     bare: FlowRun | None = None  # the dispatcher and host runtime without Prefect (threads calling run + fetch)
+    alone: FlowRun | None = None  # as many task runs doing nothing, no cloudsend code: Prefect's own cost
 
     @property
     def ideal(self) -> float:
@@ -263,6 +264,49 @@ def jobs_end_at_once() -> Iterator[None]:
         Dispatcher.start, Dispatcher.run_async, HostRuntime.fetch = saved  # type: ignore[method-assign]
 
 
+def run_prefect_alone(n: int) -> FlowRun:
+    """N task runs that do nothing (no cloudsend code: no cache key, no persisted result, no log line) in one
+    flow run, 64 at a time, timed until Prefect's server has recorded them all Completed: what one task run
+    costs this machine's client and server, below anything cloudsend does."""
+    import asyncio
+
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    @task(name="nothing", task_run_name="nothing-{i}", cache_policy=NO_CACHE, persist_result=False)
+    async def nothing(i: int) -> int:
+        return i
+
+    @flow(name="prefect-alone")
+    async def alone(n: int) -> str:
+        gate = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await nothing(i, return_state=True)  # type: ignore[misc]  # a coroutine, as the task is
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return str(flow_run.id)
+
+    async def completed(run_id: str) -> int:
+        body = {"flow_runs": {"id": {"any_": [run_id]}}, "task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+        async with get_client() as client:
+            return int((await client.request("POST", "/task_runs/count", json=body)).json())
+
+    servers = children("prefect.server")
+    cpu0 = (self_cpu(), pids_cpu(servers))
+    t0 = time.time()
+    run_id = asyncio.run(alone(n))
+    wall = time.time() - t0
+    while asyncio.run(completed(run_id)) < n and time.time() - t0 < 600:
+        time.sleep(0.2)
+    run = FlowRun(wall=wall, phase=time.time() - t0)
+    run.cpu_flow, run.cpu_server = self_cpu() - cpu0[0], pids_cpu(servers) - cpu0[1]
+    return run
+
+
 def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, poll: float, wl: Workload) -> FlowRun:
     """The same jobs through the same Dispatcher, host runtime and transport, without Prefect: BARE_THREADS
     threads, each doing what the `run-job` task does (run, then fetch logs/outputs)."""
@@ -394,13 +438,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run each workload through the dispatcher and host runtime without Prefect (run + fetch per job)",
     )
-    p.add_argument("--breakdown", action="store_true", help="both --prefect-floor and --dispatcher-only")
+    p.add_argument(
+        "--prefect-alone",
+        action="store_true",
+        help="also time as many Prefect task runs that do nothing (no cloudsend code) until the server recorded them",
+    )
+    p.add_argument(
+        "--breakdown", action="store_true", help="--prefect-floor, --prefect-alone and --dispatcher-only together"
+    )
     p.add_argument("--prefect-home", help="PREFECT_HOME (default: a fresh one in the temporary directory)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     if args.breakdown:
-        args.prefect_floor = args.dispatcher_only = True
+        args.prefect_floor = args.prefect_alone = args.dispatcher_only = True
     if args.sleep is not None or args.command is not None or args.jobs is not None:
         jobs = args.jobs or 600
         if args.command is not None:
@@ -454,6 +505,13 @@ def report(result: Result, modes: list[str]) -> list[str]:
             f" jobs ending at once (no hosts); CPU flow {1000 * fl.cpu_flow / n:.1f}"
             f" + server {1000 * fl.cpu_server / n:.1f} ms/job"
         )
+    if result.alone is not None:
+        a = result.alone
+        lines.append(
+            f"  Prefect alone           {a.phase:8.2f} s   = {1000 * a.phase / n:.2f} ms/job until the server recorded"
+            f" as many task runs doing nothing (no cloudsend code; flow returned after {a.wall:.2f} s);"
+            f" CPU flow {1000 * a.cpu_flow / n:.1f} + server {1000 * a.cpu_server / n:.1f} ms/task run"
+        )
     if result.bare is not None:
         b = result.bare
         lines.append(
@@ -478,7 +536,7 @@ def table(results: list[Result], modes: list[str], startup: float | None) -> lis
     """One row per workload; a ratio in parentheses is cloudsend's job phase over that figure."""
     head = ["workload", "ideal s", "job phase s", "flow wall s", "trips/job", "RSS MiB", "overhead ms/job"]
     head += [f"parallel {mode} s" for mode in modes]
-    head += ["Prefect floor ms/job", "no-Prefect phase s"]
+    head += ["Prefect floor ms/job", "Prefect alone ms/job", "no-Prefect phase s"]
     rows = [head]
     for r in results:
         f, n = r.flow, r.workload.jobs
@@ -495,6 +553,7 @@ def table(results: list[Result], modes: list[str], startup: float | None) -> lis
             wall = r.parallel.get(mode)
             row.append(f"{wall:.2f} ({fmt_ratio(f.phase, wall)})" if wall else "-")
         row.append(f"{1000 * r.floor.phase / n:.2f}" if r.floor else "-")
+        row.append(f"{1000 * r.alone.phase / n:.2f}" if r.alone else "-")
         row.append(f"{r.bare.phase:.2f} ({1000 * (r.bare.phase - r.ideal) / n:.2f} ms/job)" if r.bare else "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -511,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cloudsend-bench-", dir="/tmp"))  # short: ControlPath sockets live here
     os.environ["PREFECT_HOME"] = args.prefect_home or str(tmp / "prefect-home")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine starts it slowly
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")  # as `cloudsend run` does
     from tests.sshd import start_sshd_hosts
@@ -552,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Prefect floor: {wl.label} ending at once ...", flush=True)
                 with jobs_end_at_once():
                     result.floor = run_flow(tmp, f"floor-{i}", hosts, args.slots, poll, wl)
+            if args.prefect_alone:
+                print(f"Prefect alone: {wl.jobs} task runs doing nothing ...", flush=True)
+                result.alone = run_prefect_alone(wl.jobs)
             if args.dispatcher_only:
                 print(f"without Prefect: {wl.label} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
                 result.bare = run_dispatcher_only(tmp, f"bare-{i}", hosts, args.slots, poll, wl)
