@@ -192,7 +192,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its 20 s default start-up limit is too short on a loaded 2-core machine (a raw traceback otherwise).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from cloudsend_prefect.flow import cloudsend, job_listeners
+    from cloudsend_prefect.flow import job_listeners, run_batch
 
     columns = (
         TextColumn("{task.description}"),
@@ -216,7 +216,7 @@ def run(
 
         job_listeners.append(on_job)
         try:
-            summary = cloudsend(
+            summary = run_batch(
                 config=str(config),
                 batch=batch,
                 results_dir=str(results_dir),

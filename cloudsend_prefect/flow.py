@@ -5,10 +5,12 @@
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cloudsend_prefect.catalog import cost_line, cost_report
@@ -16,7 +18,7 @@ from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
-from cloudsend_prefect.results import BatchSummary, JobResult
+from cloudsend_prefect.results import BatchFailed, BatchSummary, JobResult
 from cloudsend_prefect.running import Listener, run_coroutine, run_jobs, wait_until_recorded
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, teardown
@@ -47,7 +49,9 @@ def resolve_config(
     exec_python_config: bool = False,
 ) -> tuple[BatchConfig, list[JobSpec]]:
     """The batch to run, fully validated (files included) before anything is created."""
-    if bool(config) == bool(cluster):
+    if not config and not cluster:
+        raise ConfigError("nothing to run: give a config file (config) or a saved cluster block (cluster) and jobs")
+    if config and cluster:
         raise ConfigError("give either a config file (config) or a saved cluster block (cluster), not both")
     if config:
         cfg = load_config(config, allow_exec=exec_python_config)
@@ -153,7 +157,28 @@ def cloudsend(
         sum(trips.values()),
         len(specs),
     )
+    if not summary.ok:  # the run is Failed (automations, `--watch`, the runs list see it); the summary rides along
+        return Failed(message=summary.failure(), data=BatchFailed(summary))  # type: ignore[return-value]
     return summary
+
+
+def run_batch(**parameters: Any) -> BatchSummary:
+    """Run the ``cloudsend`` flow and return the batch's summary, whether every job was done or not (calling
+    the flow itself raises ``BatchFailed`` when one was not, as its run is Failed). What stops the flow
+    itself (a bad config, no host) is raised."""
+    return summary_of(cloudsend(**parameters, return_state=True))
+
+
+def summary_of(state: State[Any]) -> BatchSummary:
+    """The batch's summary from the final state of a ``cloudsend`` flow run, Completed or Failed."""
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, BatchFailed):
+        return value.summary
+    if isinstance(value, BatchSummary):
+        return value
+    if isinstance(value, BaseException):
+        raise value
+    raise RuntimeError(f"the flow run ended {state.name} without a batch summary: {state.message}")
 
 
 def _report_cost(batch: str, hosts: list[HostInfo], seconds: float, *, kept: bool) -> float | None:

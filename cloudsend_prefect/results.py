@@ -52,6 +52,26 @@ class BatchSummary(BaseModel):
     def ok(self) -> bool:
         return all(job.ok for job in self.jobs)
 
+    def failure(self, shown: int = 3) -> str:
+        """One line on a batch with jobs not done: counts per state, then the first few of them and why."""
+        missed = [job for job in self.jobs if not job.ok]
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(self.counts.items()))
+        first = "; ".join(f"{job.name}: {job.state}, {job.reason or 'no reason given'}" for job in missed[:shown])
+        more = f"; and {len(missed) - shown} more" if len(missed) > shown else ""
+        return f"{len(missed)} of {len(self.jobs)} jobs of batch {self.batch} not done ({counts}): {first}{more}"
+
+
+class BatchFailed(RuntimeError):
+    """A batch ended with jobs not done: the flow run's Failed state carries it, and with it the summary
+    (outputs of the done jobs are delivered all the same)."""
+
+    def __init__(self, summary: BatchSummary) -> None:
+        super().__init__(summary.failure())
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[type[BatchFailed], tuple[BatchSummary]]:
+        return BatchFailed, (self.summary,)  # persisted with the flow run's result, and read back
+
 
 def store_dir(key: str) -> Path:
     """The client-side copy of a job run's outputs and logs (the same job key in every batch that runs it)."""

@@ -31,7 +31,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.results import JobResult, deliver
 from cloudsend_prefect.specs import JobSpec
-from cloudsend_prefect.tasks import LOSS_RETRIES, retry_policy, run_job
+from cloudsend_prefect.tasks import run_job
 
 MAX_BACKLOG = 800  # task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
 LAG_CHECK = 0.5  # seconds between two looks at the server's records while it lags
@@ -171,8 +171,7 @@ async def run_jobs(
             key = (job.max_retries, refresh_cache)
             if key not in variants:
                 variants[key] = run_job.with_options(
-                    retries=job.max_retries + LOSS_RETRIES,
-                    retry_condition_fn=retry_policy(job.max_retries),
+                    retries=job.max_retries,  # the job's own: a lost host is dealt with inside the task run
                     retry_delay_seconds=1,
                     refresh_cache=refresh_cache,
                     result_storage=cloudsend_home() / "results",

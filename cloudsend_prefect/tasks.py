@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
@@ -19,6 +20,7 @@ from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import HostInfo, provision_all, release
+from cloudsend_prefect.reporting import plan_description, plan_table
 from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
 from cloudsend_prefect.runtime import HostRuntime, JobStatus
 from cloudsend_prefect.specs import EnvSpec, JobSpec
@@ -60,33 +62,62 @@ def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_batch(jobs: list[JobSpec], hosts: list[HostInfo], batch: str) -> list[Placement]:
+    """Where and when jobs are expected to run, as the ``<batch>-plan`` table: per host, not per job."""
     placements = plan(jobs, {h.name: h.cpus for h in hosts})
     create_table_artifact(
         key=f"{batch}-plan",
-        table=[p.model_dump() for p in placements],
-        description=f"Expected placement of the {len(jobs)} jobs of {batch} (expected_duration, else 1 s each)",
+        table=plan_table(placements, hosts),
+        description=plan_description(batch, placements, hosts),
     )
     return placements
 
 
-def job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Jobs are cached by content (command, env, files) and occurrence, never by run: a rerun skips them."""
-    return f"cloudsend-job-{parameters['job'].key}"
+@dataclass
+class JobCachePolicy(CachePolicy):
+    """Jobs are cached by content (command, env, files) and occurrence, never by run: a rerun skips them.
+
+    Prefect 3 computes a task's cache key but leaves the task run's own ``cache_key`` empty, so the UI's
+    "Cache Key" would say None; the key is set on the task run as it is computed (before its first state
+    after Pending), which the server records with the run.
+    """
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str:
+        key = f"cloudsend-job-{inputs['job'].key}"
+        task_ctx.task_run.cache_key = key
+        return key
+
+
+LOSS_RETRIES = 3  # runs elsewhere of a job whose host was lost (or unreachable to fetch from): not its own retries
 
 
 # No tags: a task run with tags asks the server for tag concurrency slots, one API call per job.
-@task(name="run-job", task_run_name="{job.name}", cache_key_fn=job_cache_key, persist_result=True)
+@task(name="run-job", task_run_name="{job.name}", cache_policy=JobCachePolicy(), persist_result=True)
 async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult | State[JobResult]:
     """Run one job to its end on whichever host has room, then keep its outputs and logs client-side.
 
     A coroutine: waiting for the job holds no thread, so every CPU slot of the fleet can be busy at once; the
-    transfers, which block, run in worker threads.
+    transfers, which block, run in worker threads. A job whose host is lost under it runs again elsewhere
+    within this task run, up to ``LOSS_RETRIES`` times: the task's Prefect retries are the job's own
+    ``max_retries``, for failures of its own.
     """
     logger = get_run_logger()
-    host, status = await dispatcher.run_async(job, rerun=task_run.run_count > 1)
-    runtime = dispatcher.runtime(host)
-    store = store_dir(job.key)
-    status, fetched = await asyncio.to_thread(_collect, runtime, batch, job, status, store)
+    rerun = task_run.run_count > 1  # a retry after a failure of its own: run it again, even where it ended
+    for attempt in range(1, LOSS_RETRIES + 2):
+        host, status = await dispatcher.run_async(job, rerun=rerun)
+        runtime = dispatcher.runtime(host)
+        store = store_dir(job.key)
+        try:
+            if status.lost and attempt <= LOSS_RETRIES:
+                raise HostLost(status.reason)
+            status, fetched = await asyncio.to_thread(_collect, runtime, batch, job, status, store)
+            break
+        except (HostLost, TransportError) as exc:
+            if attempt > LOSS_RETRIES:
+                raise
+            logger.warning("%s: %s; placing it again (%d of %d)", host, exc, attempt, LOSS_RETRIES)
+            rerun = isinstance(exc, HostLost)  # a fetch that failed adopts the job's record again
     result = JobResult(
         name=job.name,
         key=job.key,
@@ -110,6 +141,10 @@ async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult
         return Failed(message=f"{status.state}: {status.reason}", data=result)
     logger.info("done on %s in %.2fs; outputs: %s", host, status.duration or 0, ", ".join(fetched) or "none")
     return result
+
+
+class HostLost(RuntimeError):
+    """The job's host was lost before the job ended there: it is placed again, on another host."""
 
 
 def _collect(
@@ -145,23 +180,6 @@ def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, status: JobStatus, ou
                 raise
             get_run_logger().warning("fetching %s: %s; trying again in %gs", job.name, exc, delay)
             time.sleep(delay)
-
-
-LOSS_RETRIES = 3  # extra attempts for jobs whose host was lost, on top of the job's own max_retries
-
-
-def retry_policy(max_retries: int) -> Callable[[Any, Any, State[Any]], Awaitable[bool]]:
-    """When a job's task is retried: always after its host was lost or could not be reached (up to
-    ``LOSS_RETRIES`` more times), but after a failure of its own only ``max_retries`` times. A coroutine, as
-    the job's task is: Prefect awaits it."""
-
-    async def should_retry(task: Any, task_run: Any, state: State[Any]) -> bool:
-        outcome = await state.aresult(raise_on_failure=False)
-        if (isinstance(outcome, JobResult) and outcome.lost) or isinstance(outcome, TransportError):
-            return True
-        return bool(task_run.run_count <= max_retries)
-
-    return should_retry
 
 
 @task(name="teardown", cache_policy=NO_CACHE)

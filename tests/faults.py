@@ -377,9 +377,9 @@ def _main(argv: list[str]) -> None:
             return aws.Endpoint("127.0.0.1", spec["ranks"][rank], spec["user"], spec["key_file"])
 
         aws.ADDRESS_RESOLVERS["loopback"] = resolve
-    from cloudsend_prefect.flow import cloudsend
+    from cloudsend_prefect.flow import run_batch
 
-    summary = cloudsend(config=opts.config, results_dir=opts.results)
+    summary = run_batch(config=opts.config, results_dir=opts.results)
     Path(opts.summary).write_text(summary.model_dump_json())
 
 

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cloudsend_prefect.cli import app
-from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.results import BatchSummary
 
 runner = CliRunner()
@@ -93,7 +93,7 @@ def test_cancel_a_running_batch(tmp_path: Path) -> None:
         },
     )
     summary: list[BatchSummary] = []
-    thread = threading.Thread(target=lambda: summary.append(cloudsend(config=str(config), results_dir=str(tmp_path))))
+    thread = threading.Thread(target=lambda: summary.append(run_batch(config=str(config), results_dir=str(tmp_path))))
     thread.start()
     deadline = time.monotonic() + 60
     while "running" not in runner.invoke(app, ["status", str(config)]).output:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from cloudsend_prefect.block import CloudSendCluster
 from cloudsend_prefect.config import Job
-from cloudsend_prefect.flow import cloudsend
-from cloudsend_prefect.results import BatchSummary
+from cloudsend_prefect.flow import cloudsend, run_batch, summary_of
+from cloudsend_prefect.loading import ConfigError
+from cloudsend_prefect.results import BatchFailed, BatchSummary
 from tests.faults import write_config
 
 COUNTING_SCRIPT = """\
@@ -28,7 +31,7 @@ pathlib.Path("out.txt").write_text(f"{sys.argv[2]} squared is {int(sys.argv[2]) 
 
 
 def run(config: Path, tmp_path: Path, **kw: object) -> BatchSummary:
-    return cloudsend(config=str(config), results_dir=str(tmp_path / "results"), **kw)
+    return run_batch(config=str(config), results_dir=str(tmp_path / "results"), **kw)
 
 
 def by_name(summary: BatchSummary) -> dict:
@@ -269,3 +272,40 @@ def test_table_and_progress_artifacts(tmp_path: Path) -> None:
     rows = json.loads(table) if isinstance(table, str) else table
     assert [r["state"] for r in rows] == ["done"] * 3
     assert float(found["artifacts-progress"].data) == 100.0
+
+
+def test_a_batch_with_jobs_not_done_is_a_failed_flow_run(tmp_path: Path) -> None:
+    """The flow run's state is the batch's: Failed, with counts and the first failures, when a job is not done
+    (what `--watch`, automations and the runs list see); its summary still comes back."""
+    jobs = [
+        {"name": "fine", "run_command": "echo ok > ok.txt", "output_files": ["ok.txt"], "max_retries": 2},
+        {"name": "boom", "run_command": "exit 3"},
+    ]
+    config = write_config(tmp_path / "proj", {"project": "partly", "instances": [{"cpus": 2}], "jobs": jobs})
+    state = cloudsend(config=str(config), results_dir=str(tmp_path / "results"), return_state=True)
+    assert state.is_failed()
+    assert state.message == "1 of 2 jobs of batch partly not done (1 done, 1 failed): boom: failed, exit code 3"
+    summary = summary_of(state)
+    assert summary.counts == {"done": 1, "failed": 1}
+    assert (tmp_path / "results" / "partly" / "fine" / "ok.txt").read_text() == "ok\n"
+    with pytest.raises(BatchFailed, match="boom: failed, exit code 3") as raised:
+        cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+    assert raised.value.summary.counts == {"done": 1, "failed": 1}
+
+    # Each job's task run: named after it, its own retries, its cache key (Prefect 3 leaves that one empty).
+    keys = {job.name: job.key for job in summary.jobs}
+    flow_run_id = state.state_details.flow_run_id
+
+    async def task_runs() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    runs = {run.name: run for run in asyncio.run(task_runs()) if run.task_key.startswith("run_job")}
+    assert set(runs) == {"fine", "boom"}, sorted(runs)
+    assert runs["fine"].empirical_policy.retries == 2 and runs["boom"].empirical_policy.retries == 0
+    assert {name: run.cache_key for name, run in runs.items()} == {n: f"cloudsend-job-{k}" for n, k in keys.items()}
+
+
+def test_a_run_with_nothing_to_run_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to run: give a config file"):
+        cloudsend(results_dir=str(tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.results import BatchSummary
 from tests.faults import ssh_instances, write_config
 from tests.sshd import SshdHost
@@ -13,7 +13,7 @@ from tests.sshd import SshdHost
 
 def run_config(tmp_path: Path, config: dict, files: dict[str, str] | None = None, **kw: object) -> BatchSummary:
     path = write_config(tmp_path / "proj", config, files)
-    return cloudsend(config=str(path), results_dir=str(tmp_path / "results"), **kw)
+    return run_batch(config=str(path), results_dir=str(tmp_path / "results"), **kw)
 
 
 def peak_cpus(spans: list[tuple[float, float, int]]) -> int:

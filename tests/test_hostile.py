@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cloudsend_prefect import runtime as runtime_module
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
-from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.loading import ConfigError, load_config
 from cloudsend_prefect.providers.aws import _user_data
 from cloudsend_prefect.results import BatchSummary, tail_lines
@@ -205,7 +205,7 @@ def test_logs_streams_a_big_stdout_in_constant_memory(tmp_path: Path, cloudsend_
             "jobs": [{"name": "chatty", "run_command": "head -c 60000000 /dev/zero | tr '\\0' 'a'"}],
         },
     )
-    summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+    summary = run_batch(config=str(config), results_dir=str(tmp_path / "results"))
     assert summary.jobs[0].state == "done"
     env = {**os.environ, "CLOUDSEND_HOME": str(cloudsend_home)}
     # The peak memory of `cloudsend logs` alone: a small Python starts it and reports its children's peak
@@ -239,7 +239,7 @@ def test_local_jobs_see_only_login_and_pass_env_variables(tmp_path: Path, monkey
             "jobs": [{"name": "env", "run_command": "env > env.txt", "output_files": ["env.txt"]}],
         },
     )
-    summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+    summary = run_batch(config=str(config), results_dir=str(tmp_path / "results"))
     seen = (tmp_path / "results" / "envleak" / "env" / "env.txt").read_text()
     assert summary.jobs[0].state == "done"
     assert "do-not-leak" not in seen and "hidden" not in seen
@@ -274,7 +274,7 @@ def test_host_files_are_private_to_the_user(tmp_path: Path, cloudsend_home: Path
             ],
         },
     )
-    assert cloudsend(config=str(config), results_dir=str(tmp_path / "results")).jobs[0].state == "done"
+    assert run_batch(config=str(config), results_dir=str(tmp_path / "results")).jobs[0].state == "done"
     base = cloudsend_home / "hosts" / "box"
     loose = [str(p) for p in [base, *base.rglob("*")] if not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not loose, loose

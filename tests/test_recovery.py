@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from cloudsend_prefect import dispatch
 from cloudsend_prefect.cli import app
-from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.loading import load_config
 from cloudsend_prefect.results import BatchSummary
 from cloudsend_prefect.runtime import FINAL_STATES
@@ -249,7 +249,7 @@ def test_client_killed_during_provisioning_on_aws_creates_no_instance_twice(
         client.kill()
     assert len(first) == 3 and {i["State"]["Name"] for i in first} <= {"pending", "running"}
 
-    summary = cloudsend(config=str(config), results_dir=str(results))
+    summary = run_batch(config=str(config), results_dir=str(results))
     assert_done_once(summary, counters, results / project, 4)
     assert wire.sent("RunInstances") == []  # the rerun found the instances by their tags
     after = described(project)
@@ -275,7 +275,7 @@ def ssh_batch(tmp_path: Path, hosts: list[SshdHost], project: str, jobs: list[di
 def run_with_fault(config: Path, results: Path, fault: Fault, cleanup: Callable[[], None]) -> BatchSummary:
     fault.start()
     try:
-        summary = cloudsend(config=str(config), results_dir=str(results))
+        summary = run_batch(config=str(config), results_dir=str(results))
     finally:
         if fault.thread is not None:
             fault.thread.join(30)
@@ -350,7 +350,7 @@ def test_slow_host_is_never_declared_lost(tmp_path: Path, sshd_hosts: list[SshdH
     counters, results, project = tmp_path / "counters", tmp_path / "results", unique("slow")
     config = ssh_batch(tmp_path, sshd_hosts, project, counted_jobs(counters, 9, 1), lost_after=2)
     with slow_host(sshd_hosts[0], 2.5):  # every round trip to host-0 takes longer than lost_after
-        summary = cloudsend(config=str(config), results_dir=str(results))
+        summary = run_batch(config=str(config), results_dir=str(results))
     assert_done_once(summary, counters, results / project, 9)
     assert not [j.name for j in summary.jobs if j.lost]
     assert any(j.host == sshd_hosts[0].name for j in summary.jobs)  # the slow host did its share
@@ -508,7 +508,7 @@ def test_memory_hog_timeout_and_retries_are_reported(tmp_path: Path, caplog: pyt
         },
     )
     started = time.monotonic()
-    summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+    summary = run_batch(config=str(config), results_dir=str(tmp_path / "results"))
     assert time.monotonic() - started < 30
     jobs = {job.name: job for job in summary.jobs}
 
@@ -590,7 +590,7 @@ def test_kernel_oom_kill_is_reported_as_out_of_memory(tmp_path: Path) -> None:
                 ],
             },
         )
-        summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+        summary = run_batch(config=str(config), results_dir=str(tmp_path / "results"))
     (job,) = summary.jobs
     assert (job.state, job.exit_code) == ("failed", 137), job
     assert "out of memory" in job.reason, job.reason

@@ -10,7 +10,7 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from cloudsend_prefect.flow import cloudsend
+from cloudsend_prefect.flow import cloudsend, run_batch
 from tests.faults import ssh_instances, write_config
 from tests.sshd import sshd_hosts_running
 
@@ -82,7 +82,7 @@ def test_thirty_hosts_cost_one_round_trip_per_host_per_poll(tmp_path: Path) -> N
             {"project": "fleet", "poll_interval": poll, "instances": ssh_instances(hosts, 8, "fleet"), "jobs": [job]},
         )
         started = time.monotonic()
-        summary = cloudsend(config=str(config), results_dir=str(tmp_path / "results"))
+        summary = run_batch(config=str(config), results_dir=str(tmp_path / "results"))
         wall = time.monotonic() - started
     assert summary.counts == {"done": count}
     spans = [(j.started or 0.0, j.ended or 0.0) for j in summary.jobs]
