@@ -224,6 +224,15 @@ def run(
                 base_dir=None,
                 exec_python_config=exec_python_config,
             )
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(
+                "[yellow]interrupted:[/yellow] the batch's jobs keep running on their hosts. "
+                f"`cloudsend run {config}` again re-attaches to them (jobs already done are not run again); "
+                f"`cloudsend cancel {config}` stops them; `cloudsend status {config}` shows where they are.",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
         finally:
             job_listeners.remove(on_job)
     _print_summary(summary, config)

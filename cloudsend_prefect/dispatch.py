@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cloudsend_prefect.providers import HostInfo, connect, get_provider
@@ -34,6 +35,10 @@ LOST_AFTER = 120.0  # default seconds of failed round trips before a host's unfi
 CLOUD_CHECK = 15.0  # seconds between two looks at a cloud instance's state (the API's word decides loss at once)
 GATHER = 0.02  # seconds a host thread with room waits for more submissions before staging (at most poll/4)
 STOPPED = "the batch stopped watching it before it ended (it may still run on its host; a rerun re-attaches)"
+
+
+class BatchCancelled(RuntimeError):
+    """The batch was cancelled before this job was placed on a host: it never ran."""
 
 
 @dataclass
@@ -93,6 +98,7 @@ class Dispatcher:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.cancelled: str | None = None  # why the batch was cancelled, once it is
 
     def runtime(self, host: str) -> HostRuntime:
         return self.hosts[host].runtime
@@ -130,6 +136,28 @@ class Dispatcher:
                 for ticket in list(state.tickets.values()):
                     self._finish(state, ticket, JobStatus(key=ticket.job.key, state="aborted", reason=STOPPED))
                 state.unstaged = []
+
+    def cancel(self, reason: str) -> list[str]:
+        """Cancel the batch: jobs not placed yet end now (never run), and every host drops the batch's queued
+        jobs and kills its running ones (one round trip each, in parallel); their tasks see them end
+        ``aborted: cancelled`` at the next poll. Returns the keys the hosts cancelled."""
+        with self._cond:
+            self.cancelled = reason
+            for ticket in self._pending:  # never placed: _outcome raises BatchCancelled
+                ticket.end()
+            self._pending.clear()
+            self._cond.notify_all()
+        live = [state for state in self.hosts.values() if state.lost is None]
+
+        def cancel_on(state: _HostState) -> list[str]:
+            try:
+                return state.runtime.cancel(self.batch)
+            except Exception as exc:  # an unreachable host's jobs end with it (its lease runs out, fencing them)
+                log.warning("%s: could not cancel the batch's jobs: %s", state.info.name, exc)
+                return []
+
+        with ThreadPoolExecutor(max(1, min(16, len(live)))) as pool:
+            return [key for keys in pool.map(cancel_on, live) for key in keys]
 
     def run(self, job: JobSpec, *, rerun: bool = False) -> tuple[str, JobStatus]:
         """Start the job (or re-attach to it) and wait for its end; returns the host name and final status.
@@ -170,6 +198,8 @@ class Dispatcher:
         ticket ends when the job does)."""
         job = ticket.job
         with self._cond:
+            if self.cancelled is not None:
+                raise BatchCancelled(f"not started: {self.cancelled}")
             ended = self._ended.get(job.key)  # from this run: a retry of the same task
             known = self._known.pop(job.key, None)  # from an earlier run, found on the hosts at start
             if known is not None:
@@ -190,8 +220,9 @@ class Dispatcher:
             self._cond.notify_all()
         return None
 
-    @staticmethod
-    def _outcome(ticket: _Ticket) -> tuple[str, JobStatus]:
+    def _outcome(self, ticket: _Ticket) -> tuple[str, JobStatus]:
+        if ticket.host is None and self.cancelled is not None:
+            raise BatchCancelled(f"not started: {self.cancelled}")
         if ticket.host is None or ticket.status is None:
             raise RuntimeError(f"{ticket.job.name}: the batch stopped before the job was placed on a host")
         return ticket.host, ticket.status

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cloudsend_prefect.catalog import cost_line, cost_report
@@ -19,7 +19,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.results import BatchFailed, BatchSummary, JobResult
-from cloudsend_prefect.running import Listener, run_coroutine, run_jobs, wait_until_recorded
+from cloudsend_prefect.running import Listener, cancel_requested, run_coroutine, run_jobs, wait_until_recorded
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, teardown
 
@@ -135,6 +135,12 @@ def cloudsend(
             boot.wait()
         # provision and plan, the bootstraps, the jobs' task runs: all in the UI before an ephemeral server stops
         wait_until_recorded(EARLY_TASK_RUNS + len(boots) + job_runs)
+    except BaseException:
+        # Stopped by an error, Ctrl-C or a signal (a worker cancelling the run sends SIGTERM): the jobs go on
+        # for a rerun to re-attach to, unless the flow run is being cancelled: then they are cancelled too.
+        if dispatcher is not None and dispatcher.cancelled is None and cancel_requested():
+            dispatcher.cancel("the flow run was cancelled")
+        raise
     finally:
         if dispatcher is not None:
             dispatcher.stop()
@@ -157,6 +163,8 @@ def cloudsend(
         sum(trips.values()),
         len(specs),
     )
+    if dispatcher is not None and dispatcher.cancelled is not None:
+        return Cancelled(message=f"cancelled: {summary.failure()}", data=BatchFailed(summary))  # type: ignore[return-value]
     if not summary.ok:  # the run is Failed (automations, `--watch`, the runs list see it); the summary rides along
         return Failed(message=summary.failure(), data=BatchFailed(summary))  # type: ignore[return-value]
     return summary

@@ -31,7 +31,7 @@ from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.results import JobResult, deliver
 from cloudsend_prefect.specs import JobSpec
-from cloudsend_prefect.tasks import run_job
+from cloudsend_prefect.tasks import never_started, run_job
 
 MAX_BACKLOG = 800  # task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
 LAG_CHECK = 0.5  # seconds between two looks at the server's records while it lags
@@ -71,6 +71,16 @@ def wait_until_recorded(task_runs: int, timeout: float = DRAIN_TIMEOUT) -> None:
                 )
 
     run_coroutine(drain())
+
+
+def cancel_requested() -> bool:
+    """Whether this flow run is being (or was) cancelled, asked of the server now."""
+
+    async def ask() -> bool:
+        async with get_client() as client:
+            return await _cancel_requested(client, flow_run.id)
+
+    return run_coroutine(ask())
 
 
 class _Recorder:
@@ -182,6 +192,9 @@ async def run_jobs(
             refresh_cache = refresh
             while True:
                 async with slots:
+                    if dispatcher.cancelled is not None:  # no task run for a job the batch will never start
+                        result = never_started(job)
+                        break
                     await recorder.admit()
                     state = await task_for(job, refresh_cache)(job, batch, dispatcher, return_state=True)
                     recorder.ended += 1
@@ -202,26 +215,44 @@ async def run_jobs(
                 payload={"batch": batch, "exit_code": result.exit_code, "reason": result.reason, "host": result.host},
             )
 
-        async def report_progress() -> None:
-            """The progress artifact, once a second while jobs end (one writer: updates stay in order)."""
-            if not isinstance(progress, UUID):  # no artifact was made: nothing to update
-                return
+        async def watch() -> None:
+            """Once a second while jobs run: the progress artifact (one writer: updates stay in order), and
+            whether the flow run is being cancelled (from the UI, `prefect flow-run cancel` or the API): then
+            the batch's jobs are cancelled on their hosts, and their task runs end Cancelled."""
             shown = -1
             while True:
-                if len(results) != shown:
+                if isinstance(progress, UUID) and len(results) != shown:
                     shown = len(results)
                     await aupdate_progress_artifact(artifact_id=progress, progress=100.0 * shown / (len(specs) or 1))
-                if shown == len(specs):
+                if len(results) == len(specs):
                     return
+                if dispatcher.cancelled is None and await _cancel_requested(counter, flow_run.id):
+                    logger.warning("the flow run is being cancelled: cancelling the batch's jobs on their hosts")
+                    keys = await asyncio.to_thread(dispatcher.cancel, "the flow run was cancelled")
+                    logger.warning(
+                        "%d jobs cancelled on the hosts (running ones killed, queued ones dropped)", len(keys)
+                    )
                 await asyncio.sleep(PROGRESS_EVERY)
 
-        reporter = asyncio.create_task(report_progress())
+        reporter = asyncio.create_task(watch())
         try:
             await asyncio.gather(*(one(job) for job in specs))
             await reporter
         finally:
             reporter.cancel()
     return results, recorder.ended - ended_before
+
+
+async def _cancel_requested(client: PrefectClient, flow_run_id: str | None) -> bool:
+    """Whether this flow run is being (or was) cancelled; False outside a flow run, or when the server does
+    not answer (asked again a second later)."""
+    if flow_run_id is None:
+        return False
+    try:
+        run = await client.read_flow_run(UUID(flow_run_id))
+    except Exception:
+        return False
+    return run.state is not None and run.state.type in (StateType.CANCELLING, StateType.CANCELLED)
 
 
 async def _outcome(state: State[Any], job: JobSpec) -> JobResult:

@@ -14,15 +14,15 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import task_run
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 
 from cloudsend_prefect.config import BatchConfig
-from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.dispatch import BatchCancelled, Dispatcher
 from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import HostInfo, provision_all, release
 from cloudsend_prefect.reporting import plan_description, plan_table
 from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
-from cloudsend_prefect.runtime import HostRuntime, JobStatus
+from cloudsend_prefect.runtime import CANCELLED, HostRuntime, JobStatus
 from cloudsend_prefect.specs import EnvSpec, JobSpec
 from cloudsend_prefect.transport import FileRefused, TransportError
 
@@ -105,7 +105,10 @@ async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult
     logger = get_run_logger()
     rerun = task_run.run_count > 1  # a retry after a failure of its own: run it again, even where it ended
     for attempt in range(1, LOSS_RETRIES + 2):
-        host, status = await dispatcher.run_async(job, rerun=rerun)
+        try:
+            host, status = await dispatcher.run_async(job, rerun=rerun)
+        except BatchCancelled as exc:  # Cancelled, not Failed: never retried
+            return Cancelled(message=str(exc), data=never_started(job))
         runtime = dispatcher.runtime(host)
         store = store_dir(job.key)
         try:
@@ -137,10 +140,17 @@ async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult
         if "environment" in status.reason and job.env is not None:
             detail = (await asyncio.to_thread(runtime.env_log_tail, job.env)).splitlines()
         logger.error("%s on %s: %s\n%s", status.state, host, status.reason, "\n".join(detail))
+        if status.reason == CANCELLED:  # by the batch's cancellation or `cloudsend cancel`: not to be retried
+            return Cancelled(message=f"{status.state}: {status.reason}", data=result)
         # A returned Failed state (not an exception): retried per max_retries, never cached, no traceback.
         return Failed(message=f"{status.state}: {status.reason}", data=result)
     logger.info("done on %s in %.2fs; outputs: %s", host, status.duration or 0, ", ".join(fetched) or "none")
     return result
+
+
+def never_started(job: JobSpec) -> JobResult:
+    """The result of a job its batch was cancelled before starting."""
+    return JobResult(name=job.name, key=job.key, state="aborted", reason="cancelled before it started")
 
 
 class HostLost(RuntimeError):

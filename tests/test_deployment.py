@@ -185,28 +185,36 @@ def _read_api(api: str, coro_fn: Any) -> Any:
         return asyncio.run(main())
 
 
+@pytest.fixture(scope="module")
+def worker(
+    work_dir: Path, server: dict[str, str], procs: Processes, timings: dict[str, float]
+) -> subprocess.Popen[bytes]:
+    """The deployments of prefect.yaml, and a process worker polling their pool."""
+    env = server
+    _prefect(["work-pool", "create", "cloudsend-pool", "--type", "process"], env)
+    started = time.monotonic()
+    _prefect(["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env)
+    timings["deploy"] = time.monotonic() - started
+    worker_env = {
+        **env,
+        "CLOUDSEND_HOME": str(work_dir / "cloudsend-home"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+    return procs.start("worker", [PREFECT, "worker", "start", "--pool", "cloudsend-pool"], worker_env)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Processes, timings: dict[str, float]):
+def test_deploy_and_run_batch(
+    tmp_path: Path, server: dict[str, str], worker: subprocess.Popen[bytes], procs: Processes, timings: dict[str, float]
+):
     """Work-pool route: prefect.yaml deployed, a process worker runs `prefect deployment run cloudsend/batch`."""
     env = server
     api = env["PREFECT_API_URL"]
     config = _write_config(tmp_path)
     results = tmp_path / "results"
-
-    _prefect(["work-pool", "create", "cloudsend-pool", "--type", "process"], env)
-    started = time.monotonic()
-    _prefect(["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env)
-    timings["deploy"] = time.monotonic() - started
-
-    worker_env = {
-        **env,
-        "CLOUDSEND_HOME": str(tmp_path / "cloudsend-home"),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-    }
-    worker = procs.start("worker", [PREFECT, "worker", "start", "--pool", "cloudsend-pool"], worker_env)
 
     started = time.monotonic()
     run = subprocess.run(
@@ -271,6 +279,107 @@ def test_deploy_and_run_batch(tmp_path: Path, server: dict[str, str], procs: Pro
     rows = json.loads(table) if isinstance(table, str) else table
     states = sorted((row["name"], row["state"]) for row in rows)
     assert states == [("alpha", "done"), ("beta", "done"), ("gamma", "done")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_batch_with_a_failed_job_fails_its_flow_run(
+    tmp_path: Path, server: dict[str, str], worker: subprocess.Popen[bytes], procs: Processes
+):
+    """`prefect deployment run --watch` of a batch where a job fails: the run ends Failed (exit code 1), with
+    the failure in its message, and the events an automation would match are there."""
+    env = server
+    config = tmp_path / "failing.yaml"
+    jobs = [{"name": "fine", "run_command": "true"}, {"name": "broken", "run_command": "echo bad >&2; exit 5"}]
+    config.write_text(yaml.safe_dump({"project": "deploy-fail", "instances": [{"cpus": 2}], "jobs": jobs}))
+    run = subprocess.run(
+        [
+            PREFECT, "deployment", "run", "cloudsend/batch",
+            "--param", f"config={config}", "--param", f"results_dir={tmp_path / 'results'}",
+            "--watch", "--watch-timeout", "120",
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 1, f"{run.stdout}\n{run.stderr}\n--- worker log ---\n{procs.log('worker')[-6000:]}"
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)  # type: ignore[union-attr]
+
+    async def read(client: Any) -> tuple[Any, list[dict[str, Any]]]:
+        names = ["cloudsend.job.failed", "prefect.flow-run.Failed"]
+        flow_run = await client.read_flow_run(flow_run_id)
+        page = await client.request("POST", "/events/filter", json={"filter": {"event": {"name": names}}, "limit": 50})
+        return flow_run, page.json()["events"]
+
+    deadline = time.monotonic() + 30
+    while True:
+        flow_run, events = _read_api(env["PREFECT_API_URL"], read)
+        names = sorted(e["event"] for e in events if flow_run_id in json.dumps(e))
+        if names == ["cloudsend.job.failed", "prefect.flow-run.Failed"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert flow_run.state.is_failed(), flow_run.state
+    assert flow_run.state.message.startswith("1 of 2 jobs of batch deploy-fail not done (1 done, 1 failed): broken")
+    assert names == ["cloudsend.job.failed", "prefect.flow-run.Failed"], names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cancelling_the_flow_run_cancels_its_jobs(
+    tmp_path: Path, server: dict[str, str], worker: subprocess.Popen[bytes], procs: Processes
+):
+    """`prefect flow-run cancel` of a running batch under a worker: the jobs running on their host are killed,
+    the queued ones never start, the job task runs are not retried, and the flow run ends Cancelled."""
+    env = server
+    pids, started = tmp_path / "pids", tmp_path / "started"
+    job = {"name": "long", "run_command": f"echo $$ >> {pids}; echo x >> {started}; exec sleep 300", "repeat": 4}
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({"project": "deploy-cancel", "instances": [{"cpus": 2}], "jobs": [job]}))
+    run = _prefect(
+        ["deployment", "run", "cloudsend/batch", "--param", f"config={config}",
+         "--param", f"results_dir={tmp_path / 'results'}", "--param", "batch=cancel-me"],
+        env,
+    )  # fmt: skip
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 120
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline, f"jobs did not start:\n{procs.log('worker')[-6000:]}"
+        time.sleep(0.5)
+    running = [int(pid) for pid in pids.read_text().split()]
+    cancelled_at = time.monotonic()
+    _prefect(["flow-run", "cancel", flow_run_id], env)
+
+    async def read(client: Any) -> tuple[Any, list[Any]]:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        flow_run = await client.read_flow_run(flow_run_id)
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        return flow_run, task_runs
+
+    while True:
+        flow_run, task_runs = _read_api(env["PREFECT_API_URL"], read)
+        if flow_run.state.is_final() or time.monotonic() - cancelled_at > 90:
+            break
+        time.sleep(1)
+    assert flow_run.state.is_cancelled(), f"{flow_run.state}\n{procs.log('worker')[-6000:]}"
+    deadline = time.monotonic() + 10
+    while [pid for pid in running if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in running if _alive(pid)], "jobs still running after the cancellation"
+    assert len(started.read_text().split()) == 2  # the two queued ones never started
+    print(f"cancel to Cancelled: {time.monotonic() - cancelled_at:.1f}s")
+    # Cancelled when the flow saw the cancellation first; Crashed when the worker's SIGTERM came first (the
+    # flow then cancels the jobs on its way out). Never Failed, never retried.
+    jobs = [t for t in task_runs if t.name.startswith("long")]
+    assert jobs and all(t.state.type.value in ("CANCELLED", "CRASHED") and t.run_count <= 1 for t in jobs), [
+        (t.name, t.state) for t in jobs
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 @pytest.mark.slow

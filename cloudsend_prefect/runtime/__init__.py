@@ -28,6 +28,7 @@ JobState = Literal["queued", "waiting", "running", "done", "failed", "aborted"]
 FINAL_STATES = ("done", "failed", "aborted")
 # host.sh's reason for a queued job it did not start because its batch's lease had run out (see host.sh).
 FENCED_PREFIX = "not started: its batch's lease expired"
+CANCELLED = "cancelled"  # host.sh's reason for a job cancelled on the host (queued or running)
 LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
 SHARE_ABOVE = 16 * 1024**2  # uploads larger than this are shared read-only by the jobs of a host, not copied
 DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
