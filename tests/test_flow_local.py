@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterName,
+)
+from prefect.states import Cancelling
 
 from cloudsend_prefect.block import CloudSendCluster
 from cloudsend_prefect.config import Job
@@ -309,3 +318,48 @@ def test_a_batch_with_jobs_not_done_is_a_failed_flow_run(tmp_path: Path) -> None
 def test_a_run_with_nothing_to_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothing to run: give a config file"):
         cloudsend(results_dir=str(tmp_path))
+
+
+def test_cancelling_the_flow_run_cancels_its_jobs(tmp_path: Path) -> None:
+    """A cancel from the API (as the UI's button sends) while jobs run: those on the host are killed, the
+    queued ones never start, task runs and flow run end Cancelled, and the summary says why."""
+    pids = tmp_path / "pids"
+    job = {"name": "long", "run_command": f"echo $$ >> {pids}; exec sleep 300", "repeat": 4, "max_retries": 2}
+    config = write_config(tmp_path / "proj", {"project": "cancel-local", "instances": [{"cpus": 2}], "jobs": [job]})
+    states: list[Any] = []
+    batch = f"cancel-{time.time_ns()}"
+    runner = threading.Thread(
+        target=lambda: states.append(
+            cloudsend(config=str(config), results_dir=str(tmp_path / "results"), batch=batch, return_state=True)
+        )
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline and runner.is_alive(), "the jobs did not start"
+        time.sleep(0.2)
+
+    async def cancel() -> None:
+        async with get_client() as client:
+            (run,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[batch])))
+            await client.set_flow_run_state(run.id, Cancelling(), force=True)
+
+    asyncio.run(cancel())
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    (state,) = states
+    assert state.is_cancelled(), state
+    summary = summary_of(state)
+    assert [j.reason for j in summary.jobs] == ["cancelled"] * 4  # two killed, two dropped from the host's queue
+    assert len(pids.read_text().split()) == 2
+    for pid in map(int, pids.read_text().split()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    async def task_runs() -> list[Any]:
+        async with get_client() as client:
+            flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=flow_run_filter)
+
+    jobs = [t for t in asyncio.run(task_runs()) if t.task_key.startswith("run_job")]
+    assert len(jobs) == 4 and all(t.state.is_cancelled() and t.run_count == 1 for t in jobs), jobs  # not retried
