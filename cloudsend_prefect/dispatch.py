@@ -34,6 +34,10 @@ log = logging.getLogger("cloudsend.dispatch")
 LOST_AFTER = 120.0  # default seconds of failed round trips before a host's unfinished jobs are aborted
 CLOUD_CHECK = 15.0  # seconds between two looks at a cloud instance's state (the API's word decides loss at once)
 GATHER = 0.02  # seconds a host thread with room waits for more submissions before staging (at most poll/4)
+LIVE_AFTER = 10.0  # seconds a job runs before its logs are read while it runs (short jobs cost nothing extra)
+LIVE_EVERY = 5.0  # seconds between two reads of a running job's logs
+LIVE_JOBS = 8  # running jobs whose logs a host thread reads per poll, at most (two round trips each)
+LIVE_BYTES = 64 * 1024  # bytes of each log read per look, at most
 STOPPED = "the batch stopped watching it before it ended (it may still run on its host; a rerun re-attaches)"
 
 
@@ -49,6 +53,10 @@ class _Ticket:
     status: JobStatus | None = None
     done: threading.Event = field(default_factory=threading.Event)
     wake: Callable[[], None] | None = None  # an awaiting coroutine's wake-up, called from a host thread
+    output: Callable[[str, str], None] | None = None  # (stream, new complete lines) while it runs: live logs
+    offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    partial: dict[str, bytes] = field(default_factory=dict)  # a line begun, not ended yet
+    next_look: float | None = None  # when its logs are read next (monotonic), once it is seen running
 
     def end(self) -> None:
         self.done.set()
@@ -173,8 +181,12 @@ class Dispatcher:
         ticket.done.wait()  # outside the lock: host threads need it to report the end
         return self._outcome(ticket)
 
-    async def run_async(self, job: JobSpec, *, rerun: bool = False) -> tuple[str, JobStatus]:
-        """``run`` for a coroutine: waiting holds no thread, so thousands of jobs can wait at once."""
+    async def run_async(
+        self, job: JobSpec, *, rerun: bool = False, output: Callable[[str, str], None] | None = None
+    ) -> tuple[str, JobStatus]:
+        """``run`` for a coroutine: waiting holds no thread, so thousands of jobs can wait at once. ``output``
+        is called from a host thread with the lines the job writes (``stdout``/``stderr``, a few KiB at a
+        time, from ``LIVE_AFTER`` seconds into its run, every ``LIVE_EVERY`` seconds)."""
         loop = asyncio.get_running_loop()
         ended = loop.create_future()
 
@@ -186,7 +198,7 @@ class Dispatcher:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(settle)
 
-        ticket = _Ticket(job, rerun=rerun, wake=wake)
+        ticket = _Ticket(job, rerun=rerun, wake=wake, output=output)
         adopted = self._enter(ticket)
         if adopted is not None:
             return adopted
@@ -321,12 +333,52 @@ class Dispatcher:
                 elif status is not None and status.final:
                     finished += 1
                     self._finish(state, ticket, status)
+            due = self._live_due(state, statuses)
             # Keep enough queued on the host to cover two poll intervals of finishing jobs, beyond the ones
             # that ended unseen while the next poll's jobs were taken (what the next poll stages, it takes
             # before it sees what ended since this one).
             state.window = state.info.cpus + max(state.info.cpus, 3 * finished)
             if finished:
                 self._cond.notify_all()
+        for ticket in due:
+            self._show_output(state, ticket)
+
+    def _live_due(self, state: _HostState, statuses: dict[str, JobStatus]) -> list[_Ticket]:
+        """The running jobs whose logs are to be read now: at most ``LIVE_JOBS``, longest waiting first (the
+        caller holds the condition)."""
+        now = time.monotonic()
+        due = []
+        for key, ticket in state.tickets.items():
+            status = statuses.get(key)
+            if ticket.output is None or status is None or status.state != "running":
+                continue
+            if ticket.next_look is None:
+                ticket.next_look = now + LIVE_AFTER
+            elif ticket.next_look <= now:
+                due.append(ticket)
+        due.sort(key=lambda t: t.next_look or 0.0)
+        return due[:LIVE_JOBS]
+
+    def _show_output(self, state: _HostState, ticket: _Ticket) -> None:
+        """Read what a running job wrote since the last look and hand its complete lines to its task."""
+        assert ticket.output is not None
+        ticket.next_look = time.monotonic() + LIVE_EVERY
+        for stream in ("stdout", "stderr"):
+            try:
+                data = state.runtime.read_log(self.batch, ticket.job.key, stream, ticket.offsets[stream], LIVE_BYTES)
+            except Exception as exc:  # live logs are a courtesy: the files are fetched when the job ends
+                log.debug("%s: reading the %s of %s: %s", state.info.name, stream, ticket.job.name, exc)
+                continue
+            ticket.offsets[stream] += len(data)
+            text = ticket.partial.pop(stream, b"") + data
+            cut = text.rfind(b"\n") + 1
+            if cut == 0 and len(text) < LIVE_BYTES:  # no line ended yet: wait for its end
+                ticket.partial[stream] = text
+                continue
+            if cut:
+                text, ticket.partial[stream] = text[:cut], text[cut:]
+            if text:
+                ticket.output(stream, text.decode(errors="replace").rstrip("\n"))
 
     def _requeue(self, state: _HostState, ticket: _Ticket) -> None:
         """Hand a job its host did not start back to the waiting line, first, to be staged again (the caller

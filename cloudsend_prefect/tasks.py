@@ -103,10 +103,14 @@ async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult
     ``max_retries``, for failures of its own.
     """
     logger = get_run_logger()
+
+    def show(stream: str, lines: str) -> None:  # from a host thread: the logger sends it to this task run
+        logger.info("%s:\n%s", stream, lines)
+
     rerun = task_run.run_count > 1  # a retry after a failure of its own: run it again, even where it ended
     for attempt in range(1, LOSS_RETRIES + 2):
         try:
-            host, status = await dispatcher.run_async(job, rerun=rerun)
+            host, status = await dispatcher.run_async(job, rerun=rerun, output=show)
         except BatchCancelled as exc:  # Cancelled, not Failed: never retried
             return Cancelled(message=str(exc), data=never_started(job))
         runtime = dispatcher.runtime(host)
