@@ -20,6 +20,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterName,
+    LogFilter,
+    LogFilterTaskRunId,
 )
 from prefect.states import Cancelling
 
@@ -363,3 +365,34 @@ def test_cancelling_the_flow_run_cancels_its_jobs(tmp_path: Path) -> None:
 
     jobs = [t for t in asyncio.run(task_runs()) if t.task_key.startswith("run_job")]
     assert len(jobs) == 4 and all(t.state.is_cancelled() and t.run_count == 1 for t in jobs), jobs  # not retried
+
+
+def test_a_running_jobs_output_reaches_its_task_runs_logs_while_it_runs(tmp_path: Path, monkeypatch: Any) -> None:
+    from cloudsend_prefect import dispatch
+
+    monkeypatch.setattr(dispatch, "LIVE_AFTER", 0.5)
+    monkeypatch.setattr(dispatch, "LIVE_EVERY", 0.5)
+    command = "for i in 1 2 3 4 5 6; do echo line $i; echo warn $i >&2; sleep 0.5; done"
+    job = {"name": "talker", "run_command": command}
+    config = write_config(
+        tmp_path / "proj", {"project": "live", "poll_interval": 0.2, "instances": [{}], "jobs": [job]}
+    )
+    state = cloudsend(config=str(config), results_dir=str(tmp_path / "results"), return_state=True)
+    (result,) = summary_of(state).jobs
+    assert result.ok and result.ended is not None
+
+    async def logs() -> list[Any]:
+        async with get_client() as client:
+            flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            (run,) = [t for t in await client.read_task_runs(flow_run_filter=flow_run_filter) if t.name == "talker"]
+            return await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])))
+
+    deadline = time.monotonic() + 20
+    found = asyncio.run(logs())
+    while not any("line 1" in log.message for log in found):  # the server records logs a moment later
+        assert time.monotonic() < deadline, [log.message for log in found]
+        time.sleep(0.5)
+        found = asyncio.run(logs())
+    live = [log for log in found if log.message.startswith(("stdout:", "stderr:"))]
+    assert live and all(log.timestamp.timestamp() < result.ended for log in live)  # sent while it ran
+    assert any("line 1" in log.message for log in live) and any("warn 1" in log.message for log in live)
