@@ -172,28 +172,6 @@ class Estimate:
     def aws_rows(self) -> list[CostRow]:
         return [row for row in self.rows if row.provider == "aws"]
 
-    def table(self) -> list[dict[str, Any]]:
-        """The aws rows as plain dicts (a Prefect table artifact), ending with a total row."""
-        rows: list[dict[str, Any]] = [
-            {
-                "host": r.host,
-                "instance id": r.instance_id or "-",
-                "type": r.instance_type or "-",
-                "market": r.market,
-                "hours": round(r.hours, 4),
-                "usd per hour": r.usd_per_hour,
-                "cost usd": None if r.cost is None else round(r.cost, 4),
-                "price from": r.basis,
-            }
-            for r in self.aws_rows
-        ]
-        total: dict[str, Any] = {"host": "total", "hours": round(sum(r.hours for r in self.aws_rows), 4)}
-        total["cost usd"] = round(self.total, 4)
-        if not self.complete:
-            total["price from"] = "hosts of unknown price not counted"
-        rows.append(total)
-        return rows
-
 
 def estimate(hosts: Iterable[Billable], seconds: float, prices: Mapping[str, Price] | None = None) -> Estimate:
     """What ``hosts`` cost when each is up for ``seconds``: price times billed hours (per second, 60 s minimum).

@@ -114,13 +114,6 @@ def test_estimate_prices_on_demand_spot_own_machines_and_unknown_types() -> None
     unknown = estimate([aws_host("od", "c5.xlarge"), aws_host("odd", "z9.mega")], 3600)
     assert unknown.total == pytest.approx(0.17) and not unknown.complete
     assert unknown.rows[1].cost is None and "not in the catalog" in unknown.rows[1].basis
-    table = unknown.table()
-    assert table[-1] == {
-        "host": "total",
-        "hours": 2.0,
-        "cost usd": 0.17,
-        "price from": "hosts of unknown price not counted",
-    }
 
 
 # -- spot prices from EC2 -----------------------------------------------------------------------------------
@@ -156,18 +149,9 @@ def test_cost_report_of_hosts_uses_live_spot_prices_else_the_catalog(
     spot = live.rows[1]
     assert spot.usd_per_hour == pytest.approx(0.00001) and "from EC2" in spot.basis
     assert live.total == pytest.approx(2 * 0.17 + 2 * 0.00001)
-    table = live.table()
-    assert table[0] == {
-        "host": "aws-0",
-        "instance id": "i-aws-0",
-        "type": "c5.xlarge",
-        "market": "on-demand",
-        "hours": 2.0,
-        "usd per hour": 0.17,
-        "cost usd": 0.34,
-        "price from": "on-demand (catalog)",
-    }
-    assert table[-1] == {"host": "total", "hours": 4.0, "cost usd": pytest.approx(0.34, abs=1e-4)}
+    first = live.rows[0]
+    assert (first.instance_id, first.market, first.hours, first.usd_per_hour) == ("i-aws-0", "on-demand", 2.0, 0.17)
+    assert first.cost == pytest.approx(0.34) and first.basis == "on-demand (catalog)"
     line = catalog.cost_line(live, 7200)
     assert "aws-0 (i-aws-0, c5.xlarge on-demand: $0.3400)" in line and "upper bound" in line
 
@@ -176,11 +160,12 @@ def test_the_flow_reports_cost_as_an_artifact(fake_aws: None) -> None:
     from prefect import flow
 
     from cloudsend_prefect.flow import _report_cost
+    from cloudsend_prefect.reporting import measure
 
     @flow
     def report(hosts: list[HostInfo]) -> tuple[float | None, float | None]:
-        mine = _report_cost("cost-unit", hosts, 1800, kept=False)
-        own = _report_cost("cost-own", hosts[2:], 1800, kept=False)
+        mine = _report_cost("cost-unit", hosts, measure([], {}, hosts, 1800), kept=False)
+        own = _report_cost("cost-own", hosts[2:], measure([], {}, hosts[2:], 1800), kept=False)
         return mine, own
 
     hosts = [
@@ -198,9 +183,12 @@ def test_the_flow_reports_cost_as_an_artifact(fake_aws: None) -> None:
         time.sleep(0.2)
     assert artifact is not None and "upper bound" in (artifact.description or "")
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    assert [r["host"] for r in rows] == ["aws-0", "aws-1", "total"]
-    assert rows[1]["market"] == "spot" and rows[-1]["cost usd"] == pytest.approx(0.17)
-    assert _artifact("cost-own-cost") is None
+    assert [r["host"] for r in rows] == ["aws-0", "aws-1", "laptop", "total"]
+    assert rows[1]["market"] == "spot" and rows[2]["market"] == "-" and rows[-1]["cost"] == "$0.1700"
+    own_artifact = _artifact("cost-own-cost")  # own machines: CPU time only, no price
+    assert own_artifact is not None and "no charge" in (own_artifact.description or "")
+    own_rows = json.loads(own_artifact.data) if isinstance(own_artifact.data, str) else own_artifact.data
+    assert own_rows[-1]["CPU time available"] == "4 h 0 min" and "cost" not in own_rows[-1]  # 8 CPUs x 30 min
 
 
 def _artifact(key: str) -> Any:

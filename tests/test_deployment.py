@@ -277,7 +277,7 @@ def test_deploy_and_run_batch(
     assert {"deploy-test-jobs", "deploy-test-progress"} <= set(by_key), sorted(by_key)
     table = by_key["deploy-test-jobs"].data
     rows = json.loads(table) if isinstance(table, str) else table
-    states = sorted((row["name"], row["state"]) for row in rows)
+    states = sorted((row["job"], row["state"]) for row in rows)
     assert states == [("alpha", "done"), ("beta", "done"), ("gamma", "done")]
 
 
@@ -287,8 +287,21 @@ def test_a_batch_with_a_failed_job_fails_its_flow_run(
     tmp_path: Path, server: dict[str, str], worker: subprocess.Popen[bytes], procs: Processes
 ):
     """`prefect deployment run --watch` of a batch where a job fails: the run ends Failed (exit code 1), with
-    the failure in its message, and the events an automation would match are there."""
+    the failure in its message, the per-job event is there, and the automation of docs/deploying.md fires."""
     env = server
+    automation = {
+        "name": "cloudsend batch failed",
+        "trigger": {
+            "type": "event",
+            "posture": "Reactive",
+            "expect": ["prefect.flow-run.Failed"],
+            "match_related": {"prefect.resource.role": "flow", "prefect.resource.name": "cloudsend"},
+            "threshold": 1,
+            "within": 0,
+        },
+        "actions": [{"type": "do-nothing"}],  # the docs' send-notification needs a notification block
+    }
+    _prefect(["automation", "create", "--from-json", json.dumps(automation)], env)
     config = tmp_path / "failing.yaml"
     jobs = [{"name": "fine", "run_command": "true"}, {"name": "broken", "run_command": "echo bad >&2; exit 5"}]
     config.write_text(yaml.safe_dump({"project": "deploy-fail", "instances": [{"cpus": 2}], "jobs": jobs}))
@@ -304,21 +317,22 @@ def test_a_batch_with_a_failed_job_fails_its_flow_run(
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)  # type: ignore[union-attr]
 
     async def read(client: Any) -> tuple[Any, list[dict[str, Any]]]:
-        names = ["cloudsend.job.failed", "prefect.flow-run.Failed"]
+        names = ["cloudsend.job.failed", "prefect.flow-run.Failed", "prefect.automation.action.executed"]
         flow_run = await client.read_flow_run(flow_run_id)
         page = await client.request("POST", "/events/filter", json={"filter": {"event": {"name": names}}, "limit": 50})
         return flow_run, page.json()["events"]
 
-    deadline = time.monotonic() + 30
+    expected = ["cloudsend.job.failed", "prefect.automation.action.executed", "prefect.flow-run.Failed"]
+    deadline = time.monotonic() + 60
     while True:
         flow_run, events = _read_api(env["PREFECT_API_URL"], read)
-        names = sorted(e["event"] for e in events if flow_run_id in json.dumps(e))
-        if names == ["cloudsend.job.failed", "prefect.flow-run.Failed"] or time.monotonic() > deadline:
+        names = sorted({e["event"] for e in events if flow_run_id in json.dumps(e)})
+        if names == expected or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert flow_run.state.is_failed(), flow_run.state
     assert flow_run.state.message.startswith("1 of 2 jobs of batch deploy-fail not done (1 done, 1 failed): broken")
-    assert names == ["cloudsend.job.failed", "prefect.flow-run.Failed"], names
+    assert names == expected, names
 
 
 @pytest.mark.slow
