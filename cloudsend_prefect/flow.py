@@ -3,12 +3,14 @@
 # No `from __future__ import annotations`: served flows are cloudpickled by value; list[Job] must not be a string.
 
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect import flow, get_client, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -18,6 +20,15 @@ from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.reporting import (
+    Usage,
+    cost_description,
+    cost_table,
+    jobs_description,
+    jobs_table,
+    measure,
+    summary_markdown,
+)
 from cloudsend_prefect.results import BatchFailed, BatchSummary, JobResult
 from cloudsend_prefect.running import Listener, cancel_requested, run_coroutine, run_jobs, wait_until_recorded
 from cloudsend_prefect.specs import JobSpec, expand_jobs
@@ -35,6 +46,17 @@ job_listeners: list[Listener] = []
 def _run_name() -> str:
     params = flow_run.parameters
     return str(params.get("batch") or Path(str(params.get("config") or params.get("cluster") or "batch")).stem)
+
+
+def _name_run(name: str) -> None:
+    """Name the flow run after its batch once the config says what that is: until then it bears the config
+    file's name, which need not be the project's, while the artifacts and the results folder bear the batch's."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.name == name:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_name(context.flow_run.id, name)
+    context.flow_run.name = name
 
 
 def batch_slug(name: str) -> str:
@@ -102,6 +124,8 @@ def cloudsend(
     for note in cfg.notes:
         logger.warning("%s: %s", cfg.source, note)
     name = batch_slug(batch or cfg.project)
+    if not batch:
+        _name_run(name)
     dest = Path(results_dir) / name
     provisioning = time.time()  # billed time of every aws host runs from here to teardown (an upper bound)
     hosts = provision(cfg)
@@ -146,15 +170,12 @@ def cloudsend(
             dispatcher.stop()
         trips = {host.name: connect(host).round_trips for host in hosts}
         teardown(hosts, cfg)
-        cost = _report_cost(name, hosts, time.time() - provisioning, kept=not cfg.auto_stop)
+        usage = measure(results.values(), {job.key: job.cpus for job in specs}, hosts, time.time() - provisioning)
+        cost = _report_cost(name, hosts, usage, kept=not cfg.auto_stop)
     summary = BatchSummary(
         batch=name, results_dir=str(dest), jobs=[results[job.key] for job in specs], round_trips=trips, cost=cost
     )
-    create_table_artifact(
-        key=f"{name}-jobs",
-        table=[r.model_dump(exclude={"store"}) for r in summary.jobs],
-        description=f"Jobs of batch {name}: " + ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())),
-    )
+    _report_jobs(summary, usage)
     logger.info(
         "batch %s: %s; results in %s; %d round trips to hosts for %d jobs",
         name,
@@ -189,25 +210,42 @@ def summary_of(state: State[Any]) -> BatchSummary:
     raise RuntimeError(f"the flow run ended {state.name} without a batch summary: {state.message}")
 
 
-def _report_cost(batch: str, hosts: list[HostInfo], seconds: float, *, kept: bool) -> float | None:
-    """The aws instances' billed hours and cost as the `<batch>-cost` table artifact and a log line; the total,
-    or None without aws hosts. Never raises: a failed report must not hide the batch's own outcome."""
+def _report_cost(batch: str, hosts: list[HostInfo], usage: Usage, *, kept: bool) -> float | None:
+    """The `<batch>-cost` table artifact of every batch (CPU time used against available, per host; for aws
+    hosts, billed hours and USD) and its log lines; the aws total, or None without aws hosts. Never raises: a
+    failed report must not hide the batch's own outcome."""
     logger = get_run_logger()
     try:
-        report = cost_report(hosts, seconds)
+        logger.info("batch %s: %s", batch, usage.line())
+        report = cost_report(hosts, usage.seconds)
+        still = " Instances were kept running (auto_stop: false): they are still billing." if kept and report else ""
+        description = cost_description(batch, usage, report) + still
+        create_table_artifact(key=f"{batch}-cost", table=cost_table(usage, report), description=description)
         if report is None:
             return None
-        still = " Instances were kept running (auto_stop: false): they are still billing." if kept else ""
-        create_table_artifact(
-            key=f"{batch}-cost",
-            table=report.table(),
-            description=f"Cost of batch {batch}'s EC2 instances in USD: billed time, upper bound: from provisioning "
-            "to teardown, per second with a 60 s minimum; on-demand prices from cloudsend's catalog (us-east-1 list "
-            "prices; other regions differ), spot prices from EC2 when it answered. EBS disks and data transfer "
-            "are not included." + still,
-        )
-        logger.info("batch %s %s%s", batch, cost_line(report, seconds), still)
+        logger.info("batch %s %s%s", batch, cost_line(report, usage.seconds), still)
         return report.total
     except Exception as exc:
         logger.warning("batch %s: no cost report: %s: %s", batch, type(exc).__name__, exc)
         return None
+
+
+def _report_jobs(summary: BatchSummary, usage: Usage) -> None:
+    """The `<batch>-jobs` table (bounded: the jobs not done, then the slowest) and the `<batch>-summary`
+    markdown, made last so that the flow run's Artifacts tab, newest first, opens on it.
+
+    Keys are the batch's, the same for every run of it: Prefect keeps each run's artifact as a version of the
+    key, and a run's page lists its own artifacts only, so no run hides another's; the Artifacts page shows one
+    entry per batch and kind, the latest run's, with the history of every run behind it. A key per run would
+    instead add entries there at every run (a nightly batch: over a thousand a year) and lose the history.
+    Never raises: the batch's outcome matters more than its report."""
+    try:
+        table, description = jobs_table(summary), jobs_description(summary)
+        create_table_artifact(key=f"{summary.batch}-jobs", table=table, description=description)
+        create_markdown_artifact(
+            key=f"{summary.batch}-summary",
+            markdown=summary_markdown(summary, usage, run=str(flow_run.name), machine=socket.gethostname()),
+            description=f"Batch {summary.batch}: what ran, how long, what it used and cost, where the results are",
+        )
+    except Exception as exc:
+        get_run_logger().warning("batch %s: no job report: %s: %s", summary.batch, type(exc).__name__, exc)
