@@ -48,7 +48,10 @@ def run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
     in this thread, or in a new one when this thread already runs an event loop (a notebook, say)."""
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+        in_loop = True
+    except RuntimeError:  # not in a loop (the usual case); run outside this block, or every error chains to it
+        in_loop = False
+    if not in_loop:
         return asyncio.run(coroutine)
     context = contextvars.copy_context()
     with ThreadPoolExecutor(1) as pool:
