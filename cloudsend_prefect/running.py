@@ -26,6 +26,8 @@ from prefect.context import AsyncClientContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import State
+from prefect.task_engine import run_task_async
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.paths import cloudsend_home
@@ -199,7 +201,7 @@ async def run_jobs(
                         result = never_started(job)
                         break
                     await recorder.admit()
-                    state = await task_for(job, refresh_cache)(job, batch, dispatcher, return_state=True)
+                    state = await _run_named(task_for(job, refresh_cache), job, batch, dispatcher)
                     recorder.ended += 1
                 result = await _outcome(state, job)
                 if result.ok and not await asyncio.to_thread(deliver, result, dest / job.name):
@@ -244,6 +246,21 @@ async def run_jobs(
         finally:
             reporter.cancel()
     return results, recorder.ended - ended_before
+
+
+async def _run_named(task: Task[Any, Any], job: JobSpec, batch: str, dispatcher: Dispatcher) -> State[Any]:
+    """Run the job's task, its task run named after the job from its first state. Prefect 3.9 applies a
+    ``task_run_name`` only as the run starts, after its Pending state went out under a generic name
+    (``run-job-1a2``, which the UI shows until then): here the run is made and named first, its Pending
+    state sent, and the engine takes it from there."""
+    parameters = {"job": job, "batch": batch, "dispatcher": dispatcher}
+    run = await task.create_local_run(parameters=parameters)
+    run.name = job.name
+    assert run.state is not None  # Pending, as made
+    emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)
+    state = await run_task_async(task, task_run=run, parameters=parameters, return_type="state")
+    assert isinstance(state, State)
+    return state
 
 
 async def _cancel_requested(client: PrefectClient, flow_run_id: str | None) -> bool:

@@ -316,6 +316,15 @@ def test_a_batch_with_jobs_not_done_is_a_failed_flow_run(tmp_path: Path) -> None
     assert runs["fine"].empirical_policy.retries == 2 and runs["boom"].empirical_policy.retries == 0
     assert {name: run.cache_key for name, run in runs.items()} == {n: f"cloudsend-job-{k}" for n, k in keys.items()}
 
+    async def pending_names() -> set[str]:  # the name each run had in its first state
+        async with get_client() as client:
+            body = {"filter": {"event": {"name": ["prefect.task-run.Pending"]}}, "limit": 50}
+            events = (await client.request("POST", "/events/filter", json=body)).json()["events"]
+        return {e["resource"]["prefect.resource.name"] for e in events if str(flow_run_id) in json.dumps(e)}
+
+    assert {"fine", "boom"} <= asyncio.run(pending_names())
+    assert not [name for name in asyncio.run(pending_names()) if name.startswith("run-job")]
+
 
 def test_a_run_with_nothing_to_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothing to run: give a config file"):
