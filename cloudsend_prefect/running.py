@@ -22,7 +22,7 @@ from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifa
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterStateType
 from prefect.client.schemas.objects import StateType
-from prefect.context import AsyncClientContext
+from prefect.context import AsyncClientContext, FlowRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import State
@@ -178,7 +178,8 @@ async def run_jobs(
             progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended"
         )
         results: dict[str, JobResult] = {}
-        slots = asyncio.Semaphore(window)
+        earlier = _run_results()
+        kept = set(earlier) if earlier is not None else set()
         variants: dict[tuple[int, bool], Task[Any, Any]] = {}
 
         def task_for(job: JobSpec, refresh_cache: bool) -> Task[Any, Any]:
@@ -196,13 +197,12 @@ async def run_jobs(
         async def one(job: JobSpec) -> None:
             refresh_cache = refresh
             while True:
-                async with slots:
-                    if dispatcher.cancelled is not None:  # no task run for a job the batch will never start
-                        result = never_started(job)
-                        break
-                    await recorder.admit()
-                    state = await _run_named(task_for(job, refresh_cache), job, batch, dispatcher)
-                    recorder.ended += 1
+                if dispatcher.cancelled is not None:  # no task run for a job the batch will never start
+                    result = never_started(job)
+                    break
+                await recorder.admit()
+                state = await _run_named(task_for(job, refresh_cache), job, batch, dispatcher)
+                recorder.ended += 1
                 result = await _outcome(state, job)
                 if result.ok and not await asyncio.to_thread(deliver, result, dest / job.name):
                     logger.warning("%s: cached outputs are gone from %s; running it again", job.name, result.store)
@@ -226,6 +226,7 @@ async def run_jobs(
             the batch's jobs are cancelled on their hosts, and their task runs end Cancelled."""
             shown = -1
             while True:
+                _forget_results(kept)
                 if isinstance(progress, UUID) and len(results) != shown:
                     shown = len(results)
                     await aupdate_progress_artifact(artifact_id=progress, progress=100.0 * shown / (len(specs) or 1))
@@ -239,13 +240,35 @@ async def run_jobs(
                     )
                 await asyncio.sleep(PROGRESS_EVERY)
 
+        waiting = iter(specs)
+
+        async def worker() -> None:  # a window of these, not a coroutine per job: memory stays flat in N
+            for job in waiting:
+                await one(job)
+
         reporter = asyncio.create_task(watch())
         try:
-            await asyncio.gather(*(one(job) for job in specs))
+            await asyncio.gather(*(worker() for _ in range(min(window, len(specs)))))
             await reporter
         finally:
             reporter.cancel()
+            _forget_results(kept)
     return results, recorder.ended - ended_before
+
+
+def _run_results() -> dict[int, Any] | None:
+    """Prefect's record of every task result of the flow run (to draw data dependencies between tasks)."""
+    context = FlowRunContext.get()
+    return context.run_results if context is not None else None
+
+
+def _forget_results(kept: set[int]) -> None:
+    """Drop the job task runs' entries from Prefect's record of task results: no task takes a job's result
+    as input, and kept, they grow the flow's memory by a few KiB per job (hundreds of MB at 50,000)."""
+    records = _run_results()
+    if records is not None:
+        for key in [key for key in records if key not in kept]:
+            del records[key]
 
 
 async def _run_named(task: Task[Any, Any], job: JobSpec, batch: str, dispatcher: Dispatcher) -> State[Any]:
