@@ -24,6 +24,7 @@ from rich.progress import Task as RichTask
 from rich.table import Table
 from rich.text import Text
 
+from cloudsend_prefect import reporting
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.loading import ConfigError, load_config
 from cloudsend_prefect.results import BatchSummary, JobResult
@@ -254,14 +255,13 @@ def _print_summary(summary: BatchSummary, config: Path) -> None:
     if shown:
         title = f"batch {summary.batch}" if shown is summary.jobs else f"batch {summary.batch}: jobs not done"
         table = Table(title=title)
-        for col in ("job", "state", "host", "exit", "duration (s)", "reason / outputs"):
+        for col in ("job", "state", "host", "duration", "reason / outputs"):
             table.add_column(col)
         for job in shown[:MAX_ROWS]:
-            detail = job.reason if not job.ok else ", ".join(job.outputs)
-            duration = f"{job.duration:.2f}" if job.duration is not None else "-"
-            exit_code = str(job.exit_code) if job.exit_code is not None and job.state != "aborted" else "-"
+            detail = reporting.reason(job) if not job.ok else reporting.outputs_text(job)
             state = _styled(job.state) + (" (cached)" if job.cached else "")
-            table.add_row(escape(job.name), state, job.host or "-", exit_code, duration, escape(detail))
+            duration = reporting.human_duration(job.duration)
+            table.add_row(escape(job.name), state, job.host or "-", duration, escape(detail))
         out.print(table)
         if len(shown) > MAX_ROWS:
             out.print(f"… and {len(shown) - MAX_ROWS} more: `cloudsend status {config}`", highlight=False)
@@ -315,15 +315,15 @@ def status(config: ConfigArg, batch: BatchOpt = None, exec_python_config: ExecOp
     name = _batch_name(cfg, batch)
     found, _ = _find_jobs(cfg, name)
     table = Table(title=f"batch {name}")
-    for col in ("job", "state", "host", "exit", "duration (s)", "reason"):
+    for col in ("job", "state", "host", "exit", "duration", "reason"):
         table.add_column(col)
     for job in jobs:
         host_name, st = found.get(job.key, ("-", None))
         if st is None:
             table.add_row(escape(job.name), "not started", "-", "-", "-", "")
             continue
-        duration = f"{st.duration:.2f}" if st.duration is not None else "-"
         exit_code = str(st.exit) if st.exit is not None else "-"
+        duration = reporting.human_duration(st.duration)
         table.add_row(escape(job.name), _styled(st.state), host_name, exit_code, duration, escape(st.reason))
     out.print(table)
 
