@@ -27,7 +27,7 @@ from botocore.awsrequest import AWSResponse
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
-from cloudsend_prefect import providers
+from cloudsend_prefect import flow, providers
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
@@ -721,7 +721,9 @@ def run_batch(tmp_path: Path, config: dict[str, Any], **kw: Any) -> Any:
     project.mkdir(exist_ok=True)
     path = project / "batch.yaml"
     path.write_text(yaml.safe_dump(config))
-    return cloudsend(config=str(path), results_dir=str(tmp_path / "results"), **kw)
+    if kw.get("return_state"):
+        return cloudsend(config=str(path), results_dir=str(tmp_path / "results"), **kw)
+    return flow.run_batch(config=str(path), results_dir=str(tmp_path / "results"), **kw)  # the summary, even failed
 
 
 def batch(project: str, ami: dict[str, Any], instances: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
