@@ -208,7 +208,7 @@ def write_config(root: Path, name: str, hosts: list[Any], slots: int, poll: floa
 
 
 def run_flow(root: Path, name: str, hosts: list[Any], slots: int, poll: float, wl: Workload) -> FlowRun:
-    from cloudsend_prefect.flow import cloudsend
+    from cloudsend_prefect.flow import run_batch
 
     config = write_config(root, name, hosts, slots, poll, wl)
     os.environ["CLOUDSEND_HOME"] = str(root / "cloudsend-home" / name)  # nothing cached from an earlier run
@@ -216,7 +216,7 @@ def run_flow(root: Path, name: str, hosts: list[Any], slots: int, poll: float, w
     servers = children("prefect.server")
     cpu0 = (self_cpu(), pids_cpu(servers), machine_cpu())
     t0 = time.time()
-    summary = cloudsend(config=str(config), results_dir=str(root / "results"))
+    summary = run_batch(config=str(config), results_dir=str(root / "results"))
     t1 = time.time()
     servers = servers or children("prefect.server")  # started by this (first) call
     rss = vm_hwm_mb()
@@ -247,7 +247,7 @@ def jobs_end_at_once() -> Iterator[None]:
 
     saved = (Dispatcher.start, Dispatcher.run_async, HostRuntime.fetch)
 
-    async def run_async(self: Any, job: Any, *, rerun: bool = False) -> tuple[str, Any]:
+    async def run_async(self: Any, job: Any, *, rerun: bool = False, **kw: Any) -> tuple[str, Any]:
         now = time.time()
         return next(iter(self.hosts)), JobStatus(key=job.key, state="done", start=now, end=now, exit=0)
 
