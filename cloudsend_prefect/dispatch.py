@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cloudsend_prefect.providers import HostInfo, connect, get_provider
-from cloudsend_prefect.runtime import HostRuntime, JobStatus
+from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime, JobStatus
 from cloudsend_prefect.specs import JobSpec
 
 log = logging.getLogger("cloudsend.dispatch")
@@ -48,7 +48,7 @@ class BatchCancelled(RuntimeError):
 @dataclass
 class _Ticket:
     job: JobSpec
-    rerun: bool = False
+    rerun: int = 0  # RERUN_FAILED or RERUN_ANY when staged: what ended record of it the host may replace
     host: str | None = None
     status: JobStatus | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -174,7 +174,7 @@ class Dispatcher:
         fetches again); one that ended otherwise is run again, as is a job known from an earlier run when the
         whole batch is rerun. A job still queued or running on its host is watched, not started again.
         """
-        ticket = _Ticket(job, rerun=rerun)
+        ticket = _Ticket(job, rerun=RERUN_FAILED if rerun else 0)
         adopted = self._enter(ticket)
         if adopted is not None:
             return adopted
@@ -198,7 +198,7 @@ class Dispatcher:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(settle)
 
-        ticket = _Ticket(job, rerun=rerun, wake=wake, output=output)
+        ticket = _Ticket(job, rerun=RERUN_FAILED if rerun else 0, wake=wake, output=output)
         adopted = self._enter(ticket)
         if adopted is not None:
             return adopted
@@ -227,7 +227,7 @@ class Dispatcher:
                     self.hosts[host].tickets[job.key] = ticket
                     self.hosts[host].committed += job.cpus
                     return None
-                ticket.rerun = True
+                ticket.rerun = RERUN_ANY if status.state == "done" else max(ticket.rerun, RERUN_FAILED)
             self._pending.append(ticket)
             self._cond.notify_all()
         return None
@@ -308,7 +308,7 @@ class Dispatcher:
     def _stage(self, state: _HostState, watch: list[str] | None = None) -> dict[str, JobStatus]:
         """Stage the jobs taken since the last call (sent again if that call failed), and read the records
         of ``watch``: one round trip. Each call renews the batch's lease on the host."""
-        rerun = frozenset(t.job.key for t in state.unstaged if t.rerun)
+        rerun = {t.job.key: t.rerun for t in state.unstaged if t.rerun}
         jobs = [t.job for t in state.unstaged]
         statuses = state.runtime.stage(self.batch, jobs, rerun, lease=self.lease, watch=watch or [])
         state.unstaged = []
@@ -386,7 +386,7 @@ class Dispatcher:
         state.tickets.pop(ticket.job.key, None)
         state.committed -= ticket.job.cpus
         ticket.host = None
-        ticket.rerun = True
+        ticket.rerun = max(ticket.rerun, RERUN_FAILED)  # never started: replaced unless another client ran it
         self._pending.appendleft(ticket)
         self._cond.notify_all()
 

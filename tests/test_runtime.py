@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from cloudsend_prefect.runtime import HostRuntime
+from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime
 from cloudsend_prefect.specs import EnvSpec
 from cloudsend_prefect.transport.local import LocalTransport
 from tests.host_runtime import job, wait_final
@@ -35,7 +35,10 @@ def test_staging_a_known_job_again_does_not_run_it_twice(runtime: HostRuntime, t
     assert runtime.status("b")["once"].state == "done"
     got = runtime.fetch("b", "once", ["count.txt"], tmp_path / "out")
     assert (tmp_path / "out" / "count.txt").read_text() == "ran\n" and len(got) == 3
-    runtime.stage("b", [spec], rerun=frozenset({"once"}))  # an explicit rerun replaces the ended job
+    runtime.stage("b", [spec], rerun={"once": RERUN_FAILED})  # a retry (another client's) leaves a done job alone
+    time.sleep(0.3)
+    assert runtime.status("b")["once"].state == "done" and (tmp_path / "out" / "count.txt").read_text() == "ran\n"
+    runtime.stage("b", [spec], rerun={"once": RERUN_ANY})  # an explicit rerun replaces the ended job
     wait_final(runtime, "b", ["once"])
     runtime.fetch("b", "once", ["count.txt"], tmp_path / "again")
     assert (tmp_path / "again" / "count.txt").read_text() == "ran\n"

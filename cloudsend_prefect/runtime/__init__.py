@@ -11,7 +11,7 @@ import json
 import math
 import shlex
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
@@ -29,6 +29,8 @@ FINAL_STATES = ("done", "failed", "aborted")
 # host.sh's reason for a queued job it did not start because its batch's lease had run out (see host.sh).
 FENCED_PREFIX = "not started: its batch's lease expired"
 CANCELLED = "cancelled"  # host.sh's reason for a job cancelled on the host (queued or running)
+RERUN_FAILED = 1  # stage: replace the job's record if it ended other than done (a retry, a fenced job)
+RERUN_ANY = 2  # stage: replace it even if it ended done (an explicit rerun of the batch)
 LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
 SHARE_ABOVE = 16 * 1024**2  # uploads larger than this are shared read-only by the jobs of a host, not copied
 DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
@@ -144,7 +146,7 @@ class HostRuntime:
         self,
         batch: str,
         jobs: list[JobSpec],
-        rerun: frozenset[str] = frozenset(),
+        rerun: Mapping[str, int] | None = None,
         lease: float = DEFAULT_LEASE,
         watch: Sequence[str] = (),
     ) -> dict[str, JobStatus]:
@@ -152,7 +154,8 @@ class HostRuntime:
         one round trip (plus one to send files the host lacks). The host starts queued jobs as its CPUs free
         up, while the batch's lease (renewed here for ``lease`` seconds) runs.
 
-        Jobs the host already knows are left alone (re-attached), except ended ones whose key is in ``rerun``.
+        Jobs the host already knows are left alone (re-attached), except ended ones ``rerun`` asks to replace:
+        ``RERUN_FAILED`` replaces a record that ended other than done, ``RERUN_ANY`` even a done one.
         """
         self.upload([f for job in jobs for f in job.files])
         lines = []
@@ -160,7 +163,7 @@ class HostRuntime:
             env = job.env.key if job.env else "-"
             timeout = f"{job.timeout:g}" if job.timeout else "-"
             lines.append(
-                f"J {batch} {job.key} {job.cpus} {env} {timeout} {int(job.key in rerun)} {job.max_output_bytes}"
+                f"J {batch} {job.key} {job.cpus} {env} {timeout} {(rerun or {}).get(job.key, 0)} {job.max_output_bytes}"
             )
             lines += [f"F {f.sha256} {self._flags(f)} {_line(f.rel)}" for f in job.files]
             lines += [f"O {_line(out)}" for out in job.outputs]

@@ -290,7 +290,9 @@ stage() {
     incoming="$BASE/queue/.incoming.$$"
     cat >"$manifest" || exit 3
     # J batch key cpus envkey timeout rerun maxout: a known job is left alone (re-attached, never started
-    # twice) unless rerun=1 asks to replace it once it has ended (a retry of a failed job).
+    # twice) unless rerun asks to replace it once it has ended: 1 if it ended other than done (a retry of a
+    # failed job, a job fenced before it started), 2 even if done (an explicit rerun of the batch). Two
+    # clients retrying the same job thus run it once: the second finds it queued, running or done.
     new=
     gone=
     renewed=
@@ -302,8 +304,13 @@ stage() {
             d="$BASE/jobs/$1/$2"
             if [ -f "$d/status" ]; then
                 IFS= read -r line <"$d/status"
-                case $line in *'"state":"done"'* | *'"state":"failed"'* | *'"state":"aborted"'*)
-                    [ "$6" = 1 ] && gone="$gone$d
+                case $line in
+                *'"state":"done"'*)
+                    [ "$6" = 2 ] && gone="$gone$d
+"
+                    ;;
+                *'"state":"failed"'* | *'"state":"aborted"'*)
+                    [ "$6" != 0 ] && gone="$gone$d
 "
                     ;;
                 esac
