@@ -26,9 +26,9 @@ from rich.text import Text
 
 from cloudsend_prefect import reporting
 from cloudsend_prefect.config import BatchConfig
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.loading import ConfigError, load_batch
 from cloudsend_prefect.results import BatchSummary, JobResult
-from cloudsend_prefect.specs import JobSpec, expand_jobs
+from cloudsend_prefect.specs import JobSpec
 
 if TYPE_CHECKING:
     from cloudsend_prefect.planning import PlannedHost
@@ -52,8 +52,7 @@ STATE_STYLE = {"done": "green", "failed": "red", "aborted": "red", "running": "c
 def _load(path: Path, allow_exec: bool) -> tuple[BatchConfig, list[JobSpec]]:
     """The validated config and its jobs, or exit 2 with the error (nothing has been created)."""
     try:
-        config = load_config(path, allow_exec=allow_exec)
-        jobs = expand_jobs(config)
+        config, jobs = load_batch(path, allow_exec=allow_exec)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None

@@ -20,6 +20,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Provider = Literal["local", "ssh", "aws"]
+MatrixValue = str | int | float | bool
+# A grid (each parameter's values) or an explicit list of points (each a value per parameter).
+Matrix = dict[str, list[MatrixValue]] | list[dict[str, MatrixValue]]
+MATRIX_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Keys the predecessor documented that this tool accepts but does not use, with the reason told to the user.
 IGNORED_GLOBAL_KEYS = {
@@ -129,6 +133,35 @@ def check_job_name(value: str) -> str:
         raise ValueError("'.' and '..' are not names")
     if value.startswith("-"):
         raise ValueError("must not start with '-' (it would read as an option)")
+    return value
+
+
+def check_matrix(value: Matrix) -> Matrix:
+    """Parameters named like identifiers (``{name}`` placeholders), values given, and at most
+    ``MAX_JOB_RUNS`` points, counted before anything is expanded."""
+    if isinstance(value, dict):
+        names, count = list(value), 1
+        for name, values in value.items():
+            if not values:
+                raise ValueError(f"{name}: no values (a grid parameter needs at least one)")
+            count *= len(values)
+            if count > MAX_JOB_RUNS:
+                raise ValueError(f"the grid has more than {MAX_JOB_RUNS} points")
+    else:
+        if not value:
+            raise ValueError("an empty list of points")
+        names = list(value[0])
+        for i, point in enumerate(value):
+            if list(point) != names and set(point) != set(names):
+                raise ValueError(
+                    f"[{i}]: parameters {sorted(point)} differ from the first point's {sorted(names)}; "
+                    "every point gives the same parameters"
+                )
+    if not names:
+        raise ValueError("no parameters")
+    for name in names:
+        if not MATRIX_PARAM.fullmatch(name):
+            raise ValueError(f"{name!r}: a parameter name is letters, digits and '_', not starting with a digit")
     return value
 
 
@@ -308,23 +341,44 @@ class Environment(_Strict):
         json_schema_extra={"pattern": SLUG_PATTERN, "maxLength": SLUG_MAX},
     )
     env_pypi: list[str] | str | None = Field(
-        None, title="pip packages", description="A list of requirements, or a requirements.txt file."
+        None,
+        title="pip packages",
+        description="A list of requirements, or a requirements.txt file (or a folder holding one). With env_conda "
+        "they go into the conda environment's python, else into a venv.",
     )
     env_conda: list[str] | str | None = Field(
-        None, title="conda packages", description="A list of packages, or an environment.yml file."
+        None,
+        title="conda packages",
+        description="A list of match specs, or an environment.yml file (or a folder holding one; its pip section "
+        "is installed too). Solved and installed with rattler on the host.",
     )
-    env_conda_channels: list[str] | None = Field(None, title="conda channels")
+    env_conda_channels: list[str] | None = Field(
+        None,
+        title="conda channels",
+        description="Channel names or URLs (file:// too), searched in order; default conda-forge.",
+    )
     env_aptget: list[str] | None = Field(None, title="apt packages", description="Installed with apt-get.")
-    env_julia: list[str] | None = Field(None, title="Julia packages", description="Added with Pkg.add.")
+    env_julia: list[str] | str | None = Field(
+        None,
+        title="Julia packages",
+        description="Packages added with Pkg.add (`Name` or `Name@version`), or a Project.toml file (with the "
+        "Manifest.toml beside it, if any) or a folder holding one, written with a '/'. Jobs' julia runs in it.",
+    )
     command: str | None = Field(
         None,
         title="Setup command",
         description="A bash script file (or inline commands) run first when the environment is built.",
     )
 
-    _norm = field_validator("env_conda_channels", "env_aptget", "env_julia", mode="before")(
-        lambda value: _as_list(value)
-    )
+    _norm = field_validator("env_conda_channels", "env_aptget", mode="before")(lambda value: _as_list(value))
+
+    @field_validator("env_julia", mode="before")
+    @classmethod
+    def _julia(cls, value: Any) -> Any:
+        """A path (``.toml``, or with a ``/``) names a project; other text is the predecessor's "A, B" list."""
+        if isinstance(value, str) and (value.strip().endswith(".toml") or "/" in value):
+            return value.strip()
+        return _as_list(value)
 
     @field_validator("name")
     @classmethod
@@ -363,6 +417,16 @@ class Job(_Strict):
     cpus_req: int = Field(1, ge=1, le=100_000, title="CPUs needed")
     env_name: str | None = Field(None, title="Environment")
     repeat: int = Field(1, ge=1, le=100_000, title="Repeat", description="Run this many copies.")
+    matrix: Matrix | None = Field(
+        None,
+        title="Matrix (parameter sweep)",
+        description="Run the job once per point: a grid ({lr: [0.1, 0.01], depth: [3, 5]}: every combination) "
+        "or a list of points ([{lr: 0.1, depth: 3}, ...]). {lr} in run_script, run_command, args, name and file "
+        "lists is replaced by the point's value; each point is a job of its own, named by its parameters.",
+        json_schema_extra={
+            "examples": [{"lr": [0.1, 0.01], "depth": [3, 5]}, [{"lr": 0.1, "depth": 3}, {"lr": 0.01, "depth": 8}]]
+        },
+    )
     max_retries: int = Field(0, ge=0, le=100, title="Retries on failure")
     timeout: float | None = Field(
         None,
@@ -422,6 +486,18 @@ class Job(_Strict):
         for arg in value:
             check_no_nul(arg)
         return value
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix(cls, value: Matrix | None) -> Matrix | None:
+        return None if value is None else check_matrix(value)
+
+    @property
+    def runs(self) -> int:
+        """How many job runs this job stands for: its matrix's points times its `repeat`."""
+        from cloudsend_prefect.matrix import size
+
+        return size(self) * self.repeat
 
     @model_validator(mode="after")
     def _one_of(self) -> Job:
@@ -613,9 +689,11 @@ class BatchConfig(ClusterSettings, _Strict):
 
     def _check_jobs(self) -> None:
         """Explicit names are distinct, and the runs are counted before `repeat` expands anything."""
-        runs = sum(job.repeat for job in self.jobs)
+        runs = sum(job.runs for job in self.jobs)
         if runs > MAX_JOB_RUNS:
-            raise ValueError(f"jobs: {runs} runs in all (the sum of `repeat`), more than the limit of {MAX_JOB_RUNS}")
+            raise ValueError(
+                f"jobs: {runs} runs in all (matrix points times `repeat`), more than the limit of {MAX_JOB_RUNS}"
+            )
         first: dict[str, int] = {}
         for i, job in enumerate(self.jobs):
             if job.name is None:

@@ -7,13 +7,16 @@ import json
 import re
 import runpy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 import yaml
 from pydantic import ValidationError
 
 from cloudsend_prefect.config import BatchConfig, split_ignored
+
+if TYPE_CHECKING:
+    from cloudsend_prefect.specs import JobSpec
 
 
 class ConfigError(ValueError):
@@ -32,6 +35,12 @@ def load_config(path: str | Path, *, allow_exec: bool = False) -> BatchConfig:
     Python files (``config = {...}``) are read with ``ast.literal_eval``, never executed, unless
     ``allow_exec`` is set: then the file runs as a script, with everything that implies.
     """
+    return load_batch(path, allow_exec=allow_exec)[0]
+
+
+def load_batch(path: str | Path, *, allow_exec: bool = False) -> tuple[BatchConfig, list[JobSpec]]:
+    """``load_config``, with the jobs it resolved (matrices and repeats expanded, files hashed) on the way:
+    a caller that needs both resolves a large sweep once, not twice."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -39,8 +48,7 @@ def load_config(path: str | Path, *, allow_exec: bool = False) -> BatchConfig:
     config = parse_config(data, source=str(path), base_dir=path.resolve().parent)
     from cloudsend_prefect.specs import expand_jobs  # checks every file the config names
 
-    expand_jobs(config)
-    return config
+    return config, expand_jobs(config)
 
 
 def parse_config(data: Any, *, source: str, base_dir: Path) -> BatchConfig:

@@ -20,10 +20,12 @@ from cloudsend_prefect.config import (
     BatchConfig,
     Environment,
     Job,
+    check_job_name,
     unprintable_char,
 )
 from cloudsend_prefect.hashing import digest, file_digest
 from cloudsend_prefect.loading import ConfigError
+from cloudsend_prefect.matrix import expand, unused
 
 DEFAULT_MAX_OUTPUT_BYTES = DEFAULT_MAX_OUTPUT_MB * 1024**2
 INTERPRETERS = {".py": "python3", ".jl": "julia", ".sh": "bash"}
@@ -138,24 +140,60 @@ def _safe_rel(config: BatchConfig, value: str, field: str) -> str:
     return rel.as_posix()
 
 
+# What a folder given as env_pypi, env_conda or env_julia must hold (the predecessor's folder form), first found.
+ENV_FOLDER_FILES = {
+    "env_pypi": ("requirements.txt",),
+    "env_conda": ("environment.yml", "environment.yaml"),
+    "env_julia": ("Project.toml", "JuliaProject.toml"),
+}
+
+
+def _env_file(config: BatchConfig, value: str, where: str) -> tuple[Path, str]:
+    """The file an environment field names: the file itself, or the one its folder holds (and how to say it)."""
+    folder = Path(os.path.abspath(config.base_dir / os.path.expanduser(value)))
+    if not folder.is_dir():
+        return _existing(config, value, where), value
+    names = ENV_FOLDER_FILES[where.rsplit(".", 1)[1]]
+    name = next((n for n in names if (folder / n).is_file()), None)
+    if name is None:
+        raise ConfigError(
+            f"{config.source}: {where}: {value} is a folder without {' or '.join(names)}: name the file, or put one "
+            "there"
+        )
+    inside = f"{value.rstrip('/')}/{name}"
+    return _existing(config, inside, where), inside
+
+
 def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
+    """The files the host builds ``env`` from, by their names in its environment directory (see hashing)."""
     field = f"environments[{index}]"
     files: dict[str, str] = {}
+
+    def text(value: str, key: str) -> str:
+        where = f"{field}.{key}"
+        path, shown = _env_file(config, value, where)
+        return _read_text(config, path, shown, where)
+
     if isinstance(env.env_pypi, str):
-        where = f"{field}.env_pypi"
-        files["requirements.txt"] = _read_text(config, _existing(config, env.env_pypi, where), env.env_pypi, where)
+        files["requirements.txt"] = text(env.env_pypi, "env_pypi")
     elif env.env_pypi:
         files["requirements.txt"] = "\n".join(env.env_pypi) + "\n"
     if isinstance(env.env_conda, str):
-        where = f"{field}.env_conda"
-        files["environment.yml"] = _read_text(config, _existing(config, env.env_conda, where), env.env_conda, where)
+        files["environment.yml"] = text(env.env_conda, "env_conda")
     elif env.env_conda:
         files["conda.txt"] = "\n".join(env.env_conda) + "\n"
     if env.env_conda_channels:
         files["conda-channels.txt"] = "\n".join(env.env_conda_channels) + "\n"
     if env.env_aptget:
         files["apt.txt"] = "\n".join(env.env_aptget) + "\n"
-    if env.env_julia:
+    if isinstance(env.env_julia, str):
+        where = f"{field}.env_julia"
+        project, shown = _env_file(config, env.env_julia, where)
+        files["Project.toml"] = _read_text(config, project, shown, where)
+        manifest = project.with_name("Manifest.toml")  # the exact versions, when the project has them
+        if manifest.is_file():
+            files["Manifest.toml"] = _read_text(config, manifest, str(Path(shown).with_name("Manifest.toml")), where)
+    elif env.env_julia:
         files["julia.txt"] = "\n".join(env.env_julia) + "\n"
     if env.command:
         looks_like_file = "\n" not in env.command and env.command.strip().endswith(".sh")
@@ -175,21 +213,36 @@ def resolve_envs(config: BatchConfig) -> dict[str | None, EnvSpec]:
     return specs
 
 
-def _command(config: BatchConfig, job: Job, field: str, files: list[FileSpec]) -> str:
+class _Files:
+    """Each file the jobs name, checked and hashed once per expansion: a matrix's points name the same few."""
+
+    def __init__(self, config: BatchConfig) -> None:
+        self.config = config
+        self.known: dict[tuple[str, bool], FileSpec] = {}
+
+    def spec(self, value: str, field: str, *, executable: bool = False) -> FileSpec:
+        key = (value, executable)
+        if key not in self.known:
+            path = _existing(self.config, value, field)
+            self.known[key] = _file_spec(self.config, path, value, field, executable=executable)
+        return self.known[key]
+
+
+def _command(config: BatchConfig, job: Job, field: str, files: list[FileSpec], known: _Files) -> tuple[str, str]:
+    """The job's shell line, and its script's path as written ("" for a run_command)."""
     if job.run_command:
-        return job.run_command + (" " + shlex.join(job.args) if job.args else "")
+        return job.run_command + (" " + shlex.join(job.args) if job.args else ""), ""
     try:
         words = shlex.split(job.run_script or "")
     except ValueError as exc:
         raise ConfigError(f"{config.source}: {field}.run_script: cannot split into path and args: {exc}") from None
     if not words:
         raise ConfigError(f"{config.source}: {field}.run_script: empty")
-    script = _existing(config, words[0], f"{field}.run_script")
-    interpreter = INTERPRETERS.get(script.suffix.lower())
-    spec = _file_spec(config, script, words[0], f"{field}.run_script", executable=interpreter is None)
+    interpreter = INTERPRETERS.get(PurePosixPath(words[0]).suffix.lower())
+    spec = known.spec(words[0], f"{field}.run_script", executable=interpreter is None)
     files.append(spec)
     argv = [interpreter, spec.rel] if interpreter else ["./" + spec.rel]
-    return shlex.join([*argv, *words[1:], *job.args])
+    return shlex.join([*argv, *words[1:], *job.args]), words[0]
 
 
 def _base_name(job: Job) -> str:
@@ -250,9 +303,12 @@ def _check_run_dir_names(config: BatchConfig, field: str, files: list[FileSpec],
         first.setdefault(spec.rel, n)
 
 
-def _run_names(config: BatchConfig, jobs: list[Job]) -> list[list[str]]:
-    """Each job's run names: its name (given, or derived from its script), numbered ``-1``, ``-2``... when repeated
-    or shared by several jobs; a number that makes a name some other run already has is an error."""
+def _run_names(config: BatchConfig, indexed: list[tuple[int, Job]]) -> list[list[str]]:
+    """Each job's run names: its name (given, made from its matrix point, or derived from its script),
+    numbered ``-1``, ``-2``... when repeated or shared by several jobs; a number that makes a name some other
+    run already has is an error. ``indexed``: the jobs with their index in the config (a matrix's points
+    share theirs)."""
+    jobs = [job for _, job in indexed]
     bases = [_base_name(job) for job in jobs]
     counts: Counter[str] = Counter()
     for base, job in zip(bases, jobs, strict=True):
@@ -260,20 +316,20 @@ def _run_names(config: BatchConfig, jobs: list[Job]) -> list[list[str]]:
     numbered: Counter[str] = Counter()
     taken: dict[str, tuple[int, int]] = {}  # name -> (job index, run number)
 
-    def why(i: int, run: int) -> str:
-        """Why run ``run`` of job ``i`` has the name it has: its own, its repeat, or a shared name."""
-        if counts[bases[i]] == 1:
+    def why(n: int, run: int) -> str:
+        """Why run ``run`` of job ``n`` has the name it has: its own, its repeat, or a shared name."""
+        if counts[bases[n]] == 1:
             return ""
-        if jobs[i].repeat > 1:
+        if jobs[n].repeat > 1:
             return f"run {run} of "
-        return f"numbered, as several jobs are named {bases[i]!r}: "
+        return f"numbered, as several jobs are named {bases[n]!r}: "
 
-    def owner(i: int, run: int) -> str:
-        reason = why(i, run)
+    def owner(n: int, run: int) -> str:
+        reason, i = why(n, run), indexed[n][0]
         return f"{reason}jobs[{i}] (repeat)" if reason.startswith("run") else f"{reason}jobs[{i}]"
 
     result = []
-    for i, (job, base) in enumerate(zip(jobs, bases, strict=True)):
+    for n, ((i, job), base) in enumerate(zip(indexed, bases, strict=True)):
         names = []
         for run in range(1, job.repeat + 1):
             if counts[base] == 1:
@@ -282,39 +338,68 @@ def _run_names(config: BatchConfig, jobs: list[Job]) -> list[list[str]]:
                 numbered[base] += 1
                 name = f"{base}-{numbered[base]}"
             if name in taken:
-                reason = why(i, run).removesuffix(" of ").removesuffix(": ")
+                reason = why(n, run).removesuffix(" of ").removesuffix(": ")
                 mine = f" ({reason})" if reason else ""
                 field, hint = (f"jobs[{i}].name", "") if job.name else (f"jobs[{i}]", "; give the job a `name`")
                 kind = "" if job.name else "the name taken from its script or command, "
                 raise ConfigError(
                     f"{config.source}: {field}: {kind}{name!r}{mine} is also the name of {owner(*taken[name])}{hint}"
                 )
-            taken[name] = (i, run)
+            taken[name] = (n, run)
             names.append(name)
         result.append(names)
     return result
 
 
+def _points(config: BatchConfig, jobs: list[Job]) -> list[tuple[int, Job]]:
+    """The jobs with their index in the config, each matrix expanded into its points (plain jobs)."""
+    indexed: list[tuple[int, Job]] = []
+    for i, job in enumerate(jobs):
+        if job.matrix is None:
+            indexed.append((i, job))
+            continue
+        idle = unused(job)
+        if idle:
+            raise ConfigError(
+                f"{config.source}: jobs[{i}].matrix: {', '.join(repr(p) for p in idle)} appear(s) in none of "
+                "run_script, run_command, args, upload_files or input_files (as {name}): every point would run "
+                "the same job"
+            )
+        for point in expand(job, _base_name(job)):
+            try:
+                check_job_name(point.name or "")
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{config.source}: jobs[{i}].name: {point.name!r}, the name of a point of its matrix: {exc}; "
+                    "give the job a shorter `name` with {placeholders}, as in `name: fit-{lr}`"
+                ) from None
+            indexed.append((i, point))
+    return indexed
+
+
 def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobSpec]:
-    """Resolve every job (`repeat` expanded) in order, checking files and computing hashes."""
+    """Resolve every job (matrix and `repeat` expanded) in order, checking files and computing hashes."""
     jobs = config.jobs if jobs is None else jobs
-    runs = sum(job.repeat for job in jobs)
+    runs = sum(job.runs for job in jobs)
     if runs > MAX_JOB_RUNS:  # (the config checks its own jobs; these may have come separately)
-        raise ConfigError(f"{config.source}: jobs: {runs} runs in all (the sum of `repeat`), more than {MAX_JOB_RUNS}")
+        raise ConfigError(
+            f"{config.source}: jobs: {runs} runs in all (matrix points times `repeat`), more than {MAX_JOB_RUNS}"
+        )
     _check_key_files(config)
     envs = resolve_envs(config)
-    run_names = _run_names(config, jobs)
+    indexed = _points(config, jobs)
+    run_names = _run_names(config, indexed)
     specs: list[JobSpec] = []
     seen: Counter[str] = Counter()
-    for i, job in enumerate(jobs):
+    known = _Files(config)
+    for (i, job), names in zip(indexed, run_names, strict=True):
         field = f"jobs[{i}]"
         files: list[FileSpec] = []
-        command = _command(config, job, field, files)
-        values = [("run_script", shlex.split(job.run_script or "")[0])] if files else []
+        command, script = _command(config, job, field, files, known)
+        values = [("run_script", script)] if files else []
         for key in ("upload_files", "input_files"):
             for value in getattr(job, key):
-                path = _existing(config, value, f"{field}.{key}")
-                files.append(_file_spec(config, path, value, f"{field}.{key}"))
+                files.append(known.spec(value, f"{field}.{key}"))
                 values.append((key, value))
         _check_run_dir_names(config, field, files, values)
         outputs = [_safe_rel(config, out, f"{field}.output_files") for out in job.output_files]
@@ -327,7 +412,7 @@ def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobS
                 "outputs": sorted(outputs),
             }
         )
-        for name in run_names[i]:
+        for name in names:
             seen[job_hash] += 1
             specs.append(
                 JobSpec(

@@ -327,7 +327,7 @@ def test_total_runs_are_bounded_before_expansion(tmp_path: Path) -> None:
     started = time.monotonic()
     message = error(tmp_path, {"jobs": jobs})
     assert time.monotonic() - started < 1.0
-    assert f"jobs: 1100000 runs in all (the sum of `repeat`), more than the limit of {MAX_JOB_RUNS}" in message
+    assert f"jobs: 1100000 runs in all (matrix points times `repeat`), more than the limit of {MAX_JOB_RUNS}" in message
 
 
 def test_expand_jobs_bounds_jobs_given_separately(tmp_path: Path) -> None:
