@@ -158,7 +158,7 @@ def cloudsend(
         for boot in boots:
             boot.wait()
         # provision and plan, the bootstraps, the jobs' task runs: all in the UI before an ephemeral server stops
-        wait_until_recorded(EARLY_TASK_RUNS + len(boots) + job_runs)
+        wait_until_recorded(EARLY_TASK_RUNS + len(boots), job_runs)
     except BaseException:
         # Stopped by an error, Ctrl-C or a signal (a worker cancelling the run sends SIGTERM): the jobs go on
         # for a rerun to re-attach to, unless the flow run is being cancelled: then they are cancelled too.

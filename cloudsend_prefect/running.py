@@ -3,7 +3,8 @@
 A job's task run is a coroutine that awaits the dispatcher: waiting holds no thread, so the only limit on
 how many jobs run at once is the hosts' CPU slots. Task runs are started in a window (a few times the
 fleet's slots) rather than all at once, and new ones wait while the Prefect server lags behind in recording
-the ended ones: a burst of events beyond its queue would be dropped, and the UI would miss task runs.
+the ended ones: a burst of events beyond its queue would be dropped, and the UI would miss task runs. What
+the server still misses at the batch's end (an event its messaging lost) is set through its API.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from uuid import UUID
 from prefect import Task, get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.client.orchestration import PrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterStateType
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import AsyncClientContext, FlowRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
@@ -38,8 +46,13 @@ from cloudsend_prefect.tasks import never_started, run_job
 MAX_BACKLOG = 800  # task runs the server may be behind in recording (about 4 events each; its queue holds 10,000)
 LAG_CHECK = 0.5  # seconds between two looks at the server's records while it lags
 DRAIN_TIMEOUT = 120.0  # seconds the batch waits at its end for the server to record its last task runs
+STALL = 15.0  # seconds without progress in the server's records, after which the missing states are set directly
 PROGRESS_EVERY = 1.0  # seconds between two updates of the progress artifact
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+UNENDED = [state for state in StateType if state not in FINAL]
+PAGE = 200  # task runs read per request while reconciling
+
+Ended = dict[UUID, tuple[StateType, str | None, str | None]]  # task run → its final state here: type, name, message
 
 _T = TypeVar("_T")
 Listener = Callable[[JobResult, int], None]
@@ -60,19 +73,23 @@ def run_coroutine(coroutine: Coroutine[Any, Any, _T]) -> _T:
         return pool.submit(context.run, asyncio.run, coroutine).result()
 
 
-def wait_until_recorded(task_runs: int, timeout: float = DRAIN_TIMEOUT) -> None:
-    """Wait (at most ``timeout`` s) until the server holds ``task_runs`` ended task runs of this flow run: an
-    ephemeral server stops with this process, and what it had not recorded by then would be missing."""
+def wait_until_recorded(others: int, jobs: Ended, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Wait (at most ``timeout`` s) until the server holds every ended task run of this flow run (``others``
+    besides the jobs' ``jobs``): an ephemeral server stops with this process, and what it had not recorded by
+    then would be missing. When its records stop moving short of that, the jobs' final states it misses are
+    set through its API: its event messaging can lose an event (prefect-redis 0.3.0 trims a stream past what a
+    lagging consumer has read when stream ids share a millisecond), and the task run would show Running for ever.
+    """
 
     async def drain() -> None:
         async with get_client() as client:
-            recorder = _Recorder(client, flow_run.id, task_runs)
-            if not await recorder.drain(timeout):
+            recorder = _Recorder(client, flow_run.id, others + len(jobs))
+            if not await recorder.drain(timeout, jobs):
                 get_run_logger().warning(
                     "the Prefect server has recorded %d of this flow run's %d task runs so far; the rest may be "
                     "missing from the UI (results and outputs are complete)",
                     recorder.recorded,
-                    task_runs,
+                    recorder.ended,
                 )
 
     run_coroutine(drain())
@@ -145,14 +162,58 @@ class _Recorder:
                 await asyncio.sleep(LAG_CHECK)
         self.started += 1
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait (at most ``timeout`` s) until the server has recorded every ended task run."""
+    async def drain(self, timeout: float, jobs: Ended) -> bool:
+        """Wait (at most ``timeout`` s) until the server has recorded every ended task run; each time its
+        records stand still for ``STALL`` s, set the final states it misses among ``jobs``."""
         deadline = time.monotonic() + timeout
+        last, still_since = (-1, -1), time.monotonic()
         while True:
             await self.refresh()
-            if self.recorded >= self.ended or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self.recorded >= self.ended or now >= deadline:
                 return self.recorded >= self.ended
+            if (self.seen, self.recorded) != last:
+                last, still_since = (self.seen, self.recorded), now
+            elif now - still_since >= STALL and self.flow_run_id is not None:
+                fixed = await _reconcile(self.client, UUID(self.flow_run_id), jobs)
+                get_run_logger().warning(
+                    "the Prefect server's records of this flow run stood still %d task runs short of its %d ended "
+                    "ones; %d final states it had missed were set through its API",
+                    self.ended - self.recorded,
+                    self.ended,
+                    fixed,
+                )
+                still_since = time.monotonic()
             await asyncio.sleep(LAG_CHECK)
+
+
+async def _reconcile(client: PrefectClient, flow_run_id: UUID, jobs: Ended) -> int:
+    """Set, through the server's API, the final state of each job task run that ended here but that the server
+    shows unended (its event was lost); returns how many. A late event cannot undo it: the server keeps a task
+    run's newest state. Task runs it has no record of at all are left as they are (and counted as missing)."""
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    unended = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNENDED)))
+    fixed = skipped = 0
+    while True:
+        try:
+            page = await client.read_task_runs(
+                flow_run_filter=flow_runs, task_run_filter=unended, sort=TaskRunSort.ID_DESC, limit=PAGE, offset=skipped
+            )
+        except Exception as exc:  # a busy server: asked again at the next stall
+            get_run_logger().debug("cannot read the unended task runs: %r", exc)
+            return fixed
+        for run in page:
+            final = jobs.get(run.id)
+            try:
+                if final is None:  # not a job's, or not ended here: not ours to end
+                    raise LookupError(run.id)
+                kind, name, message = final
+                await client.set_task_run_state(run.id, State(type=kind, name=name, message=message), force=True)
+                fixed += 1
+            except Exception:
+                skipped += 1  # stays in the filter: step over it
+        if len(page) < PAGE:
+            return fixed
 
 
 async def run_jobs(
@@ -165,11 +226,12 @@ async def run_jobs(
     window: int,
     listeners: list[Listener],
     ended_before: int = 0,
-) -> tuple[dict[str, JobResult], int]:
+) -> tuple[dict[str, JobResult], Ended]:
     """Run every job as its own task run and deliver each one's outputs to ``dest/<job>`` as it ends (a
     cached job's from the client-side store). ``ended_before``: task runs of the flow run that ended before
-    (they count in the server's records). Returns the results by job key, and how many task runs were made;
-    the flow, which is sync, runs it with ``run_coroutine``."""
+    (they count in the server's records). Returns the results by job key, and the final state of each task
+    run made (a job whose cached outputs were gone has two); the flow, which is sync, runs it with
+    ``run_coroutine``."""
     logger = get_run_logger()
     # One API client for every task run, another for counting what the server recorded.
     async with AsyncClientContext.get_or_create(), get_client() as counter:
@@ -178,6 +240,7 @@ async def run_jobs(
             progress=0.0, key=f"{batch}-progress", description=f"jobs of {batch} ended"
         )
         results: dict[str, JobResult] = {}
+        ended: Ended = {}
         earlier = _run_results()
         kept = set(earlier) if earlier is not None else set()
         variants: dict[tuple[int, bool], Task[Any, Any]] = {}
@@ -201,7 +264,8 @@ async def run_jobs(
                     result = never_started(job)
                     break
                 await recorder.admit()
-                state = await _run_named(task_for(job, refresh_cache), job, batch, dispatcher)
+                run_id, state = await _run_named(task_for(job, refresh_cache), job, batch, dispatcher)
+                ended[run_id] = (state.type, state.name, state.message)
                 recorder.ended += 1
                 result = await _outcome(state, job)
                 if result.ok and not await asyncio.to_thread(deliver, result, dest / job.name):
@@ -253,7 +317,7 @@ async def run_jobs(
         finally:
             reporter.cancel()
             _forget_results(kept)
-    return results, recorder.ended - ended_before
+    return results, ended
 
 
 def _run_results() -> dict[int, Any] | None:
@@ -271,7 +335,7 @@ def _forget_results(kept: set[int]) -> None:
             del records[key]
 
 
-async def _run_named(task: Task[Any, Any], job: JobSpec, batch: str, dispatcher: Dispatcher) -> State[Any]:
+async def _run_named(task: Task[Any, Any], job: JobSpec, batch: str, dispatcher: Dispatcher) -> tuple[UUID, State[Any]]:
     """Run the job's task, its task run named after the job from its first state. Prefect 3.9 applies a
     ``task_run_name`` only as the run starts, after its Pending state went out under a generic name
     (``run-job-1a2``, which the UI shows until then): here the run is made and named first, its Pending
@@ -283,7 +347,7 @@ async def _run_named(task: Task[Any, Any], job: JobSpec, batch: str, dispatcher:
     emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)
     state = await run_task_async(task, task_run=run, parameters=parameters, return_type="state")
     assert isinstance(state, State)
-    return state
+    return run.id, state
 
 
 async def _cancel_requested(client: PrefectClient, flow_run_id: str | None) -> bool:

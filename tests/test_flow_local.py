@@ -405,3 +405,34 @@ def test_a_running_jobs_output_reaches_its_task_runs_logs_while_it_runs(tmp_path
     live = [log for log in found if log.message.startswith(("stdout:", "stderr:"))]
     assert live and all(log.timestamp.timestamp() < result.ended for log in live)  # sent while it ran
     assert any("line 1" in log.message for log in live) and any("warn 1" in log.message for log in live)
+
+
+def test_a_task_run_state_the_server_never_got_is_set_at_the_end(tmp_path: Path, monkeypatch: Any) -> None:
+    """An event lost on its way to the server (a real server's messaging can drop one) would leave the job's
+    task run Running in the UI for ever: at the batch's end, the final states the server misses are set
+    through its API."""
+    from prefect import task_engine
+
+    from cloudsend_prefect import running
+
+    emit = task_engine.emit_task_run_state_change_event
+
+    def lossy(*, task_run: Any, validated_state: Any, **kw: Any) -> Any:
+        if task_run.name == "lost" and validated_state.is_final():
+            return None  # never sent, as if the server's messaging had dropped it
+        return emit(task_run=task_run, validated_state=validated_state, **kw)
+
+    monkeypatch.setattr(task_engine, "emit_task_run_state_change_event", lossy)
+    monkeypatch.setattr(running, "STALL", 1.0)
+    jobs = [{"name": name, "run_command": "true"} for name in ("kept", "lost")]
+    config = write_config(tmp_path / "proj", {"project": "lossy", "instances": [{"cpus": 2}], "jobs": jobs})
+    state = cloudsend(config=str(config), results_dir=str(tmp_path / "results"), return_state=True)
+    assert state.is_completed()
+
+    async def job_runs() -> dict[str, Any]:
+        async with get_client() as client:
+            flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            runs = await client.read_task_runs(flow_run_filter=flow_run_filter)
+        return {run.name: run.state.type.value for run in runs if run.task_key.startswith("run_job")}
+
+    assert asyncio.run(job_runs()) == {"kept": "COMPLETED", "lost": "COMPLETED"}
