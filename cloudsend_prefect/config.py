@@ -341,44 +341,23 @@ class Environment(_Strict):
         json_schema_extra={"pattern": SLUG_PATTERN, "maxLength": SLUG_MAX},
     )
     env_pypi: list[str] | str | None = Field(
-        None,
-        title="pip packages",
-        description="A list of requirements, or a requirements.txt file (or a folder holding one). With env_conda "
-        "they go into the conda environment's python, else into a venv.",
+        None, title="pip packages", description="A list of requirements, or a requirements.txt file."
     )
     env_conda: list[str] | str | None = Field(
-        None,
-        title="conda packages",
-        description="A list of match specs, or an environment.yml file (or a folder holding one; its pip section "
-        "is installed too). Solved and installed with rattler on the host.",
+        None, title="conda packages", description="A list of packages, or an environment.yml file."
     )
-    env_conda_channels: list[str] | None = Field(
-        None,
-        title="conda channels",
-        description="Channel names or URLs (file:// too), searched in order; default conda-forge.",
-    )
+    env_conda_channels: list[str] | None = Field(None, title="conda channels")
     env_aptget: list[str] | None = Field(None, title="apt packages", description="Installed with apt-get.")
-    env_julia: list[str] | str | None = Field(
-        None,
-        title="Julia packages",
-        description="Packages added with Pkg.add (`Name` or `Name@version`), or a Project.toml file (with the "
-        "Manifest.toml beside it, if any) or a folder holding one, written with a '/'. Jobs' julia runs in it.",
-    )
+    env_julia: list[str] | None = Field(None, title="Julia packages", description="Added with Pkg.add.")
     command: str | None = Field(
         None,
         title="Setup command",
         description="A bash script file (or inline commands) run first when the environment is built.",
     )
 
-    _norm = field_validator("env_conda_channels", "env_aptget", mode="before")(lambda value: _as_list(value))
-
-    @field_validator("env_julia", mode="before")
-    @classmethod
-    def _julia(cls, value: Any) -> Any:
-        """A path (``.toml``, or with a ``/``) names a project; other text is the predecessor's "A, B" list."""
-        if isinstance(value, str) and (value.strip().endswith(".toml") or "/" in value):
-            return value.strip()
-        return _as_list(value)
+    _norm = field_validator("env_conda_channels", "env_aptget", "env_julia", mode="before")(
+        lambda value: _as_list(value)
+    )
 
     @field_validator("name")
     @classmethod
