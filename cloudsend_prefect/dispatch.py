@@ -11,6 +11,10 @@ ones (``host.sh tick``). The window is wide enough (two poll intervals of finish
 runs short before the next poll; between polls a host thread stages only when it may (no more staged than
 it has CPUs), and since tasks submit jobs one by one, it first waits a moment (``GATHER``) for more to
 arrive. Fetching a job's outputs and logs costs round trips of its own, per job.
+
+The fleet can change while the batch runs: a host can join (``add_host`` then ``join``: a lost instance's
+replacement), and a cloud host with no work left that could reach it is handed to ``on_idle`` (to be stopped
+at once) once every job of the batch is accounted for (``expect``/``settle``).
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ class _HostState:
     next_cloud_check: float = 0.0
     lost: str | None = None
     unclaimed: set[str] = field(default_factory=set)  # queued or running from an earlier run, no task yet
+    released: bool = False  # handed to on_idle: no work left could reach it; it takes no more
+
+    @property
+    def live(self) -> bool:
+        return self.lost is None and not self.released
 
 
 class Dispatcher:
@@ -107,6 +116,11 @@ class Dispatcher:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.cancelled: str | None = None  # why the batch was cancelled, once it is
+        # The fleet's hooks, called from a host thread: a host was lost (its jobs already handed back); a cloud
+        # host has no work left that could reach it (True: it was let go and takes no more jobs).
+        self.on_lost: Callable[[HostInfo], None] | None = None
+        self.on_idle: Callable[[HostInfo], bool] | None = None
+        self._open: set[str] | None = None  # keys of the batch's jobs without a final result (None: not told)
 
     def runtime(self, host: str) -> HostRuntime:
         return self.hosts[host].runtime
@@ -125,9 +139,12 @@ class Dispatcher:
             if not status.final:
                 self.hosts[host].unclaimed.add(key)
         for name in self.hosts:
-            thread = threading.Thread(target=self._loop, args=(name,), name=f"cloudsend-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
+        thread = threading.Thread(target=self._loop, args=(name,), name=f"cloudsend-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self) -> None:
         """Stop watching; a task still waiting for its job gets it back ``aborted`` instead of waiting forever."""
@@ -155,7 +172,7 @@ class Dispatcher:
                 ticket.end()
             self._pending.clear()
             self._cond.notify_all()
-        live = [state for state in self.hosts.values() if state.lost is None]
+            live = [state for state in self.hosts.values() if state.live]
 
         def cancel_on(state: _HostState) -> list[str]:
             try:
@@ -217,10 +234,11 @@ class Dispatcher:
             if known is not None:
                 self.hosts[known[0]].unclaimed.discard(job.key)
             for record, rerun_done in ((ended, False), (known, self.rerun)):
-                if record is None or record[0] not in self.hosts or self.hosts[record[0]].lost is not None:
+                if record is None or record[0] not in self.hosts or not self.hosts[record[0]].live:
                     continue
                 host, status = record
                 if status.state == "done" and not rerun_done:
+                    self._ended[job.key] = record  # its outputs are fetched from there: a retry fetches again
                     return host, status
                 if not status.final:  # still queued or running there: watch it
                     ticket.host = host
@@ -277,6 +295,8 @@ class Dispatcher:
                 continue
             if poll and (verdict := self._cloud_verdict(state)):
                 self._lose(state, verdict)
+                return
+            if poll and self._release_idle(state):
                 return
             # Until the next poll, wake only when the host may run short of queued jobs and there are jobs
             # for it; then let a few more submissions arrive, to stage them together.
@@ -443,12 +463,94 @@ class Dispatcher:
             for ticket in list(state.tickets.values()):
                 self._finish(state, ticket, JobStatus(key=ticket.job.key, state="aborted", reason=reason, lost=True))
             self._cond.notify_all()
+        if self.on_lost is not None and not self._stop.is_set():  # first: a replacement starts at once
+            try:
+                self.on_lost(state.info)
+            except Exception as exc:  # the fleet's business: the batch goes on with the hosts it has
+                log.error("%s: handling its loss failed: %s", state.info.name, exc)
         if not keys:
             return
         try:
             state.runtime.cancel(self.batch, keys)
         except Exception as exc:
             log.info("%s: could not cancel its jobs (%s); expected when the host is gone", state.info.name, exc)
+
+    # -- the fleet: hosts joining a running batch, and hosts let go once no work can reach them -------------
+    def expect(self, keys: list[str]) -> None:
+        """Name every job of the batch: until each is ``settle``d, its key counts as work that could still
+        reach any host (not entered yet, waiting, between a failure and its retry...)."""
+        with self._cond:
+            self._open = set(keys)
+
+    def settle(self, key: str) -> None:
+        """The job has its final result (outputs delivered, no retry to come): it will never reach a host."""
+        with self._cond:
+            if self._open is not None:
+                self._open.discard(key)
+
+    def add_host(self, info: HostInfo) -> None:
+        """Make a new host known (its runtime installed), taking no job until ``join``: in between, its
+        environments are built through ``runtime(name)``."""
+        state = _HostState(info, HostRuntime(connect(info), info.base_dir, info.cpus), window=2 * info.cpus)
+        state.runtime.install()
+        with self._cond:
+            if info.name in self.hosts:
+                raise ValueError(f"host {info.name} is already in batch {self.batch}")
+            self.hosts[info.name] = state
+
+    def join(self, name: str) -> None:
+        """Let an added host take the batch's waiting jobs."""
+        with self._cond:
+            if not self._stop.is_set():
+                self._spawn(name)
+
+    def wants_host(self) -> bool:
+        """Whether some job could still use another host: one not held by a live host (waiting, not entered
+        yet, handed back by a lost host, failed and due for a retry). True when the batch's jobs are unknown."""
+        with self._cond:
+            return self._open is None or any(not self._held(key, None) for key in self._open)
+
+    def _held(self, key: str, besides: _HostState | None) -> bool:
+        """Whether a live host other than ``besides`` holds the job: staged or running there, or ended done
+        there (its outputs are fetched from there; it never runs again). The caller holds the condition."""
+        for state in self.hosts.values():
+            if state is not besides and state.live and (key in state.tickets or key in state.unclaimed):
+                return True
+        record = self._ended.get(key) or self._known.get(key)
+        if record is None or record[1].state != "done" or record[0] not in self.hosts:
+            return False
+        owner = self.hosts[record[0]]
+        return owner is not besides and owner.live
+
+    def _idle(self, state: _HostState) -> bool:
+        """Whether no work could reach this cloud host any more: it holds nothing (no job staged, running or
+        ended and not yet fetched) and every job still without a final result is held by another live host,
+        so no job waits, and none is between a failure and its retry. A job handed back later (its host lost)
+        goes to the hosts still live, or to a replacement. The caller holds the condition."""
+        if self._open is None or not self._open or state.info.instance_id is None or not state.live:
+            return False
+        if state.tickets or state.unstaged or state.unclaimed or self._pending:
+            return False
+        return all(self._held(key, state) for key in self._open)
+
+    def _release_idle(self, state: _HostState) -> bool:
+        """Offer the host to ``on_idle`` when no work can reach it; True if it was let go (it takes no more
+        jobs). Marked released meanwhile, so that no job is routed to it while the fleet decides."""
+        if self.on_idle is None:
+            return False
+        with self._cond:
+            if self._stop.is_set() or not self._idle(state):
+                return False
+            state.released = True
+        try:
+            if self.on_idle(state.info):
+                return True
+        except Exception as exc:  # teardown at the batch's end stops it
+            log.error("%s: releasing it failed: %s", state.info.name, exc)
+            return True
+        with self._cond:
+            state.released = False
+        return False
 
 
 def _rank(status: JobStatus) -> int:

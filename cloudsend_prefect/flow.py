@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.fleet import Fleet
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.reporting import (
@@ -32,7 +33,7 @@ from cloudsend_prefect.reporting import (
 from cloudsend_prefect.results import BatchFailed, BatchSummary, JobResult
 from cloudsend_prefect.running import Listener, cancel_requested, run_coroutine, run_jobs, wait_until_recorded
 from cloudsend_prefect.specs import JobSpec, expand_jobs
-from cloudsend_prefect.tasks import bootstrap, plan_batch, provision, teardown
+from cloudsend_prefect.tasks import plan_batch, provision, teardown
 
 # Threads for the bootstrap tasks (jobs' task runs are coroutines: they hold no thread while they wait).
 MAX_WORKERS = 16
@@ -132,15 +133,12 @@ def cloudsend(
     refresh = rerun or not cfg.recover
     results: dict[str, JobResult] = {}
     dispatcher: Dispatcher | None = None
+    fleet: Fleet | None = None
     try:  # from here on, whatever happens, teardown runs
         dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh, lost_after=cfg.lost_after)
+        fleet = Fleet(cfg, hosts, specs, dispatcher)  # replaces lost instances, stops idle ones
         dispatcher.start()
-        envs = {job.env.key: job.env for job in specs if job.env}
-        boots = [
-            bootstrap.with_options(task_run_name=f"bootstrap-{env.name}-{host.name}").submit(host, env, dispatcher)
-            for host in hosts
-            for env in envs.values()
-        ]
+        boots = fleet.bootstrap()
         plan_batch(specs, hosts, name)
         window = max(MIN_WINDOW, 2 * sum(h.cpus for h in hosts))  # task runs alive at once
         results, job_runs = run_coroutine(
@@ -151,7 +149,7 @@ def cloudsend(
                 dest,
                 refresh=refresh,
                 window=window,
-                listeners=list(job_listeners),
+                listeners=[*job_listeners, fleet.settled],
                 ended_before=EARLY_TASK_RUNS,
             )
         )
@@ -166,6 +164,9 @@ def cloudsend(
             dispatcher.cancel("the flow run was cancelled")
         raise
     finally:
+        if fleet is not None:
+            fleet.close()
+            hosts = fleet.hosts  # replacements included
         if dispatcher is not None:
             dispatcher.stop()
         trips = {host.name: connect(host).round_trips for host in hosts}

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cloudsend_prefect import dispatch
+from cloudsend_prefect import dispatch, fleet
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.loading import load_config
@@ -452,6 +452,8 @@ def test_stopped_instance_jobs_run_again_on_the_others(
     # The dispatcher asks EC2 about each instance every CLOUD_CHECK seconds (and on failed round trips); a
     # shorter period keeps this test short without changing what decides.
     monkeypatch.setattr(dispatch, "CLOUD_CHECK", 3.0)
+    # No replacement (the bound at 0): this is about the others taking its jobs; tests/test_fleet.py replaces.
+    monkeypatch.setattr(fleet, "REPLACEMENTS_PER_INSTANCE", 0)
     victim = sshd_hosts[1]
     jobs_dir = victim.home / ".cloudsend" / "jobs" / project
 
@@ -478,6 +480,7 @@ def test_stopped_instance_jobs_run_again_on_the_others(
         assert by_key[key].host != "aws-0.1", by_key[key]
     assert elapsed < lost_after, f"{elapsed:.0f}s: the loss was not decided from the cloud API"
     assert not {"pending", "running"} & {i["State"]["Name"] for i in described(project)}
+    assert len(described(project)) == 3  # past the bound, the lost instance is not replaced
 
 
 def _tag(resource: dict[str, Any], key: str) -> str | None:

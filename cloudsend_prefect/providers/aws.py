@@ -8,6 +8,7 @@ before the error is raised.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -387,6 +388,7 @@ def vcpus_of(ec2: EC2Client, instance_type: str) -> int:
 class _Want:
     rank: str
     cpus: int
+    name: str | None = None  # the host's name, when not the one its rank gives (a replacement's)
 
 
 def _wanted(inst: InstanceType, index: int, vcpus: int) -> list[_Want]:
@@ -603,14 +605,16 @@ def _provision_type(
     inst: InstanceType,
     create: bool,
     launches: _Launches,
+    only: _Want | None = None,
 ) -> list[HostInfo]:
+    """The hosts of one instance type (``only``: just this one of them)."""
     if not inst.type:
         raise AwsError(f"instances[{index}].type: required for the aws provider (e.g. t3.large)")
     ec2 = _config_client(config, inst.region)
     region = ec2.meta.region_name
     cluster = cluster_hash(inst, region)
     vcpus = {inst.type: vcpus_of(ec2, inst.type)}
-    wants = _wanted(inst, index, vcpus[inst.type])
+    wants = [only] if only is not None else _wanted(inst, index, vcpus[inst.type])
 
     def fitted(want: _Want, instance: dict[str, Any]) -> _Want:
         """Without `cpus`, an instance of a fallback type offers that type's vCPUs, not the asked type's."""
@@ -619,7 +623,7 @@ def _provision_type(
             return want
         if kind not in vcpus:
             vcpus[kind] = vcpus_of(ec2, kind)
-        return _Want(want.rank, vcpus[kind])
+        return dataclasses.replace(want, cpus=vcpus[kind])
 
     existing = {_tag(i, TAG_RANK): i for i in _find(ec2, config.project, cluster)}
     if not create:
@@ -667,6 +671,32 @@ def _provision_type(
     return hosts
 
 
+def replace(config: BatchConfig, lost: HostInfo, name: str) -> HostInfo:
+    """A new instance, host ``name``, in place of a lost one: the same instance type of the config, so the
+    same image, disk, market, key, security group and tags, its rank included (a later run finds it as that
+    rank). The lost instance, if EC2 still has it (stopped, or running but unreachable), is terminated first:
+    one instance per rank, and none billing for a host the batch gave up. Whatever fails, the instance this
+    call created is terminated before the error is raised."""
+    ec2 = _client_for(lost)
+    found = _describe(ec2, [lost.instance_id or ""])
+    rank = _tag(found[0], TAG_RANK) if found else None
+    index = int(rank.split(".")[0]) if rank and rank.split(".")[0].isdigit() else -1
+    if rank is None or not 0 <= index < len(config.instances):
+        raise AwsError(f"cannot replace {lost.name}: EC2 has no instance {lost.instance_id} of this config's any more")
+    if found[0]["State"]["Name"] in ALIVE:
+        ec2.terminate_instances(InstanceIds=[found[0]["InstanceId"]])
+        log.info("terminated %s (host %s, lost) to replace it", found[0]["InstanceId"], lost.name)
+    launches = _Launches()
+    try:
+        (host,) = _provision_type(
+            config, index, config.instances[index], True, launches, only=_Want(rank, lost.cpus, name)
+        )
+    except BaseException:
+        launches.undo(config.project)
+        raise
+    return host
+
+
 def _wait_for_ssh(host: HostInfo, timeout: float = 600) -> None:
     """Running is not reachable: sshd starts a while after the instance does."""
     from cloudsend_prefect.providers import connect
@@ -705,7 +735,7 @@ def _host(
     known_hosts = config_dir() / "known_hosts" / instance["InstanceId"]
     known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return HostInfo(
-        name=f"{inst.name or 'aws'}-{want.rank}",
+        name=want.name or f"{inst.name or 'aws'}-{want.rank}",
         provider="aws",
         cpus=want.cpus,
         base_dir=REMOTE_DIR,

@@ -1,0 +1,185 @@
+"""The batch's cloud instances while it runs: a lost one is replaced (within a bound), an idle one stopped.
+
+A lost instance (terminated, preempted, stopped or unreachable) is replaced by a new one of the same instance
+type, built like the first ones (its environments bootstrapped) before it joins the running batch and takes
+its waiting jobs. Only providers that create hosts can replace one (those with a ``replace(config, lost,
+name)`` function: aws); a lost ssh or local host is not replaced, its jobs run on the others. A batch
+replaces at most ``REPLACEMENTS_PER_INSTANCE`` times as many instances as it started with, so that a
+capacity problem (instances lost as fast as they come) never loops and bills for ever; a loss when every
+job left is already placed on the other hosts is not replaced at all.
+
+An instance no work can reach any more (see ``Dispatcher._idle``) is stopped at once, or terminated with
+``auto_stop: terminate``, instead of at the batch's end; with ``auto_stop: false`` nothing is stopped early.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from prefect import get_run_logger
+from prefect.futures import PrefectFuture
+
+from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.providers import HostInfo, get_provider
+from cloudsend_prefect.results import JobResult
+from cloudsend_prefect.specs import JobSpec
+from cloudsend_prefect.tasks import bootstrap
+
+REPLACEMENTS_PER_INSTANCE = 2  # replacements a batch may launch, per cloud instance it started with
+
+
+class Fleet:
+    """Keeps the batch's instances whole and lean: hooked to the dispatcher before it starts, closed before
+    teardown (``hosts`` is then every host the batch had, replacements included)."""
+
+    def __init__(self, config: BatchConfig, hosts: list[HostInfo], jobs: list[JobSpec], dispatcher: Dispatcher):
+        self.config = config
+        self.hosts = list(hosts)
+        self.dispatcher = dispatcher
+        self.envs = list({job.env.key: job.env for job in jobs if job.env}.values())
+        self.limit = REPLACEMENTS_PER_INSTANCE * sum(1 for host in hosts if host.instance_id)
+        self.replaced: dict[str, str] = {}  # replacement's name → the lost host's
+        self.released: dict[str, float] = {}  # host name → when it was stopped early (epoch seconds)
+        self.saved: dict[str, float] = {}  # host name → instance-seconds its early stop saved (set by close)
+        self.logger = get_run_logger()
+        # The flow run's context: a replacement's bootstrap task runs belong to the flow run, like the first ones.
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._building: Counter[str] = Counter()  # environments being built, by host: not stopped meanwhile
+        dispatcher.expect([job.key for job in jobs])
+        dispatcher.on_lost = self.lost
+        if config.auto_stop:
+            dispatcher.on_idle = self.release
+
+    def bootstrap(self) -> list[PrefectFuture[str]]:
+        """Build every environment on every host, in the background (task runs ``bootstrap-<env>-<host>``)."""
+        boots = []
+        for host in self.hosts:
+            for env in self.envs:
+                with self._lock:
+                    self._building[host.name] += 1
+                boot = bootstrap.with_options(task_run_name=f"bootstrap-{env.name}-{host.name}").submit(
+                    host, env, self.dispatcher
+                )
+                boot.add_done_callback(functools.partial(self._built, host.name))
+                boots.append(boot)
+        return boots
+
+    def _built(self, name: str, _: PrefectFuture[str]) -> None:
+        with self._lock:
+            self._building[name] -= 1
+
+    def settled(self, result: JobResult, total: int) -> None:
+        """A job's final result is in (a listener of ``run_jobs``): it will never need a host again."""
+        self.dispatcher.settle(result.key)
+
+    def lost(self, host: HostInfo) -> None:
+        """Replace a lost host in the background, if its provider can, the bound allows and a job needs it."""
+        replace: Callable[[BatchConfig, HostInfo, str], HostInfo] | None = getattr(
+            get_provider(host.provider), "replace", None
+        )
+        if replace is None:
+            self.logger.warning("%s is not replaced: the %s provider cannot create hosts", host.name, host.provider)
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if len(self.replaced) >= self.limit:
+                self.logger.error(
+                    "%s is not replaced: this batch already replaced %d instances, its limit (%d per instance it "
+                    "started with); the batch goes on with the others",
+                    host.name,
+                    len(self.replaced),
+                    REPLACEMENTS_PER_INSTANCE,
+                )
+                return
+            if not self.dispatcher.wants_host():
+                self.logger.info("%s is not replaced: every job left is placed on the other hosts", host.name)
+                return
+            name = f"{self.replaced.get(host.name, host.name)}-r{len(self.replaced) + 1}"
+            self.replaced[name] = self.replaced.get(host.name, host.name)
+            thread = threading.Thread(
+                target=self._context.copy().run,
+                args=(self._replace, replace, host, name),
+                name=f"cloudsend-replace-{name}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _replace(self, replace: Callable[[BatchConfig, HostInfo, str], HostInfo], lost: HostInfo, name: str) -> None:
+        started = time.monotonic()
+        self.logger.warning("%s was lost: launching %s in its place", lost.name, name)
+        try:
+            host = replace(self.config, lost, name)
+        except Exception as exc:
+            self.logger.error("could not replace %s: %s; the batch goes on with the other hosts", lost.name, exc)
+            return
+        with self._lock:
+            self.hosts.append(host)  # teardown covers it from here on, whatever happens next
+            if self._closed:
+                return
+        try:
+            self.dispatcher.add_host(host)
+            for env in self.envs:
+                bootstrap.with_options(task_run_name=f"bootstrap-{env.name}-{host.name}")(host, env, self.dispatcher)
+        except Exception as exc:
+            self.logger.error("%s (%s), replacing %s, is not usable: %s", host.name, host.instance_id, lost.name, exc)
+            if self.config.auto_stop:
+                self._stop(host)
+            return
+        self.dispatcher.join(host.name)
+        self.logger.warning(
+            "%s (%s) replaces %s: ready in %.0f s, taking jobs",
+            host.name,
+            host.instance_id,
+            lost.name,
+            time.monotonic() - started,
+        )
+
+    def release(self, host: HostInfo) -> bool:
+        """The dispatcher's ``on_idle``: stop the instance now, unless it is still building an environment (a
+        build cut short would fail its bootstrap task for nothing); asked again at the next poll."""
+        with self._lock:
+            if self._building[host.name] > 0:
+                return False
+        self._stop(host)
+        return True
+
+    def _stop(self, host: HostInfo) -> None:
+        """Stop (or terminate, per ``auto_stop``) an instance now rather than at the batch's end."""
+        get_provider(host.provider).teardown([host], terminate=self.config.auto_stop == "terminate")
+        with self._lock:
+            self.released[host.name] = time.time()
+        how = "terminated" if self.config.auto_stop == "terminate" else "stopped"
+        self.logger.info("%s (%s) %s: no job left could reach it", host.name, host.instance_id, how)
+
+    def close(self) -> dict[str, float]:
+        """No more replacements; wait for those under way (teardown must know their instances). Returns, and
+        logs, the instance-seconds each early stop saved: how long before the batch's end it came."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+        now = time.time()
+        self.saved = {name: now - at for name, at in self.released.items()}
+        if self.saved:
+            self.logger.info(
+                "stopped early: %s; %.1f instance-minutes saved",
+                ", ".join(f"{name} {seconds:.0f} s before the batch's end" for name, seconds in self.saved.items()),
+                sum(self.saved.values()) / 60,
+            )
+        if self.replaced:
+            self.logger.warning(
+                "lost and replaced: %s", ", ".join(f"{lost} by {new}" for new, lost in self.replaced.items())
+            )
+        return self.saved

@@ -1,0 +1,235 @@
+"""The fleet keeps itself whole and lean, on moto's EC2 with instances reached on loopback sshd hosts.
+
+A lost instance is replaced (a new one launched, bootstrapped, joining the running batch), within a bound;
+an instance no work can reach any more is stopped at once, not at the batch's end. Instance time is counted
+from what EC2 itself records: each instance's launch time, and the time of its last state transition (moto
+records a stop or termination as ``User initiated (<time> UTC)``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudsend_prefect import dispatch
+from cloudsend_prefect.flow import run_batch
+from cloudsend_prefect.providers import aws
+from cloudsend_prefect.results import BatchSummary
+from cloudsend_prefect.runtime import FINAL_STATES
+from tests.faults import (
+    Fault,
+    assert_done_once,
+    counted_jobs,
+    forget_batch,
+    host_statuses,
+    kill_host,
+    wait_for,
+    write_config,
+)
+from tests.moto_server import LOOPBACK, AwsEnv, ec2
+from tests.sshd import SshdHost
+from tests.test_aws import ami, batch, described, instance, tag  # noqa: F401  (ami: a fixture)
+
+
+def unique(stem: str) -> str:
+    return f"{stem}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class ByInstance:
+    """Instance → loopback sshd host in the order instances are first resolved: a replacement (which takes
+    the lost instance's rank) reaches a host of its own, not the dead one's."""
+
+    hosts: list[SshdHost]
+    slots: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, inst: dict[str, Any]) -> aws.Endpoint:
+        with self.lock:
+            slot = self.slots.setdefault(inst["InstanceId"], len(self.slots))
+        host = self.hosts[slot]
+        return aws.Endpoint("127.0.0.1", host.port, host.user, str(host.key_file))
+
+
+def _moment(text: str) -> dt.datetime:
+    """The time in moto's ``User initiated (2026-11-29 08:40:25 UTC)``."""
+    stamp = text[text.index("(") + 1 : text.index(")")].removesuffix(" UTC")
+    return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.UTC)
+
+
+@dataclass
+class Billed:
+    """One instance's billed span, as EC2 records it."""
+
+    instance_id: str
+    rank: str | None
+    state: str
+    launched: dt.datetime
+    ended: dt.datetime
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended - self.launched).total_seconds()
+
+
+def billed(project: str) -> list[Billed]:
+    """Each instance of the project from its launch to its stop or termination, in launch order."""
+    spans = []
+    for inst in described(project):
+        assert inst["State"]["Name"] in ("stopped", "terminated"), inst["State"]  # nothing left running
+        spans.append(
+            Billed(
+                inst["InstanceId"],
+                tag(inst, "cloudsend:rank"),
+                inst["State"]["Name"],
+                inst["LaunchTime"],
+                _moment(inst["StateTransitionReason"]),
+            )
+        )
+    return sorted(spans, key=lambda b: b.launched)
+
+
+def minutes(spans: list[Billed]) -> str:
+    return ", ".join(f"{b.rank} {b.instance_id} {b.state} after {b.seconds / 60:.2f} min" for b in spans)
+
+
+def run_with_fault(config: Path, results: Path, fault: Fault, cleanup: Callable[[], None]) -> BatchSummary:
+    fault.start()
+    try:
+        summary = run_batch(config=str(config), results_dir=str(results))
+    finally:
+        if fault.thread is not None:
+            fault.thread.join(30)
+        cleanup()
+    fault.check()
+    return summary
+
+
+def running_fresh(jobs_dir: Path) -> dict[str, dict[str, Any]]:
+    """Jobs run there, begun under a second ago, and none has ended there yet: the moment to kill it."""
+    records = host_statuses(jobs_dir)
+    running = [r for r in records.values() if r["state"] == "running" and r["start"]]
+    if not running or any(time.time() - r["start"] > 1.0 for r in running):
+        return {}
+    if any(r["state"] in FINAL_STATES for r in records.values()):
+        return {}
+    return records
+
+
+def test_a_terminated_instance_is_replaced_and_the_new_one_finishes_the_batch(
+    tmp_path: Path,
+    aws_env: AwsEnv,
+    ami: dict[str, Any],  # noqa: F811
+    sshd_hosts: list[SshdHost],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """2 instances, one terminated mid-batch (as a spot reclaim would): a third is launched in its place,
+    gets the environment built, joins and takes jobs; every job is done exactly once; never more than 2
+    instances bill at once."""
+    counters, results, project = tmp_path / "counters", tmp_path / "results", unique("replace")
+    config = write_config(
+        tmp_path / "proj",
+        batch(
+            project,
+            ami,
+            [instance(ami, number=2, cpus=2)],
+            environments=[{"name": "tools", "command": "echo ready"}],
+            jobs=counted_jobs(counters, 16, 2, env_name="tools"),
+            lost_after=90,
+        ),
+    )
+    monkeypatch.setitem(aws.ADDRESS_RESOLVERS, LOOPBACK, ByInstance(sshd_hosts))
+    monkeypatch.setattr(dispatch, "CLOUD_CHECK", 1.0)  # how often EC2 is asked about each instance
+    victim, newcomer = sshd_hosts[1], sshd_hosts[2]
+    jobs_dir = victim.home / ".cloudsend" / "jobs" / project
+
+    def terminate(fault: Fault) -> None:
+        fault.seen.update(wait_for(lambda: running_fresh(jobs_dir), 120, "jobs running on aws-0.1"))
+        (target,) = [i for i in described(project) if tag(i, "cloudsend:rank") == "0.1"]
+        ec2().terminate_instances(InstanceIds=[target["InstanceId"]])
+        kill_host(victim)  # a terminated instance's processes are gone
+        fault.fired.set()
+
+    def cleanup() -> None:
+        victim.start()
+        forget_batch(victim.home / ".cloudsend", project)
+
+    caplog.set_level(logging.INFO)
+    fault = Fault(terminate)
+    started = time.monotonic()
+    summary = run_with_fault(config, results, fault, cleanup)
+    elapsed = time.monotonic() - started
+    assert_done_once(summary, counters, results / project, 16)
+
+    # A third instance was launched, of the same type and with the lost one's tags (its rank included).
+    spans = billed(project)
+    print(f"\nbatch {elapsed:.1f}s; instance time: {minutes(spans)}")
+    assert [b.rank for b in spans] == ["0.0", "0.1", "0.1"]
+    lost, kept, replacement = spans[1], spans[0], spans[2]
+    assert (lost.state, kept.state, replacement.state) == ("terminated", "stopped", "stopped")
+    (new,) = [i for i in described(project) if i["InstanceId"] == replacement.instance_id]
+    (old,) = [i for i in described(project) if i["InstanceId"] == lost.instance_id]
+    for key in ("InstanceType", "ImageId", "KeyName"):
+        assert new[key] == old[key], key
+    assert [g["GroupId"] for g in new["SecurityGroups"]] == [g["GroupId"] for g in old["SecurityGroups"]]
+    assert tag(new, "cloudsend:cluster") == tag(old, "cloudsend:cluster")
+    # Never more than `number` instances billing at once: the replacement launched after the loss.
+    assert replacement.launched >= lost.ended.replace(microsecond=0)
+    assert kept.seconds + lost.seconds + replacement.seconds <= 2 * elapsed + 10
+
+    # It was bootstrapped (the environment built there), joined, and took jobs, including lost ones.
+    assert (newcomer.home / ".cloudsend" / "envs").is_dir()
+    hosts = {job.name: job.host for job in summary.jobs}
+    assert "aws-0.1-r1" in hosts.values(), hosts
+    by_key = {job.key: job for job in summary.jobs}
+    unfinished = [key for key, record in fault.seen.items() if record["state"] not in FINAL_STATES]
+    assert unfinished
+    for key in unfinished:  # killed with their instance, then run to completion elsewhere
+        assert by_key[key].host != "aws-0.1", by_key[key]
+    assert "aws-0.1-r1 (" in caplog.text and "replaces aws-0.1" in caplog.text
+
+
+def test_an_instance_no_work_can_reach_is_stopped_before_the_batch_ends(
+    tmp_path: Path,
+    aws_env: AwsEnv,
+    ami: dict[str, Any],  # noqa: F811
+    sshd_hosts: list[SshdHost],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two 1-CPU instances; a slow job that fails once and is retried keeps one busy while the short jobs end
+    on the other: that one is stopped as soon as every job left is held by the first, and the retry, which
+    comes after, still runs (on the instance kept)."""
+    counters, results, project = tmp_path / "counters", tmp_path / "results", unique("lean")
+    jobs = counted_jobs(counters, 5, [0, 0.3, 0.3, 0.3, 0.3])
+    attempts = tmp_path / "attempts"
+    jobs[0]["run_command"] = (
+        f"echo try >> {attempts}; sleep 4; [ $(wc -l < {attempts}) -ge 2 ] || exit 3; " + jobs[0]["run_command"]
+    )
+    jobs[0]["max_retries"] = 1
+    config = write_config(tmp_path / "proj", batch(project, ami, [instance(ami, number=2, cpus=1)], jobs=jobs))
+    caplog.set_level(logging.INFO)
+    started = time.monotonic()
+    summary = run_batch(config=str(config), results_dir=str(results))
+    elapsed = time.monotonic() - started
+    assert_done_once(summary, counters, results / project, 5)
+    assert attempts.read_text().split() == ["try", "try"]  # failed once, then retried after the other stopped
+
+    busy = next(job.host or "" for job in summary.jobs if job.name == "j00")
+    spans = {f"aws-{b.rank}": b for b in billed(project)}
+    print(f"\nbatch {elapsed:.1f}s; instance time: {minutes(list(spans.values()))}")
+    (idle,) = set(spans) - {busy}
+    assert spans[idle].state == spans[busy].state == "stopped"
+    saved = (spans[busy].ended - spans[idle].ended).total_seconds()
+    assert saved >= 4, f"{idle} was stopped only {saved:.0f}s before {busy}"
+    assert f"{idle} (" in caplog.text and "no job left could reach it" in caplog.text
+    assert "instance-minutes saved" in caplog.text
