@@ -329,7 +329,9 @@ def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, pol
 
     def one(job: Any) -> Any:
         host, status = dispatcher.run(job)
-        dispatcher.runtime(host).fetch(name, job.key, job.outputs if status.state == "done" else [], store_dir(job.key))
+        dispatcher.runtime(host).fetch(
+            name, job.key, job.outputs if status.state == "done" else [], store_dir(name, job.key)
+        )
         return status
 
     try:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,6 +45,15 @@ ExecOpt = Annotated[
     typer.Option("--exec-python-config", help="Run a .py config as Python (it may do anything) instead of reading it."),
 ]
 BatchOpt = Annotated[str | None, typer.Option(help="Batch name (default: the project).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")]
+ProjectOpt = Annotated[str | None, typer.Option(help="Project (default: the config's).")]
+RegionOpt = Annotated[list[str] | None, typer.Option(help="Region(s) (default: the config's instance regions).")]
+OptionalConfig = Annotated[
+    Path | None, typer.Argument(help="Config file (.yaml, .json, .toml, .py); optional: see the options.")
+]
+IdsArg = Annotated[list[str] | None, typer.Option("--id", help="Only these instance ids (default: all).")]
+CredsOpt = Annotated[str | None, typer.Option(help="AwsCredentials block to use.")]
+ProfileOpt = Annotated[str | None, typer.Option(help="AWS profile to use.")]
 
 MAX_ROWS = 50  # rows of a job table in the terminal; the rest is counted, and `status` lists them
 STATE_STYLE = {"done": "green", "failed": "red", "aborted": "red", "running": "cyan", "queued": "yellow"}
@@ -96,10 +106,12 @@ def plan(
     table = Table(title=f"plan for {cfg.project}: {len(jobs)} jobs on {len(hosts)} host(s)")
     for col in ("job", "host", "cpus", "env", "expected start (s)", "expected end (s)"):
         table.add_column(col)
-    for job, place in zip(jobs, placements, strict=True):
+    for job, place in list(zip(jobs, placements, strict=True))[:MAX_ROWS]:
         env = job.env.name if job.env else "-"
         table.add_row(escape(job.name), place.host, str(job.cpus), env, f"{place.start:g}", f"{place.end:g}")
     out.print(table)
+    if len(jobs) > MAX_ROWS:  # a sweep of thousands: the count and the makespan say what matters
+        out.print(f"… and {len(jobs) - MAX_ROWS} more jobs (the first {MAX_ROWS} are shown)")
     out.print("hosts: " + ", ".join(f"{h.name} ({h.cpus} CPUs)" for h in hosts))
     _plan_cost(cfg, hosts, max((p.end for p in placements), default=0.0), spot_prices)
 
@@ -307,23 +319,108 @@ def _select(jobs: list[JobSpec], names: list[str]) -> list[JobSpec]:
     return [known[n] for n in names]
 
 
+def _json(data: object) -> None:
+    out.print_json(json.dumps(data), highlight=False)
+
+
 @app.command()
-def status(config: ConfigArg, batch: BatchOpt = None, exec_python_config: ExecOpt = False) -> None:
-    """Show the state of every job of a batch, read from its hosts (one round trip per host)."""
+def status(
+    config: OptionalConfig = None,
+    batch: BatchOpt = None,
+    project: Annotated[str | None, typer.Option(help="Without a config: only this project's batches.")] = None,
+    as_json: JsonOpt = False,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Show the state of every job of a batch. With a config: read from its hosts (one round trip per host).
+    Without: from what this machine recorded as batches ran (every batch, or one with --batch)."""
+    if config is None:
+        _recorded_status(batch, project, as_json)
+        return
     cfg, jobs = _load(config, exec_python_config)
     name = _batch_name(cfg, batch)
     found, _ = _find_jobs(cfg, name)
+    rows: list[dict[str, Any]] = []
+    for job in jobs:
+        host_name, st = found.get(job.key, (None, None))
+        rows.append(
+            {
+                "job": job.name,
+                "key": job.key,
+                "state": st.state if st else "not started",
+                "host": host_name,
+                "exit": st.exit if st else None,
+                "start": st.start if st else None,
+                "duration": st.duration if st else None,
+                "reason": st.reason if st else "",
+            }
+        )
+    if as_json:
+        _json({"batch": name, "project": cfg.project, "jobs": rows})
+        return
     table = Table(title=f"batch {name}")
     for col in ("job", "state", "host", "exit", "duration", "reason"):
         table.add_column(col)
-    for job in jobs:
-        host_name, st = found.get(job.key, ("-", None))
-        if st is None:
-            table.add_row(escape(job.name), "not started", "-", "-", "-", "")
-            continue
-        exit_code = str(st.exit) if st.exit is not None else "-"
-        duration = reporting.human_duration(st.duration)
-        table.add_row(escape(job.name), _styled(st.state), host_name, exit_code, duration, escape(st.reason))
+    for row in rows:
+        exit_code = "-" if row["exit"] is None else str(row["exit"])
+        table.add_row(
+            escape(row["job"]),
+            _styled(row["state"]),
+            row["host"] or "-",
+            exit_code,
+            reporting.human_duration(row["duration"]),
+            escape(row["reason"]),
+        )
+    out.print(table)
+
+
+def _recorded_status(batch: str | None, project: str | None, as_json: bool) -> None:
+    """``status`` without a config: the batches this machine ran (from their joblogs), or one batch's jobs."""
+    from cloudsend_prefect import joblog
+
+    if batch is not None:
+        rows = joblog.recorded_jobs(batch)
+        if rows is None:
+            console.print(f"[red]error:[/red] no batch {escape(batch)} recorded on this machine")
+            raise typer.Exit(1)
+        if as_json:
+            _json({"batch": batch, "jobs": rows})
+            return
+        table = Table(title=f"batch {batch} (as recorded on this machine)")
+        for col in ("job", "state", "host", "exit", "start", "duration"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(
+                escape(row["job"]),
+                _styled(row["state"].split()[0]) + row["state"].removeprefix(row["state"].split()[0]),
+                escape(row["host"] or "-"),
+                "-" if row["exit"] is None else str(row["exit"]),
+                reporting.utc(row["start"]),
+                reporting.human_duration(row["duration"]),
+            )
+        out.print(table)
+        return
+    batches = [b for b in joblog.recorded_batches() if project is None or b["project"] == project]
+    if as_json:
+        _json(batches)
+        return
+    if not batches:
+        out.print("no batch recorded on this machine" + (f" for project {project}" if project else ""))
+        return
+    table = Table(title="batches run from this machine")
+    for col in ("batch", "project", "jobs", "ended", "done", "not done", "cached", "last ended", "results"):
+        table.add_column(col)
+    for b in batches:
+        table.add_row(
+            escape(b["batch"]),
+            escape(b["project"]),
+            str(b["jobs"]),
+            str(b["ended"]),
+            str(b["done"]),
+            str(b["not_done"]),
+            str(b["cached"]),
+            reporting.utc(b["last_ended"]),
+            escape(b["results_dir"]),
+        )
     out.print(table)
 
 
@@ -387,25 +484,17 @@ def cancel(
 def down(
     config: Annotated[Path | None, typer.Argument(help="Config file naming the project (or use --project).")] = None,
     project: Annotated[str | None, typer.Option(help="Project to remove (default: the config's).")] = None,
-    region: Annotated[
-        list[str] | None, typer.Option(help="Region(s) to clean (default: the config's instance regions).")
-    ] = None,
-    aws_credentials: Annotated[str | None, typer.Option(help="AwsCredentials block to use.")] = None,
-    profile: Annotated[str | None, typer.Option(help="AWS profile to use.")] = None,
+    region: RegionOpt = None,
+    aws_credentials: CredsOpt = None,
+    profile: ProfileOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     exec_python_config: ExecOpt = False,
 ) -> None:
     """Remove everything a project created on AWS (instances, security group, key pair), found by its tags."""
     from cloudsend_prefect.providers import aws
 
-    if config is None and project is None:
-        console.print("[red]error:[/red] give a config file or --project")
-        raise typer.Exit(2)
-    cfg = _load(config, exec_python_config)[0] if config else BatchConfig(project=project or "cloudsend")
-    overrides = {"project": project, "aws_credentials": aws_credentials, "profile": profile}
-    cfg = cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    aws_regions: set[str | None] = {i.region for i in cfg.instances if (i.provider or cfg.provider) == "aws"}
-    regions: list[str | None] = [*region] if region else sorted(aws_regions, key=str) or [None]
+    cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
+    regions = _aws_regions(cfg, region)
     where = ", ".join(r or "the default region" for r in regions)
     if not yes and not typer.confirm(f"Terminate every instance of project {cfg.project} in {where}?"):
         raise typer.Exit(1)
@@ -413,6 +502,253 @@ def down(
     for item in removed:
         out.print(f"removed {item}")
     out.print(f"project {cfg.project}: {len(removed)} resource(s) removed" if removed else "nothing to remove")
+
+
+def _project_config(
+    config: Path | None,
+    project: str | None,
+    exec_python_config: bool,
+    *,
+    aws_credentials: str | None = None,
+    profile: str | None = None,
+) -> BatchConfig:
+    """The config a fleet command acts on: the file's, or a bare one naming the project (AWS's default chain)."""
+    if config is None and project is None:
+        console.print("[red]error:[/red] give a config file or --project")
+        raise typer.Exit(2)
+    cfg = _load(config, exec_python_config)[0] if config else BatchConfig(project=project or "cloudsend")
+    overrides = {"project": project, "aws_credentials": aws_credentials, "profile": profile}
+    return cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _aws_regions(cfg: BatchConfig, region: list[str] | None) -> list[str | None]:
+    """The regions to look in: those asked for, else the config's aws instance types' (else the default one)."""
+    if region:
+        return [*region]
+    found: set[str | None] = {i.region for i in cfg.instances if (i.provider or cfg.provider) == "aws"}
+    return sorted(found, key=str) or [None]
+
+
+def _uses_aws(cfg: BatchConfig, config: Path | None) -> bool:
+    return config is None or any((i.provider or cfg.provider) == "aws" for i in cfg.instances)
+
+
+@app.command()
+def instances(
+    config: OptionalConfig = None,
+    project: ProjectOpt = None,
+    region: RegionOpt = None,
+    aws_credentials: CredsOpt = None,
+    profile: ProfileOpt = None,
+    as_json: JsonOpt = False,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """List the project's instances on every provider: state, address, uptime and what they cost so far
+    (aws: found by the project's tag, priced from the catalog since their last start; an upper bound)."""
+    cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
+    rows: list[dict[str, Any]] = []
+    for i, inst in enumerate(cfg.instances if config else []):
+        provider = inst.provider or cfg.provider
+        if provider == "local":
+            rows.append({"provider": "local", "name": inst.name or f"local-{i}", "state": "this machine"})
+        elif provider == "ssh":
+            where = f"{inst.user + '@' if inst.user else ''}{inst.host}:{inst.port}"
+            rows.append({"provider": "ssh", "name": inst.name or f"ssh-{i}", "state": "own server", "address": where})
+    if _uses_aws(cfg, config):
+        rows += _aws_rows(cfg, _aws_regions(cfg, region))
+    if as_json:
+        _json({"project": cfg.project, "instances": rows})
+        return
+    table = Table(title=f"instances of project {cfg.project}")
+    for col in ("provider", "name", "id", "type", "region", "state", "address", "uptime", "$/h", "$ so far"):
+        table.add_column(col, justify="right" if col in ("uptime", "$/h", "$ so far") else "left")
+    for row in rows:
+        price, cost = row.get("usd_per_hour"), row.get("usd_so_far")
+        table.add_row(
+            str(row["provider"]),
+            escape(str(row.get("name") or "-")),
+            str(row.get("id") or "-"),
+            str(row.get("type") or "-"),
+            str(row.get("region") or "-"),
+            _styled(str(row["state"])),
+            escape(str(row.get("address") or "-")),
+            reporting.human_duration(row.get("uptime")),
+            f"{price:.4f}" if isinstance(price, float) else "-",
+            f"{cost:.2f}" if isinstance(cost, float) else "-",
+        )
+    out.print(table)
+    total = sum(c for c in (row.get("usd_so_far") for row in rows) if isinstance(c, float))
+    if any(row["provider"] == "aws" for row in rows):
+        out.print(f"running aws instances so far: about ${total:.2f} (catalog list prices since their last start)")
+
+
+def _aws_rows(cfg: BatchConfig, regions: list[str | None]) -> list[dict[str, Any]]:
+    from cloudsend_prefect import catalog
+    from cloudsend_prefect.providers import aws
+
+    rows: list[dict[str, Any]] = []
+    now = time.time()
+    try:
+        views = aws.list_instances(cfg, regions)
+    except Exception as exc:  # credentials, network, permissions: said in one line, not a traceback
+        console.print(f"[red]error:[/red] aws: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    for view in views:
+        running = view.state == "running" and view.launched is not None
+        uptime = now - view.launched if running and view.launched is not None else None
+        price = catalog.on_demand_price(view.instance_type, view.region)
+        rows.append(
+            {
+                "provider": "aws",
+                "name": f"rank {view.rank}" if view.rank else None,
+                "id": view.instance_id,
+                "type": view.instance_type + (" (spot)" if view.spot else ""),
+                "region": view.region,
+                "state": view.state,
+                "address": view.address,
+                "launched": view.launched,
+                "uptime": uptime,
+                "usd_per_hour": price,
+                "usd_so_far": price * catalog.billed_hours(uptime) if price is not None and uptime else None,
+            }
+        )
+    return rows
+
+
+def _set_running(
+    running: bool,
+    config: Path | None,
+    ids: list[str] | None,
+    project: str | None,
+    region: list[str] | None,
+    aws_credentials: str | None,
+    profile: str | None,
+    exec_python_config: bool,
+) -> None:
+    from cloudsend_prefect.providers import aws
+
+    cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
+    if not _uses_aws(cfg, config):
+        console.print(f"[yellow]note:[/yellow] project {cfg.project} has no aws instance type: nothing to do")
+        return
+    try:
+        changed = aws.set_running(cfg, _aws_regions(cfg, region), running=running, ids=ids or None)
+    except Exception as exc:
+        console.print(f"[red]error:[/red] aws: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    verb = "starting" if running else "stopping"
+    for instance_id in changed:
+        out.print(f"{verb} {instance_id}")
+    if not changed:
+        out.print(f"nothing to {'start' if running else 'stop'} in project {cfg.project}")
+
+
+@app.command()
+def stop(
+    config: OptionalConfig = None,
+    ids: IdsArg = None,
+    project: ProjectOpt = None,
+    region: RegionOpt = None,
+    aws_credentials: CredsOpt = None,
+    profile: ProfileOpt = None,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Stop the project's aws instances (their disks stay, and keep costing a little; the next run starts
+    them again). Spot instances cannot be stopped: `cloudsend down` removes them."""
+    _set_running(False, config, ids, project, region, aws_credentials, profile, exec_python_config)
+
+
+@app.command()
+def start(
+    config: OptionalConfig = None,
+    ids: IdsArg = None,
+    project: ProjectOpt = None,
+    region: RegionOpt = None,
+    aws_credentials: CredsOpt = None,
+    profile: ProfileOpt = None,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """Start the project's stopped aws instances (each stops itself again after `idle_minutes` without a job)."""
+    _set_running(True, config, ids, project, region, aws_credentials, profile, exec_python_config)
+
+
+@app.command()
+def prune(
+    config: OptionalConfig = None,
+    older_than: Annotated[
+        str, typer.Option(help="Age of what is removed: 30m, 12h, 7d, 2w (a plain number is days).")
+    ] = "7d",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove what is listed (default: only list it).")] = False,
+    as_json: JsonOpt = False,
+    exec_python_config: ExecOpt = False,
+) -> None:
+    """List (and with --yes remove) what old batches left: stored outputs and cached results on this machine,
+    and, with a config, the records of ended jobs on its hosts. Jobs not ended, and batches running now, are
+    never touched; a pruned job runs again at its batch's next run."""
+    from cloudsend_prefect import pruning
+    from cloudsend_prefect.providers import provision_all
+
+    try:
+        age = pruning.parse_age(older_than)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --older-than: {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    items = pruning.client_items(age)
+    hosts = {}
+    if config is not None:
+        cfg, _ = _load(config, exec_python_config)
+        for host in provision_all(cfg, create=False):
+            try:
+                items += pruning.host_items(host, age)
+                hosts[host.name] = host
+            except Exception as exc:  # unreachable, stopped: its jobs stay, the rest goes on
+                console.print(f"[yellow]{host.name}: skipped: {escape(str(exc))}[/yellow]")
+    total = sum(item.size for item in items)
+    if as_json:
+        _json({"removed": yes, "bytes": total, "items": [vars(item) for item in items]})
+    else:
+        table = Table(title=f"older than {older_than}: {len(items)} item(s), {_size(total)}")
+        for col in ("where", "what", "path", "age", "size"):
+            table.add_column(col, justify="right" if col in ("age", "size") else "left")
+        for item in items[:MAX_ROWS]:
+            age_text = reporting.human_duration(item.age)
+            table.add_row(item.where, item.kind, escape(item.path), age_text, _size(item.size))
+        out.print(table)
+        if len(items) > MAX_ROWS:
+            out.print(f"… and {len(items) - MAX_ROWS} more (--json lists all)")
+    if not yes:
+        if items and not as_json:
+            out.print(f"dry run: nothing removed; `--yes` removes these ({_size(total)})")
+        return
+    freed = pruning.remove(items, hosts)
+    if not as_json:
+        out.print(f"removed {len(items)} item(s), {_size(freed)} freed")
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return f"{size} B"
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="The config file to write.")] = Path("cloudsend.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+) -> None:
+    """Write a commented starter config (runs as is on this machine), and the JSON Schema beside it for editors."""
+    from cloudsend_prefect.schema import render, starter_config
+
+    if path.exists() and not force:
+        console.print(f"[red]error:[/red] {escape(str(path))} exists (--force replaces it)")
+        raise typer.Exit(1)
+    schema = path.parent / "cloudsend.schema.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_config(schema.name), encoding="utf-8")
+    schema.write_text(render(), encoding="utf-8")
+    out.print(f"wrote {path} and {schema}; try `cloudsend validate {path}` then `cloudsend run {path}`")
 
 
 if __name__ == "__main__":

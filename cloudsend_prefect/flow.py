@@ -19,6 +19,7 @@ from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.fleet import Fleet
+from cloudsend_prefect.joblog import JobLog
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.reporting import (
@@ -149,7 +150,7 @@ def cloudsend(
                 dest,
                 refresh=refresh,
                 window=window,
-                listeners=[*job_listeners, fleet.settled],
+                listeners=[*job_listeners, fleet.settled, JobLog(name, cfg.project, dest, specs)],
                 ended_before=EARLY_TASK_RUNS,
             )
         )

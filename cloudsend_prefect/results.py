@@ -73,9 +73,10 @@ class BatchFailed(RuntimeError):
         return BatchFailed, (self.summary,)  # persisted with the flow run's result, and read back
 
 
-def store_dir(key: str) -> Path:
-    """The client-side copy of a job run's outputs and logs (the same job key in every batch that runs it)."""
-    return cloudsend_home() / "outputs" / key
+def store_dir(batch: str, key: str) -> Path:
+    """The client-side copy of a job run's outputs and logs, per batch like its cache key (see
+    ``tasks.JobCachePolicy``): a batch never reads, replaces or prunes another's."""
+    return cloudsend_home() / "outputs" / batch / key
 
 
 @contextlib.contextmanager

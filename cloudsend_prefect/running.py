@@ -366,5 +366,6 @@ async def _outcome(state: State[Any], job: JobSpec) -> JobResult:
     """The job's result from its task run's final state (a cached one is marked so)."""
     value = await state.aresult(raise_on_failure=False)
     if isinstance(value, JobResult):
-        return value.model_copy(update={"cached": True}) if state.name == "Cached" else value
+        # a cached result keeps the name the job has now (it may have been renamed since, its content the same)
+        return value.model_copy(update={"cached": True, "name": job.name}) if state.name == "Cached" else value
     return JobResult(name=job.name, key=job.key, state="aborted", reason=f"{type(value).__name__}: {value}")

@@ -74,7 +74,13 @@ def plan_batch(jobs: list[JobSpec], hosts: list[HostInfo], batch: str) -> list[P
 
 @dataclass
 class JobCachePolicy(CachePolicy):
-    """Jobs are cached by content (command, env, files) and occurrence, never by run: a rerun skips them.
+    """Jobs are cached per batch by content (command, env, files) and occurrence, never by run: a rerun of the
+    batch skips them.
+
+    The batch (default: the project) is part of the key: a job is reused only by the batch that ran it, as its
+    record on the hosts (``jobs/<batch>/``) is. Reuse across projects would hand one project a result (name,
+    host, outputs) made for another and tie their caches, prunes and reruns together, for the saving of a job
+    that two projects happen to share.
 
     Prefect 3 computes a task's cache key but leaves the task run's own ``cache_key`` empty, so the UI's
     "Cache Key" would say None; the key is set on the task run as it is computed (before its first state
@@ -84,7 +90,7 @@ class JobCachePolicy(CachePolicy):
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str:
-        key = f"cloudsend-job-{inputs['job'].key}"
+        key = f"cloudsend-job-{inputs['batch']}-{inputs['job'].key}"
         task_ctx.task_run.cache_key = key
         return key
 
@@ -114,7 +120,7 @@ async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult
         except BatchCancelled as exc:  # Cancelled, not Failed: never retried
             return Cancelled(message=str(exc), data=never_started(job))
         runtime = dispatcher.runtime(host)
-        store = store_dir(job.key)
+        store = store_dir(batch, job.key)
         try:
             if status.lost and attempt <= LOSS_RETRIES:
                 raise HostLost(status.reason)

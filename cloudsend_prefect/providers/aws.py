@@ -868,3 +868,58 @@ def down(config: BatchConfig, regions: list[str | None]) -> list[str]:
             removed.append(f"key pair {pair['KeyName']}")
         key_path(config, ec2.meta.region_name).unlink(missing_ok=True)
     return removed
+
+
+# -- the fleet as the CLI shows it: `cloudsend instances`, `stop`, `start` -----------------------------------
+@dataclass
+class InstanceView:
+    """One of a project's instances as EC2 describes it now."""
+
+    instance_id: str
+    region: str
+    instance_type: str
+    state: str  # pending, running, stopping, stopped
+    address: str | None  # public address, else private; None when stopped
+    launched: float | None  # epoch seconds of its last start (EC2's LaunchTime)
+    spot: bool
+    rank: str | None  # which copy of its instance type (the tag cloudsend gave it)
+
+
+def list_instances(config: BatchConfig, regions: list[str | None]) -> list[InstanceView]:
+    """The project's instances in these regions, found by its tag (pending, running, stopping or stopped)."""
+    views = []
+    for region in regions:
+        ec2 = _config_client(config, region)
+        for instance in _find(ec2, config.project):
+            launched = instance.get("LaunchTime")
+            views.append(
+                InstanceView(
+                    instance_id=instance["InstanceId"],
+                    region=ec2.meta.region_name,
+                    instance_type=instance.get("InstanceType", "?"),
+                    state=instance["State"]["Name"],
+                    address=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress"),
+                    launched=launched.timestamp() if launched is not None else None,
+                    spot=instance.get("InstanceLifecycle") == "spot",
+                    rank=_tag(instance, TAG_RANK),
+                )
+            )
+    return views
+
+
+def set_running(
+    config: BatchConfig, regions: list[str | None], *, running: bool, ids: list[str] | None = None
+) -> list[str]:
+    """Start (``running``) or stop the project's instances in these regions, all of them or only ``ids``;
+    a spot instance cannot be stopped and start again (one-time requests): it is left to ``down``. Returns the
+    ids asked to change (already in that state: not counted)."""
+    changed = []
+    for region in regions:
+        ec2 = _config_client(config, region)
+        found = [i for i in _find(ec2, config.project) if ids is None or i["InstanceId"] in ids]
+        wanted = ("stopped",) if running else ("pending", "running")  # (a stopping one cannot start yet)
+        todo = [i["InstanceId"] for i in found if i["State"]["Name"] in wanted and i.get("InstanceLifecycle") != "spot"]
+        if todo:
+            (ec2.start_instances if running else ec2.stop_instances)(InstanceIds=todo)
+            changed += todo
+    return changed
