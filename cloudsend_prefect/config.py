@@ -578,6 +578,14 @@ class ClusterSettings(BaseModel):
         description="A host that answers no round trip for this long is declared lost (its unfinished jobs run "
         "again elsewhere); a stopped or terminated instance is declared lost at once, from the cloud API.",
     )
+    replace_lost: int | None = Field(
+        None,
+        ge=0,
+        le=10000,
+        title="Replace lost instances",
+        description="aws: how many lost instances (terminated, preempted, unreachable) a batch may replace with "
+        "new ones while it runs; default: twice as many as it starts with; 0 replaces none.",
+    )
     instances: list[InstanceType] = Field(
         default_factory=lambda: [InstanceType()],
         min_length=1,

@@ -506,8 +506,11 @@ class Dispatcher:
 
     def wants_host(self) -> bool:
         """Whether some job could still use another host: one not held by a live host (waiting, not entered
-        yet, handed back by a lost host, failed and due for a retry). True when the batch's jobs are unknown."""
+        yet, handed back by a lost host, failed and due for a retry). True when the batch's jobs are unknown;
+        never once it is cancelled or stopped."""
         with self._cond:
+            if self.cancelled is not None or self._stop.is_set():
+                return False
             return self._open is None or any(not self._held(key, None) for key in self._open)
 
     def _held(self, key: str, besides: _HostState | None) -> bool:

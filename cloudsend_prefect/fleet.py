@@ -4,9 +4,9 @@ A lost instance (terminated, preempted, stopped or unreachable) is replaced by a
 type, built like the first ones (its environments bootstrapped) before it joins the running batch and takes
 its waiting jobs. Only providers that create hosts can replace one (those with a ``replace(config, lost,
 name)`` function: aws); a lost ssh or local host is not replaced, its jobs run on the others. A batch
-replaces at most ``REPLACEMENTS_PER_INSTANCE`` times as many instances as it started with, so that a
-capacity problem (instances lost as fast as they come) never loops and bills for ever; a loss when every
-job left is already placed on the other hosts is not replaced at all.
+replaces at most ``replace_lost`` instances (by default ``REPLACEMENTS_PER_INSTANCE`` times as many as it
+started with), so that a capacity problem (instances lost as fast as they come) never loops and bills for
+ever; a loss when every job left is already placed on the other hosts is not replaced at all.
 
 An instance no work can reach any more (see ``Dispatcher._idle``) is stopped at once, or terminated with
 ``auto_stop: terminate``, instead of at the batch's end; with ``auto_stop: false`` nothing is stopped early.
@@ -43,7 +43,9 @@ class Fleet:
         self.hosts = list(hosts)
         self.dispatcher = dispatcher
         self.envs = list({job.env.key: job.env for job in jobs if job.env}.values())
-        self.limit = REPLACEMENTS_PER_INSTANCE * sum(1 for host in hosts if host.instance_id)
+        instances = sum(1 for host in hosts if host.instance_id)
+        limit = config.replace_lost
+        self.limit = REPLACEMENTS_PER_INSTANCE * instances if limit is None else limit
         self.replaced: dict[str, str] = {}  # replacement's name → the lost host's
         self.released: dict[str, float] = {}  # host name → when it was stopped early (epoch seconds)
         self.saved: dict[str, float] = {}  # host name → instance-seconds its early stop saved (set by close)
@@ -94,11 +96,11 @@ class Fleet:
                 return
             if len(self.replaced) >= self.limit:
                 self.logger.error(
-                    "%s is not replaced: this batch already replaced %d instances, its limit (%d per instance it "
-                    "started with); the batch goes on with the others",
+                    "%s is not replaced: this batch may replace %d lost instances (replace_lost) and launched %d; "
+                    "the batch goes on with the others",
                     host.name,
+                    self.limit,
                     len(self.replaced),
-                    REPLACEMENTS_PER_INSTANCE,
                 )
                 return
             if not self.dispatcher.wants_host():

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cloudsend_prefect import dispatch, fleet
+from cloudsend_prefect import dispatch
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.loading import load_config
@@ -446,14 +446,13 @@ def test_stopped_instance_jobs_run_again_on_the_others(
             [instance(ami, number=3, cpus=2)],
             jobs=counted_jobs(counters, 12, 2),
             lost_after=lost_after,
+            replace_lost=0,  # this is about the others taking its jobs; tests/test_fleet.py replaces it
         ),
     )
     aws_env.resolver.slots.update({"0.0": 0, "0.1": 1, "0.2": 2})
     # The dispatcher asks EC2 about each instance every CLOUD_CHECK seconds (and on failed round trips); a
     # shorter period keeps this test short without changing what decides.
     monkeypatch.setattr(dispatch, "CLOUD_CHECK", 3.0)
-    # No replacement (the bound at 0): this is about the others taking its jobs; tests/test_fleet.py replaces.
-    monkeypatch.setattr(fleet, "REPLACEMENTS_PER_INSTANCE", 0)
     victim = sshd_hosts[1]
     jobs_dir = victim.home / ".cloudsend" / "jobs" / project
 
