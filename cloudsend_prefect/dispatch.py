@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cloudsend_prefect.providers import HostInfo, connect, get_provider
+from cloudsend_prefect.providers import HostInfo, get_provider
 from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime, JobStatus
 from cloudsend_prefect.specs import JobSpec
 
@@ -106,9 +106,7 @@ class Dispatcher:
         self.lease = max(1, int(lost_after // 2))
         self.rerun = rerun  # run again jobs that already ended done on a host
         self.poll_interval = poll_interval
-        self.hosts = {
-            h.name: _HostState(h, HostRuntime(connect(h), h.base_dir, h.cpus), window=2 * h.cpus) for h in hosts
-        }
+        self.hosts = {h.name: _HostState(h, HostRuntime.for_host(h), window=2 * h.cpus) for h in hosts}
         self._pending: deque[_Ticket] = deque()
         self._known: dict[str, tuple[str, JobStatus]] = {}
         self._ended: dict[str, tuple[str, JobStatus]] = {}
@@ -293,6 +291,9 @@ class Dispatcher:
                 if state.lost:
                     return
                 continue
+            if state.runtime.interruption is not None:
+                self._evacuate(state)
+                return
             if poll and (verdict := self._cloud_verdict(state)):
                 self._lose(state, verdict)
                 return
@@ -448,6 +449,31 @@ class Dispatcher:
             return
         self._lose(state, verdict)
 
+    def _evacuate(self, state: _HostState) -> None:
+        """Leave a spot instance EC2 announced it takes back (two minutes' notice, read by the host's ticks)
+        without waiting for it to go: its jobs are cancelled there while it still answers, then those not done
+        by then are lost, placed again elsewhere at once. A job that ended done meanwhile keeps its record (its
+        outputs are fetched from there): none runs twice."""
+        reason = (
+            f"spot instance {state.info.instance_id} of host {state.info.name} is being interrupted by EC2 "
+            f"({state.runtime.interruption})"
+        )
+        with self._cond:
+            keys = list(state.tickets)
+        ended: dict[str, JobStatus] = {}
+        if keys:
+            try:
+                state.runtime.cancel(self.batch, keys)
+                ended = state.runtime.status(self.batch, keys)
+            except Exception as exc:  # gone already: every job of it is lost
+                log.warning("%s: could not cancel its jobs before its interruption: %s", state.info.name, exc)
+        with self._cond:
+            for key, status in ended.items():
+                ticket = state.tickets.get(key)
+                if ticket is not None and status.state == "done":
+                    self._finish(state, ticket, status)
+        self._lose(state, reason)
+
     def _lose(self, state: _HostState, reason: str) -> None:
         """Give the host's jobs back: unstaged ones to other hosts now, the others as aborted and lost (their
         tasks retry them elsewhere). A host that still answers is asked to kill them, so none runs twice."""
@@ -491,7 +517,7 @@ class Dispatcher:
     def add_host(self, info: HostInfo) -> None:
         """Make a new host known (its runtime installed), taking no job until ``join``: in between, its
         environments are built through ``runtime(name)``."""
-        state = _HostState(info, HostRuntime(connect(info), info.base_dir, info.cpus), window=2 * info.cpus)
+        state = _HostState(info, HostRuntime.for_host(info), window=2 * info.cpus)
         state.runtime.install()
         with self._cond:
             if info.name in self.hosts:

@@ -416,9 +416,9 @@ def test_run_instances_arguments_as_ec2_records_them(
 
     assert attribute(spot, "instanceInitiatedShutdownBehavior") == "terminate"
     assert attribute(plain, "instanceInitiatedShutdownBehavior") == "stop"
-    # The idle timer: powers off after idle_minutes without a job.
+    # The dead-man switch (tests/test_deadman.py): powers off after idle_minutes without a job or a client.
     user_data = base64.b64decode(attribute(plain, "userData")).decode()
-    assert "shutdown -h now" in user_data and "-ge 420 ]" in user_data
+    assert "ExecStart=/usr/local/bin/cloudsend-deadman 420\n" in user_data
 
     for inst, rank, itype in ((spot, "0", "c5.xlarge"), (plain, "1", "t3.micro")):
         assert inst["InstanceType"] == itype

@@ -20,10 +20,8 @@ from typer.testing import CliRunner
 
 from cloudsend_prefect import runtime as runtime_module
 from cloudsend_prefect.cli import app
-from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.loading import ConfigError, load_config
-from cloudsend_prefect.providers.aws import _user_data
 from cloudsend_prefect.results import BatchSummary, tail_lines
 from cloudsend_prefect.runtime import FENCED_PREFIX, HostRuntime
 from cloudsend_prefect.specs import FileSpec, JobSpec, expand_jobs
@@ -333,43 +331,6 @@ def test_exec_python_config_reaches_the_flow(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(config), "--exec-python-config", "--results-dir", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert [(tmp_path / "r" / "computed" / f"sq{i}" / "out.txt").read_text() for i in range(3)] == ["0\n", "1\n", "4\n"]
-
-
-def _idle_timer(base: Path, now: Path, marker: Path, limit_minutes: float) -> str:
-    """The instances' idle timer (from the aws user data) aimed at ``base``, with a 0.1 s period and its
-    power-off replaced by a marker file."""
-    script = _user_data(BatchConfig(idle_minutes=limit_minutes)).split("<<'EOF'\n")[1].split("\nEOF\n")[0]
-    for real, fake in (
-        ("sleep 60", "sleep 0.1"),
-        ("/root/.cloudsend /home/*/.cloudsend", str(base)),
-        ("/run/cloudsend-now", str(now)),
-        ("shutdown -h now", f"{{ touch {marker}; exit 0; }}"),
-    ):
-        assert real in script
-        script = script.replace(real, fake)
-    return script
-
-
-def test_the_idle_timer_is_not_kept_up_by_a_gone_clients_queue_or_dead_jobs(tmp_path: Path) -> None:
-    base, marker = tmp_path / ".cloudsend", tmp_path / "powered-off"
-    for d in ("queue", "running", "leases", "jobs/old/k1", "jobs/old/k2"):
-        (base / d).mkdir(parents=True)
-    (base / "queue" / "1.1000001").write_text("old k1\n")  # queued by a client whose lease ran out
-    (base / "leases" / "old").touch()
-    os.utime(base / "leases" / "old", (time.time() - 60, time.time() - 60))
-    (base / "running" / "old__k2").write_text("1\n")  # killed by a reboot: its pid is gone
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (base / "jobs" / "old" / "k2" / "pid").write_text(f"{dead.pid}\n")
-    idle = _idle_timer(base, tmp_path / "now", marker, 0.05)  # 3 s
-    subprocess.run(["sh", "-c", idle], timeout=20, check=True)
-    assert marker.exists()
-    # a queued job whose lease runs keeps the instance up
-    marker.unlink()
-    os.utime(base / "leases" / "old", (time.time() + 3600, time.time() + 3600))
-    with pytest.raises(subprocess.TimeoutExpired):
-        subprocess.run(["sh", "-c", idle], timeout=8)
-    assert not marker.exists()
 
 
 def test_large_uploads_are_shared_read_only_and_checked_before_reuse(

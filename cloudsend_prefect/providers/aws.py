@@ -22,8 +22,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from cloudsend_prefect.config import BatchConfig, InstanceType
 from cloudsend_prefect.hashing import digest
@@ -50,6 +53,8 @@ CAPACITY_ERRORS = {
 UBUNTU_SSM = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 CANONICAL = "099720109477"
 REMOTE_DIR = ".cloudsend"
+# The instance metadata service as an instance sees it; host.sh reads spot interruption notices there (IMDSv2).
+IMDS = "http://169.254.169.254"
 
 
 class AwsError(RuntimeError):
@@ -412,38 +417,53 @@ def cluster_hash(inst: InstanceType, region: str) -> str:
     return digest({"region": region, **{f: getattr(inst, f) for f in fields}})[:12]
 
 
+DEADMAN = files("cloudsend_prefect.providers").joinpath("deadman.sh").read_text()  # see deadman.sh
+DEADMAN_UNIT = "cloudsend-deadman.service"
+
+
+def idle_seconds(config: BatchConfig) -> int:
+    """``idle_minutes`` as the dead-man switch takes it: whole seconds, at least one."""
+    return max(1, round(config.idle_minutes * 60))
+
+
 def _user_data(config: BatchConfig) -> str:
-    """An idle timer on the instance: it powers off after `idle_minutes` without a job, even if we died."""
-    limit = int(config.idle_minutes * 60)
-    return f"""#!/bin/sh
-cat > /usr/local/bin/cloudsend-idle <<'EOF'
-#!/bin/sh
-last=$(date +%s)
-while sleep 60; do
-    touch /run/cloudsend-now
-    for d in /root/{REMOTE_DIR} /home/*/{REMOTE_DIR}; do
-        # Busy: a job whose process lives, or a queued job whose batch's lease runs (host.sh's layout). Entries
-        # of jobs killed by a reboot, or queued by a client long gone, keep nothing up.
-        for r in "$d"/running/*; do
-            [ -f "$r" ] || continue
-            n=${{r##*/}}
-            p=
-            read -r p <"$d/jobs/${{n%%__*}}/${{n#*__}}/pid" 2>/dev/null
-            [ -n "$p" ] && kill -0 "$p" 2>/dev/null && last=$(date +%s)
-        done
-        for q in "$d"/queue/*; do
-            [ -f "$q" ] || continue
-            b=
-            read -r b _ <"$q"
-            [ "$d/leases/$b" -nt /run/cloudsend-now ] && last=$(date +%s)
-        done
-    done
-    [ $(( $(date +%s) - last )) -ge {limit} ] && shutdown -h now
-done
-EOF
-chmod +x /usr/local/bin/cloudsend-idle
-nohup /usr/local/bin/cloudsend-idle >/dev/null 2>&1 &
+    """cloud-init's instructions for a new instance: install the dead-man switch (deadman.sh) as a systemd
+    service and enable it, so that it runs from every boot on. User data runs on the first boot only; an
+    instance stopped at a batch's end and started by the next run must still power itself off if that run's
+    client dies."""
+    limit = idle_seconds(config)
+    unit = f"""[Unit]
+Description=cloudsend dead-man switch: power off after {limit}s without a running job or a client
+
+[Service]
+ExecStart=/usr/local/bin/cloudsend-deadman {limit}
+Restart=always
+RestartSec=30
+
+[Install]
+WantedBy=multi-user.target
 """
+    cloud_config = {
+        "write_files": [
+            {"path": "/usr/local/bin/cloudsend-deadman", "permissions": "0755", "content": DEADMAN},
+            {"path": f"/etc/systemd/system/{DEADMAN_UNIT}", "permissions": "0644", "content": unit},
+        ],
+        # --no-block: cloud-init's own unit is still starting; waiting for another unit from it could deadlock
+        "runcmd": [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "--no-block", DEADMAN_UNIT]],
+    }
+    return "#cloud-config\n" + yaml.dump(cloud_config, Dumper=_Literal, sort_keys=False, width=1000)
+
+
+class _Literal(yaml.SafeDumper):
+    """YAML with multi-line strings as literal blocks: the user data stays readable on the instance
+    (/var/lib/cloud/instance/user-data.txt)."""
+
+
+def _text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Literal.add_representer(str, _text)
 
 
 PROVISIONED_IOPS = ("io1", "io2")
@@ -734,6 +754,7 @@ def _host(
     endpoint = resolver(instance)
     known_hosts = config_dir() / "known_hosts" / instance["InstanceId"]
     known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    spot = instance.get("InstanceLifecycle") == "spot"
     return HostInfo(
         name=want.name or f"{inst.name or 'aws'}-{want.rank}",
         provider="aws",
@@ -749,7 +770,9 @@ def _host(
         accept_new_host_key=True,
         instance_id=instance["InstanceId"],
         instance_type=instance.get("InstanceType"),
-        spot=instance.get("InstanceLifecycle") == "spot",
+        spot=spot,
+        idle_seconds=idle_seconds(config),
+        imds=IMDS if spot else None,
         region=region,
         aws_credentials=config.aws_credentials,
         aws_profile=config.profile,

@@ -35,6 +35,12 @@ class HostInfo(BaseModel):
     aws_profile: str | None = None
     instance_type: str | None = None
     spot: bool = False
+    idle_seconds: int | None = Field(
+        None, description="aws: the instance's dead-man switch limit, re-armed by the batch's client as it connects."
+    )
+    imds: str | None = Field(
+        None, description="aws spot: the instance's metadata service, where EC2 announces an interruption."
+    )
     created: bool = Field(False, description="This run created the host, so teardown may remove it.")
     pass_env: list[str] = Field(
         default_factory=list, description="local: the client's variables (names, patterns) its jobs also get."

@@ -11,6 +11,7 @@ import json
 import math
 import shlex
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.specs import DEFAULT_MAX_OUTPUT_BYTES, EnvSpec, FileSpec, JobSpec
 from cloudsend_prefect.transport import CommandResult, Transport
 
@@ -34,6 +36,7 @@ RERUN_ANY = 2  # stage: replace it even if it ended done (an explicit rerun of t
 LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
 SHARE_ABOVE = 16 * 1024**2  # uploads larger than this are shared read-only by the jobs of a host, not copied
 DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
+SPOT_CHECK = 5.0  # seconds between two reads of a spot instance's interruption notice (EC2 gives two minutes)
 
 
 class HostCommandError(RuntimeError):
@@ -70,19 +73,38 @@ class JobStatus(BaseModel):
 class HostRuntime:
     """One host's runtime under ``base`` (absolute, or relative to the login home)."""
 
-    def __init__(self, transport: Transport, base: str, capacity: int) -> None:
+    def __init__(
+        self, transport: Transport, base: str, capacity: int, *, idle: int | None = None, imds: str | None = None
+    ) -> None:
         self.transport = transport
         self.base = base.rstrip("/")
         self.capacity = capacity
+        self.idle = idle  # an instance's dead-man switch limit in seconds: re-armed at each install
+        self.imds = imds  # a spot instance's metadata service: its interruption notice is read by ticks
+        self.interruption: str | None = None  # EC2's spot interruption notice, once a tick has read one
+        self._next_notice = 0.0  # monotonic time of the next read
         self.script = f"{self.base}/bin/host-{VERSION}.sh"
         self._verified: set[str] = set()  # store files checked (or sent) by this client: not hashed again
         self._sizes: dict[str, int] = {}
 
+    @classmethod
+    def for_host(cls, info: HostInfo) -> HostRuntime:
+        """The runtime of a batch's host, as its provider describes it: a cloud instance's dead-man switch is
+        re-armed at each install, and a spot instance's interruption notice read every ``SPOT_CHECK`` seconds
+        of ticks. (Someone merely looking at a host, as ``cloudsend status`` does, makes a plain one.)"""
+        return cls(connect(info), info.base_dir, info.cpus, idle=info.idle_seconds, imds=info.imds)
+
     def _q(self, path: str) -> str:
         return shlex.quote(path) if not path.startswith("~/") else "~/" + shlex.quote(path[2:])
 
-    def call(self, *args: str, stdin: str | None = None, timeout: float | None = 120) -> CommandResult:
-        line = " ".join(["sh", self._q(self.script), args[0], self._q(self.base), *map(shlex.quote, args[1:])])
+    def call(
+        self, *args: str, stdin: str | None = None, timeout: float | None = 120, env: Mapping[str, str] | None = None
+    ) -> CommandResult:
+        """Run a host.sh command (with ``env``'s variables set for it) in one round trip."""
+        assigned = [f"{name}={shlex.quote(value)}" for name, value in (env or {}).items()]
+        line = " ".join(
+            [*assigned, "sh", self._q(self.script), args[0], self._q(self.base), *map(shlex.quote, args[1:])]
+        )
         result = self.transport.run(line, stdin=stdin, timeout=timeout)
         if result.exit_code not in (0,):
             raise HostCommandError(
@@ -97,12 +119,20 @@ class HostRuntime:
             f"umask 077 && mkdir -p {base}/bin && chmod 700 {base} && test -f {self._q(self.script)} && echo present"
         )
         if "present" in check.stdout:
+            self.arm()
             return
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "host.sh"
             local.write_bytes(SCRIPT)
             self.transport.put(local, self.script)
         self.transport.run(f"chmod 600 {self._q(self.script)}")
+        self.arm()
+
+    def arm(self) -> None:
+        """A client's contact with an instance that has a dead-man switch: it powers off only ``idle`` seconds
+        after this (or after its last running job or running lease, whichever is later). Nothing elsewhere."""
+        if self.idle is not None:
+            self.call("arm", str(self.idle))
 
     # -- environments -------------------------------------------------------------------------------
     def env_state(self, env: EnvSpec) -> str:
@@ -170,7 +200,14 @@ class HostRuntime:
             lines += [f"C {_no_nul(text)}" for text in job.command.split("\n")]
             lines.append("E")
         manifest = "".join(line + "\n" for line in lines)
-        out = self.call("tick", str(self.capacity), _seconds(lease), batch, *watch, stdin=manifest).stdout
+        ask = {}  # a spot instance's interruption notice, every SPOT_CHECK seconds
+        if self.imds is not None and time.monotonic() >= self._next_notice:
+            self._next_notice = time.monotonic() + SPOT_CHECK
+            ask["CLOUDSEND_IMDS"] = self.imds
+        out = self.call("tick", str(self.capacity), _seconds(lease), batch, *watch, stdin=manifest, env=ask).stdout
+        for line in out.splitlines():
+            if line.startswith('{"interruption"'):
+                self.interruption = json.loads(line)["interruption"] or "no details"
         return _records(out)
 
     def _flags(self, spec: FileSpec) -> str:
@@ -243,8 +280,10 @@ class HostRuntime:
 
 
 def _records(out: str) -> dict[str, JobStatus]:
-    """Job records as host.sh prints them (one JSON line each), by key."""
-    return {s.key: s for s in (JobStatus.model_validate(json.loads(line)) for line in out.splitlines() if line)}
+    """Job records as host.sh prints them (one JSON line each), by key; other lines (a tick's spot interruption
+    notice) are not records."""
+    lines = (line for line in out.splitlines() if line.startswith('{"key"'))
+    return {s.key: s for s in (JobStatus.model_validate(json.loads(line)) for line in lines)}
 
 
 def _seconds(lease: float) -> str:

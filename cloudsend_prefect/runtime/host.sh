@@ -12,6 +12,7 @@
 #   host.sh missing  BASE            < shas       print the shas not in the file store, or whose content no
 #                                                  longer matches its hash (removed: to be sent again)
 #   host.sh env      BASE KEY                     print an environment's state, starting its build if needed
+#   host.sh arm      BASE SECONDS                 a client's contact: re-arms an instance's dead-man switch
 #   host.sh run|bootstrap|dispatch ...            internal: started by the commands above
 #
 # Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash),
@@ -689,17 +690,43 @@ bootstrap() {
 }
 
 # The lease is renewed once, first (so stage renews nothing); the manifest may be empty (a poll with nothing new
-# to stage), and without KEYs nothing is printed (status would print every job of the batch).
+# to stage), and without KEYs nothing is printed (status would print every job of the batch). With CLOUDSEND_IMDS
+# set (a spot instance's client asks every few seconds), EC2's interruption notice is read too.
 tick() {
     renew "$3" "$2"
     stage "$1" 0
     batch=$3
     shift 3
+    [ -z "${CLOUDSEND_IMDS:-}" ] || notice "$CLOUDSEND_IMDS"
     [ $# -eq 0 ] || status "$batch" 0 "$@"
+}
+
+# notice URL: a spot instance's interruption notice from the instance metadata service at URL (IMDSv2: a
+# session token first), as the line {"interruption":"..."}; nothing while there is none (404).
+notice() {
+    command -v curl >/dev/null 2>&1 || return 0
+    token=$(curl -sf --connect-timeout 1 -m 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' \
+        "$1/latest/api/token") || return 0
+    action=$(curl -sf --connect-timeout 1 -m 2 -H "X-aws-ec2-metadata-token: $token" \
+        "$1/latest/meta-data/spot/instance-action") || return 0
+    printf '{"interruption":"%s"}\n' "$(clean "$action")"
+}
+
+# arm SECONDS: the client's contact, for an instance's dead-man switch (providers/deadman.sh): the file's
+# mtime is the contact's time, its content the idle limit the client's config asks for. Replaced whole:
+# the switch never reads it half-written.
+arm() {
+    case $1 in '' | *[!0-9]*)
+        echo "host.sh arm: not a number of seconds: $1" >&2
+        exit 2
+        ;;
+    esac
+    echo "$1" >"$BASE/contact.tmp" && mv -f "$BASE/contact.tmp" "$BASE/contact"
 }
 
 case $cmd in
 tick) tick "$@" ;;
+arm) arm "$@" ;;
 status) status "$@" ;;
 lease) renew "$@" ;;
 cancel) cancel "$@" ;;
