@@ -559,9 +559,11 @@ def instances(
     if as_json:
         _json({"project": cfg.project, "instances": rows})
         return
+    from cloudsend_prefect.catalog import usd
+
     table = Table(title=f"instances of project {cfg.project}")
-    for col in ("provider", "name", "id", "type", "region", "state", "address", "uptime", "$/h", "$ so far"):
-        table.add_column(col, justify="right" if col in ("uptime", "$/h", "$ so far") else "left")
+    for col in ("provider", "name", "id", "type", "region", "state", "address", "uptime", "$/h", "so far"):
+        table.add_column(col, justify="right" if col in ("uptime", "$/h", "so far") else "left", no_wrap=col == "id")
     for row in rows:
         price, cost = row.get("usd_per_hour"), row.get("usd_so_far")
         table.add_row(
@@ -573,13 +575,13 @@ def instances(
             _styled(str(row["state"])),
             escape(str(row.get("address") or "-")),
             reporting.human_duration(row.get("uptime")),
-            f"{price:.4f}" if isinstance(price, float) else "-",
-            f"{cost:.2f}" if isinstance(cost, float) else "-",
+            usd(price) if isinstance(price, float) else "-",
+            usd(cost) if isinstance(cost, float) else "-",
         )
     out.print(table)
     total = sum(c for c in (row.get("usd_so_far") for row in rows) if isinstance(c, float))
     if any(row["provider"] == "aws" for row in rows):
-        out.print(f"running aws instances so far: about ${total:.2f} (catalog list prices since their last start)")
+        out.print(f"running aws instances so far: about {usd(total)} (catalog list prices since their last start)")
 
 
 def _aws_rows(cfg: BatchConfig, regions: list[str | None]) -> list[dict[str, Any]]:

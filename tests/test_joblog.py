@@ -29,7 +29,12 @@ def test_joblog_lists_every_job_as_parallel_does_and_status_reads_it_back(tmp_pa
         "instances": [{"cpus": 2}],
         "poll_interval": 0.2,
         "jobs": [
-            {"name": "ok", "run_command": "cat in.txt > out.txt", "upload_files": ["in.txt"], "output_files": "out.txt"},
+            {
+                "name": "ok",
+                "run_command": "cat in.txt > out.txt",
+                "upload_files": ["in.txt"],
+                "output_files": "out.txt",
+            },
             {"name": "boom", "run_command": "exit 3"},
             {"name": "killed", "run_command": "kill -TERM $$"},
             {"run_command": "echo {x} > x.txt", "matrix": {"x": ["a", "b"]}, "output_files": "x.txt"},
