@@ -37,7 +37,7 @@ from tests.faults import (
 )
 from tests.moto_server import LOOPBACK, AwsEnv, ec2
 from tests.sshd import SshdHost
-from tests.test_aws import ami, batch, described, instance, tag  # noqa: F401  (ami: a fixture)
+from tests.test_aws import Wire, ami, batch, described, instance, no_capacity, tag, wire  # noqa: F401  (fixtures)
 
 
 def unique(stem: str) -> str:
@@ -233,3 +233,100 @@ def test_an_instance_no_work_can_reach_is_stopped_before_the_batch_ends(
     assert saved >= 4, f"{idle} was stopped only {saved:.0f}s before {busy}"
     assert f"{idle} (" in caplog.text and "no job left could reach it" in caplog.text
     assert "instance-minutes saved" in caplog.text
+
+
+def terminate_when_busy(project: str, rank: str, host: SshdHost, fault: Fault, nth: int = 0) -> None:
+    """Once jobs run on ``host`` (fresh ones, none ended), terminate the ``nth`` instance of ``rank`` in EC2
+    and kill the host with its jobs, as a reclaimed instance would be."""
+    jobs_dir = host.home / ".cloudsend" / "jobs" / project
+    fault.seen.update(wait_for(lambda: running_fresh(jobs_dir), 120, f"jobs running on {host.name}"))
+    ranked = sorted((i for i in described(project) if tag(i, "cloudsend:rank") == rank), key=lambda i: i["LaunchTime"])
+    ec2().terminate_instances(InstanceIds=[ranked[nth]["InstanceId"]])
+    kill_host(host)
+
+
+def revive(project: str, *hosts: SshdHost) -> Callable[[], None]:
+    def cleanup() -> None:
+        for host in hosts:
+            host.start()
+            forget_batch(host.home / ".cloudsend", project)
+
+    return cleanup
+
+
+def test_replacements_stop_at_the_bound(
+    tmp_path: Path,
+    aws_env: AwsEnv,
+    ami: dict[str, Any],  # noqa: F811
+    sshd_hosts: list[SshdHost],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """replace_lost: 1. The lost instance is replaced once; when the replacement is lost too, it is not: the
+    batch ends on the instance left, every job done once, and 3 instances were launched in all, not 4."""
+    counters, results, project = tmp_path / "counters", tmp_path / "results", unique("bound")
+    config = write_config(
+        tmp_path / "proj",
+        batch(
+            project,
+            ami,
+            [instance(ami, number=2, cpus=2)],
+            jobs=counted_jobs(counters, 20, 2),
+            lost_after=90,
+            replace_lost=1,
+        ),
+    )
+    monkeypatch.setitem(aws.ADDRESS_RESOLVERS, LOOPBACK, ByInstance(sshd_hosts))
+    monkeypatch.setattr(dispatch, "CLOUD_CHECK", 1.0)
+
+    def twice(fault: Fault) -> None:
+        terminate_when_busy(project, "0.1", sshd_hosts[1], fault)
+        terminate_when_busy(project, "0.1", sshd_hosts[2], fault, nth=1)  # the replacement, once it works
+        fault.fired.set()
+
+    caplog.set_level(logging.INFO)
+    summary = run_with_fault(config, results, Fault(twice), revive(project, sshd_hosts[1], sshd_hosts[2]))
+    assert_done_once(summary, counters, results / project, 20)
+    spans = billed(project)
+    print(f"\ninstance time: {minutes(spans)}")
+    assert [(b.rank, b.state) for b in spans] == [("0.0", "stopped"), ("0.1", "terminated"), ("0.1", "terminated")]
+    assert "aws-0.1-r1 is not replaced: this batch may replace 1 lost instances (replace_lost) and launched 1" in (
+        caplog.text
+    )
+    assert {job.host for job in summary.jobs} <= {"aws-0.0", "aws-0.1", "aws-0.1-r1"}
+
+
+def test_a_replacement_without_capacity_is_not_tried_again(
+    tmp_path: Path,
+    aws_env: AwsEnv,
+    ami: dict[str, Any],  # noqa: F811
+    sshd_hosts: list[SshdHost],
+    wire: Wire,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EC2 has no capacity left when the replacement is asked for: the failure is logged, nothing is left
+    behind, the batch ends on the instance left, and there was exactly one attempt (nothing loops)."""
+    counters, results, project = tmp_path / "counters", tmp_path / "results", unique("nocap")
+    config = write_config(
+        tmp_path / "proj",
+        batch(project, ami, [instance(ami, number=2, cpus=2)], jobs=counted_jobs(counters, 12, 2), lost_after=90),
+    )
+    monkeypatch.setitem(aws.ADDRESS_RESOLVERS, LOOPBACK, ByInstance(sshd_hosts))
+    monkeypatch.setattr(dispatch, "CLOUD_CHECK", 1.0)
+
+    def reclaim(fault: Fault) -> None:
+        jobs_dir = sshd_hosts[1].home / ".cloudsend" / "jobs" / project
+        wait_for(lambda: host_statuses(jobs_dir), 120, "jobs on aws-0.1")
+        wire.faults.append(no_capacity("t3.micro"))  # from now on (the first two are up)
+        terminate_when_busy(project, "0.1", sshd_hosts[1], fault)
+        fault.fired.set()
+
+    caplog.set_level(logging.INFO)
+    summary = run_with_fault(config, results, Fault(reclaim), revive(project, sshd_hosts[1]))
+    assert_done_once(summary, counters, results / project, 12)
+    assert len(wire.sent("RunInstances")) == 3  # the two first, and one refused attempt
+    spans = billed(project)
+    print(f"\ninstance time: {minutes(spans)}")
+    assert [(b.rank, b.state) for b in spans] == [("0.0", "stopped"), ("0.1", "terminated")]
+    assert "could not replace aws-0.1: no capacity or quota left" in caplog.text
