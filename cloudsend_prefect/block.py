@@ -61,7 +61,14 @@ class ClusterEnvironment(Environment):
         description="Requirements installed into a venv, one per item (the lines of a requirements file).",
     )
     env_conda: list[str] = Field(
-        default_factory=list, title="conda packages", description="Not built yet: a build fails, saying so."
+        default_factory=list,
+        title="conda packages",
+        description="Match specs solved and installed with rattler on the host, one per item.",
+    )
+    env_julia: list[str] = Field(
+        default_factory=list,
+        title="Julia packages",
+        description="Packages added with Pkg.add into the environment's Julia project (`Name` or `Name@version`).",
     )
     command: str | None = Field(
         None,
@@ -69,7 +76,7 @@ class ClusterEnvironment(Environment):
         description="Bash commands run first when the environment is built (a setup script's text).",
     )
 
-    @field_validator("env_pypi", "env_conda", mode="before")
+    @field_validator("env_pypi", "env_conda", "env_julia", mode="before")
     @classmethod
     def _packages(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -168,8 +175,8 @@ class CloudSendCluster(Block, ClusterSettings):
 
         Raises:
             ConfigError: An environment's requirements file or setup script cannot be read (the message names
-                the environment, the field and the file), or it names a conda environment file, which a block
-                cannot hold yet.
+                the environment, the field and the file), or it names a conda environment file or a Julia
+                project, which a block cannot hold yet.
         """
         settings = {name: getattr(config, name) for name in ClusterSettings.model_fields if name != "environments"}
         environments = [_stored_environment(config, env, i) for i, env in enumerate(config.environments)]
@@ -183,11 +190,12 @@ def _stored_environment(config: BatchConfig, env: Environment, index: int) -> Cl
     from the config reuse it.
     """
     name = env.name or DEFAULT_ENV_NAME
-    if isinstance(env.env_conda, str):
-        raise ConfigError(
-            f"{config.source}: environments[{index}].env_conda: environment {name!r}: a conda environment file "
-            "cannot be kept in a block yet; list its packages instead"
-        )
+    for key, kind in (("env_conda", "a conda environment file"), ("env_julia", "a Julia project file")):
+        if isinstance(getattr(env, key), str):
+            raise ConfigError(
+                f"{config.source}: environments[{index}].{key}: environment {name!r}: {kind} cannot be kept in a "
+                "block yet; list its packages instead"
+            )
     try:
         files = resolve_env(config, env, index).files
     except ConfigError as exc:

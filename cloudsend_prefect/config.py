@@ -245,7 +245,12 @@ class InstanceType(_Strict):
     type: str | None = Field(None, title="Instance type", description="aws: the EC2 instance type.")
     gpu: str | None = Field(None, title="GPU", description="aws: a GPU kind to ask for.")
     img_id: str | None = Field(None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS).")
-    img_username: str | None = Field(None, title="Image user", description="aws: the login user of the image.")
+    img_username: str | None = Field(
+        None,
+        title="Image user",
+        description="aws: the login user of the image (default: the image's own, from its name: ubuntu for Ubuntu, "
+        "admin for Debian, ec2-user for Amazon Linux, RHEL and SUSE).",
+    )
     disk_size: int | None = Field(None, ge=1, le=65536, title="Disk size (GiB)", description="aws: root volume size.")
     disk_type: str | None = Field(None, title="Disk type", description="aws: EBS volume type (gp3, io2...).")
     eco: bool = Field(False, title="Spot", description="aws: use spot capacity.")
@@ -341,23 +346,44 @@ class Environment(_Strict):
         json_schema_extra={"pattern": SLUG_PATTERN, "maxLength": SLUG_MAX},
     )
     env_pypi: list[str] | str | None = Field(
-        None, title="pip packages", description="A list of requirements, or a requirements.txt file."
+        None,
+        title="pip packages",
+        description="A list of requirements, or a requirements.txt file (or a folder holding one). With env_conda "
+        "they go into the conda environment's python, else into a venv.",
     )
     env_conda: list[str] | str | None = Field(
-        None, title="conda packages", description="A list of packages, or an environment.yml file."
+        None,
+        title="conda packages",
+        description="A list of match specs, or an environment.yml file (or a folder holding one; its pip section "
+        "is installed too). Solved and installed with rattler on the host.",
     )
-    env_conda_channels: list[str] | None = Field(None, title="conda channels")
+    env_conda_channels: list[str] | None = Field(
+        None,
+        title="conda channels",
+        description="Channel names or URLs (file:// too), searched in order; default conda-forge.",
+    )
     env_aptget: list[str] | None = Field(None, title="apt packages", description="Installed with apt-get.")
-    env_julia: list[str] | None = Field(None, title="Julia packages", description="Added with Pkg.add.")
+    env_julia: list[str] | str | None = Field(
+        None,
+        title="Julia packages",
+        description="Packages added with Pkg.add (`Name` or `Name@version`), or a Project.toml file (with the "
+        "Manifest.toml beside it, if any) or a folder holding one, written with a '/'. Jobs' julia runs in it.",
+    )
     command: str | None = Field(
         None,
         title="Setup command",
         description="A bash script file (or inline commands) run first when the environment is built.",
     )
 
-    _norm = field_validator("env_conda_channels", "env_aptget", "env_julia", mode="before")(
-        lambda value: _as_list(value)
-    )
+    _norm = field_validator("env_conda_channels", "env_aptget", mode="before")(lambda value: _as_list(value))
+
+    @field_validator("env_julia", mode="before")
+    @classmethod
+    def _julia(cls, value: Any) -> Any:
+        """A path (``.toml``, or with a ``/``) names a project; other text is the predecessor's "A, B" list."""
+        if isinstance(value, str) and (value.strip().endswith(".toml") or "/" in value):
+            return value.strip()
+        return _as_list(value)
 
     @field_validator("name")
     @classmethod

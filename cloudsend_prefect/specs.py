@@ -140,24 +140,60 @@ def _safe_rel(config: BatchConfig, value: str, field: str) -> str:
     return rel.as_posix()
 
 
+# What a folder given as env_pypi, env_conda or env_julia must hold (the predecessor's folder form), first found.
+ENV_FOLDER_FILES = {
+    "env_pypi": ("requirements.txt",),
+    "env_conda": ("environment.yml", "environment.yaml"),
+    "env_julia": ("Project.toml", "JuliaProject.toml"),
+}
+
+
+def _env_file(config: BatchConfig, value: str, where: str) -> tuple[Path, str]:
+    """The file an environment field names: the file itself, or the one its folder holds (and how to say it)."""
+    folder = Path(os.path.abspath(config.base_dir / os.path.expanduser(value)))
+    if not folder.is_dir():
+        return _existing(config, value, where), value
+    names = ENV_FOLDER_FILES[where.rsplit(".", 1)[1]]
+    name = next((n for n in names if (folder / n).is_file()), None)
+    if name is None:
+        raise ConfigError(
+            f"{config.source}: {where}: {value} is a folder without {' or '.join(names)}: name the file, or put one "
+            "there"
+        )
+    inside = f"{value.rstrip('/')}/{name}"
+    return _existing(config, inside, where), inside
+
+
 def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
+    """The files the host builds ``env`` from, by their names in its environment directory (see hashing)."""
     field = f"environments[{index}]"
     files: dict[str, str] = {}
+
+    def text(value: str, key: str) -> str:
+        where = f"{field}.{key}"
+        path, shown = _env_file(config, value, where)
+        return _read_text(config, path, shown, where)
+
     if isinstance(env.env_pypi, str):
-        where = f"{field}.env_pypi"
-        files["requirements.txt"] = _read_text(config, _existing(config, env.env_pypi, where), env.env_pypi, where)
+        files["requirements.txt"] = text(env.env_pypi, "env_pypi")
     elif env.env_pypi:
         files["requirements.txt"] = "\n".join(env.env_pypi) + "\n"
     if isinstance(env.env_conda, str):
-        where = f"{field}.env_conda"
-        files["environment.yml"] = _read_text(config, _existing(config, env.env_conda, where), env.env_conda, where)
+        files["environment.yml"] = text(env.env_conda, "env_conda")
     elif env.env_conda:
         files["conda.txt"] = "\n".join(env.env_conda) + "\n"
     if env.env_conda_channels:
         files["conda-channels.txt"] = "\n".join(env.env_conda_channels) + "\n"
     if env.env_aptget:
         files["apt.txt"] = "\n".join(env.env_aptget) + "\n"
-    if env.env_julia:
+    if isinstance(env.env_julia, str):
+        where = f"{field}.env_julia"
+        project, shown = _env_file(config, env.env_julia, where)
+        files["Project.toml"] = _read_text(config, project, shown, where)
+        manifest = project.with_name("Manifest.toml")  # the exact versions, when the project has them
+        if manifest.is_file():
+            files["Manifest.toml"] = _read_text(config, manifest, str(Path(shown).with_name("Manifest.toml")), where)
+    elif env.env_julia:
         files["julia.txt"] = "\n".join(env.env_julia) + "\n"
     if env.command:
         looks_like_file = "\n" not in env.command and env.command.strip().endswith(".sh")

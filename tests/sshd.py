@@ -13,12 +13,13 @@ import contextlib
 import getpass
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,14 @@ class SshdHost:
         return SSHTransport(self.host, **options)
 
 
-def start_sshd_hosts(root: Path, count: int = 3, *, sshd_path: str | None = None) -> list[SshdHost]:
-    """Start ``count`` sshd hosts under ``root``; on failure, stop the ones already started."""
+def start_sshd_hosts(
+    root: Path, count: int = 3, *, sshd_path: str | None = None, env: Mapping[str, str] | None = None
+) -> list[SshdHost]:
+    """Start ``count`` sshd hosts under ``root``; on failure, stop the ones already started.
+
+    ``env``: variables their commands get, PATH included (a host that looks like another machine: see
+    tests/stock.py).
+    """
     sshd = sshd_path or find_sshd()
     if sshd is None:
         raise FileNotFoundError(f"sshd not found: {INSTALL_HINT}")
@@ -206,6 +213,9 @@ def start_sshd_hosts(root: Path, count: int = 3, *, sshd_path: str | None = None
     # shared home serialises every command on every loopback host (~80 ms each). BASH_ENV then gives
     # each host its own home; it unsets itself so bash scripts started by jobs do not re-run it.
     isolate_home = Path(pwd.getpwnam(getpass.getuser()).pw_shell).name == "bash"
+    if env and not isolate_home:
+        raise RuntimeError("a host environment of its own needs bash as the login shell (it is set through BASH_ENV)")
+    exports = "".join(f"{name}={shlex.quote(value)}; export {name}\n" for name, value in (env or {}).items())
 
     hosts: list[SshdHost] = []
     try:
@@ -219,7 +229,7 @@ def start_sshd_hosts(root: Path, count: int = 3, *, sshd_path: str | None = None
             host_key = etc / "ssh_host_ed25519_key"
             public = _write_keypair(host_key, f"host-{i}")
             env_file = etc / "bash_env.sh"
-            env_file.write_text(f"unset BASH_ENV\nHOME='{home}'; export HOME\ncd \"$HOME\" || exit 1\n")
+            env_file.write_text(f"unset BASH_ENV\nHOME='{home}'; export HOME\n{exports}cd \"$HOME\" || exit 1\n")
             setenv = f"SHLVL=1 BASH_ENV={env_file}" if isolate_home else "SHLVL=1"
             sftp = f"internal-sftp -d {home}" if isolate_home else "internal-sftp"
             for attempt in range(5):
@@ -289,8 +299,8 @@ def require_sshd() -> str:
 
 
 @contextlib.contextmanager
-def sshd_hosts_running(root: Path, count: int = 3) -> Iterator[list[SshdHost]]:
-    hosts = start_sshd_hosts(root, count, sshd_path=require_sshd())
+def sshd_hosts_running(root: Path, count: int = 3, *, env: Mapping[str, str] | None = None) -> Iterator[list[SshdHost]]:
+    hosts = start_sshd_hosts(root, count, sshd_path=require_sshd(), env=env)
     try:
         yield hosts
     finally:

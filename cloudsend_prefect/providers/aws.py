@@ -380,6 +380,48 @@ def _latest_ubuntu(ec2: EC2Client, config: BatchConfig, region: str) -> str:
         return str(max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"])
 
 
+# The login user an image's own cloud-init creates, found by a word of the image's name or description (the
+# first that matches): what `img_username` defaults to, so an image of any of these needs no setting.
+IMAGE_USERS = (
+    ("ubuntu", "ubuntu"),
+    ("debian", "admin"),
+    ("al2023", "ec2-user"),
+    ("amzn", "ec2-user"),
+    ("amazon linux", "ec2-user"),
+    ("rhel", "ec2-user"),
+    ("red hat", "ec2-user"),
+    ("suse", "ec2-user"),
+    ("almalinux", "ec2-user"),
+    ("centos", "centos"),
+    ("fedora", "fedora"),
+    ("rocky", "rocky"),
+)
+DEFAULT_USER = "ubuntu"  # the default image's, and the guess for an image none of the words names
+_image_users: dict[tuple[str, str], str] = {}  # (region, image id) -> login user, looked up once per process
+
+
+def login_user(image: dict[str, Any]) -> str:
+    """The login user of ``image`` (a ``describe_images`` entry): ubuntu, admin (Debian), ec2-user (Amazon Linux,
+    RHEL, SUSE)..., else ``DEFAULT_USER``."""
+    text = f"{image.get('Name', '')} {image.get('Description', '')}".lower()
+    return next((user for word, user in IMAGE_USERS if word in text), DEFAULT_USER)
+
+
+def _image_user(config: BatchConfig, inst: InstanceType, region: str, image_id: str | None) -> str:
+    """The login user of the image an instance was booted from (its id is all the instance says of it)."""
+    if not image_id:
+        return DEFAULT_USER
+    if (region, image_id) not in _image_users:
+        try:
+            images = _config_client(config, inst.region).describe_images(ImageIds=[image_id])["Images"]
+        except Exception as exc:  # an image deregistered since: its instances keep running
+            if not _code(exc).startswith("InvalidAMIID"):
+                raise
+            images = []
+        _image_users[(region, image_id)] = login_user(images[0]) if images else DEFAULT_USER
+    return _image_users[(region, image_id)]
+
+
 def vcpus_of(ec2: EC2Client, instance_type: str) -> int:
     try:
         info = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
@@ -762,7 +804,7 @@ def _host(
         base_dir=REMOTE_DIR,
         address=endpoint.host,
         port=endpoint.port,
-        user=endpoint.user or inst.img_username or "ubuntu",
+        user=endpoint.user or inst.img_username or _image_user(config, inst, region, instance.get("ImageId")),
         key_file=endpoint.key_file or str(key_path(config, region)),
         # A new instance's key is trusted on first contact and pinned per instance id from then on
         # (addresses are recycled between instances, so they cannot key the pin).

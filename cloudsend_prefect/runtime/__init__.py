@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
+import secrets
 import shlex
 import tempfile
 import time
@@ -17,6 +19,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
+import uv
 from pydantic import BaseModel
 
 from cloudsend_prefect.providers import HostInfo, connect
@@ -24,7 +27,8 @@ from cloudsend_prefect.specs import DEFAULT_MAX_OUTPUT_BYTES, EnvSpec, FileSpec,
 from cloudsend_prefect.transport import CommandResult, Transport
 
 SCRIPT = files("cloudsend_prefect.runtime").joinpath("host.sh").read_bytes()
-VERSION = hashlib.sha256(SCRIPT).hexdigest()[:12]
+CONDA_SCRIPT = files("cloudsend_prefect.runtime").joinpath("host_conda.py").read_bytes()  # see host_conda.py
+VERSION = hashlib.sha256(SCRIPT + CONDA_SCRIPT).hexdigest()[:12]
 
 JobState = Literal["queued", "waiting", "running", "done", "failed", "aborted"]
 FINAL_STATES = ("done", "failed", "aborted")
@@ -121,11 +125,13 @@ class HostRuntime:
         if "present" in check.stdout:
             self.arm()
             return
+        conda_script = self.script.removesuffix(".sh") + "-conda.py"  # where host.sh looks for it
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "host.sh"
-            local.write_bytes(SCRIPT)
-            self.transport.put(local, self.script)
-        self.transport.run(f"chmod 600 {self._q(self.script)}")
+            for text, remote in ((CONDA_SCRIPT, conda_script), (SCRIPT, self.script)):  # host.sh last: its
+                local = Path(tmp) / "script"  # presence says the version is complete
+                local.write_bytes(text)
+                self.transport.put(local, remote)
+        self.transport.run(f"chmod 600 {self._q(self.script)} {self._q(conda_script)}")
         self.arm()
 
     def arm(self) -> None:
@@ -144,7 +150,13 @@ class HostRuntime:
         return f"{self.base}/envs/{env.key}"
 
     def ensure_env(self, env: EnvSpec) -> str:
-        """Start building the environment in the background unless it is ready or being built."""
+        """Start building the environment in the background unless it is ready or being built.
+
+        A host with no Python tools for a pip or conda environment (no uv, and a python3 that cannot make a venv,
+        as on stock Ubuntu and Debian images) is sent this client's own uv when both run the same OS and
+        architecture: nothing needs installing as root, and no download from outside a package registry.
+        Otherwise the host installs python3-venv if it can, or the build fails saying what the host lacks.
+        """
         if self.env_state(env) == "ready":
             return "ready"
         self.transport.run(f"mkdir -p {self._q(self.env_dir(env))}")
@@ -153,7 +165,24 @@ class HostRuntime:
                 local = Path(tmp) / name
                 local.write_text(text)
                 self.transport.put(local, f"{self.env_dir(env)}/{name}")
-        return self.call("env", env.key).stdout.strip()
+        state = self.call("env", env.key).stdout.strip()
+        if state.startswith("needs-uv"):
+            sent = self._send_uv(state.split()[1:])
+            state = self.call("env", env.key, *([] if sent else ["nouv"])).stdout.strip()
+        return state
+
+    def _send_uv(self, host_platform: list[str]) -> bool:
+        """Put this client's uv at ``<base>/bin/uv`` if it runs on the host's ``uname -s``/``uname -m``."""
+        binary = client_uv(host_platform)
+        if binary is None:
+            return False
+        final = f"{self.base}/bin/uv"
+        # Under a name of its own, then moved into place whole: a build never runs a binary still being written
+        # (two environments of a host may ask for uv at once).
+        incoming = f"{final}.{secrets.token_hex(8)}"
+        self.transport.put(binary, incoming)
+        self.transport.run(f"chmod 700 {self._q(incoming)} && mv -f {self._q(incoming)} {self._q(final)}")
+        return True
 
     def env_log_tail(self, env: EnvSpec, lines: int = 30) -> str:
         log = f"{self._q(self.env_dir(env))}/bootstrap.log"
@@ -277,6 +306,23 @@ class HostRuntime:
         """Up to ``size`` bytes of a job's stdout or stderr from byte ``offset`` on (one round trip): what
         ``logs`` reads chunk by chunk, in constant memory whatever the log's length."""
         return self.transport.read(f"{self.job_dir(batch, key)}/{stream}", offset, size)
+
+
+_MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}  # platform.machine() spellings as uname -m says them
+
+
+def client_uv(host_platform: Sequence[str]) -> Path | None:
+    """The uv binary of this client's ``uv`` package when it runs on a host of ``[uname -s, uname -m]``."""
+    if len(host_platform) != 2:
+        return None
+    system, machine = host_platform
+    here = platform.machine().lower()
+    if system != platform.system() or _MACHINES.get(here, here) != _MACHINES.get(machine.lower(), machine.lower()):
+        return None
+    try:
+        return Path(uv.find_uv_bin())
+    except FileNotFoundError:
+        return None
 
 
 def _records(out: str) -> dict[str, JobStatus]:

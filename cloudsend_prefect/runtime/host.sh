@@ -11,11 +11,13 @@
 #   host.sh cancel   BASE BATCH [KEY...]          kill jobs' process groups (BATCH '*' = every batch)
 #   host.sh missing  BASE            < shas       print the shas not in the file store, or whose content no
 #                                                  longer matches its hash (removed: to be sent again)
-#   host.sh env      BASE KEY                     print an environment's state, starting its build if needed
+#   host.sh env      BASE KEY [nouv]              print an environment's state, starting its build if needed
+#                                                  (or needs-uv OS ARCH: see ensure_env)
 #   host.sh arm      BASE SECONDS                 a client's contact: re-arms an instance's dead-man switch
 #   host.sh run|bootstrap|dispatch ...            internal: started by the commands above
 #
-# Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash),
+# Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash), tools/ (what
+# environment builds share: rattler, the conda package cache, a Julia the runtime installed), bin/ (this script),
 # jobs/<batch>/<key>/ (the runtime's record of a job: cmd.sh, status, pid, stdout, stderr, outputs...) and
 # jobs/<batch>/<key>/work/ (the job's working directory: private copies of its uploads, and what it writes;
 # nothing of the runtime's), queue/ and running/ (host-wide CPU accounting shared by all batches), leases/
@@ -616,6 +618,11 @@ missing() {
     done
 }
 
+# ensure_env KEY [nouv]: the environment's state; a build is started unless it is ready or being built. When
+# the build needs Python tools this host lacks (no uv, and a python3 without venv support: stock Debian and
+# Ubuntu images), it prints `needs-uv <os> <arch>` instead and starts nothing: the client sends its own uv
+# to BASE/bin/uv when it runs on the same OS and architecture and asks again, else asks again with `nouv`
+# (the build then installs python3-venv if root or sudo allows, or fails saying what the host lacks).
 ensure_env() {
     e="$BASE/envs/$1"
     mkdir -p "$e"
@@ -628,6 +635,11 @@ ensure_env() {
         [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || st=
     fi
     if [ "$st" != ready ] && [ "$st" != building ]; then
+        if [ "${2:-}" != nouv ] && needs_python "$e" && ! python_tools; then
+            unlock
+            echo "needs-uv $(uname -s) $(uname -m)"
+            return 0
+        fi
         st=building
         echo building >"$e/state"
         detach sh "$SELF" bootstrap "$BASE" "$1"
@@ -637,6 +649,177 @@ ensure_env() {
     echo "$st"
 }
 
+# -- environment builds -------------------------------------------------------------------------------------
+# An environment is built once per host into envs/<key>/ from the files the client put there: setup.sh, apt.txt,
+# conda.txt or environment.yml (+ conda-channels.txt), requirements.txt, julia.txt or Project.toml (+ Manifest.toml),
+# in that order. Tools shared by all environments (rattler's venv, the package cache, a Julia the build
+# installed) live in tools/. What a job needs of it is written to envs/<key>/activate, which its run sources.
+RATTLER_VERSION=0.28.0 # py-rattler, the conda solver and installer, from PyPI (see build_conda)
+JULIA_VERSION=1.11.5   # the Julia a host without one gets (the official build; see install_julia)
+
+# needs_python DIR: whether the environment in DIR is built with Python tools (a venv, or rattler's).
+needs_python() {
+    [ -f "$1/requirements.txt" ] || [ -f "$1/conda.txt" ] || [ -f "$1/environment.yml" ]
+}
+
+# uv_bin: the uv of this host (on PATH, or the one a client sent); prints nothing when there is none.
+uv_bin() {
+    command -v uv 2>/dev/null || { [ -x "$BASE/bin/uv" ] && echo "$BASE/bin/uv"; } || :
+}
+
+# python_tools: whether a virtualenv can be made and filled here without installing anything first.
+python_tools() {
+    [ -n "$(uv_bin)" ] || python3 -c 'import ensurepip' >/dev/null 2>&1
+}
+
+# as_root CMD...: CMD as root, directly or through passwordless sudo; fails saying so when neither works.
+as_root() {
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        echo "$1 needs root or passwordless sudo on this host"
+        return 1
+    fi
+}
+
+# make_venv DIR [VERSIONS]: a virtualenv at DIR: uv's if this host has uv (with a Python in VERSIONS, e.g. '>=3.10',
+# which uv fetches when the host's is older), else python3's own (after installing python3-venv where python3
+# lacks ensurepip, as stock Debian and Ubuntu images do, when root or sudo allows).
+make_venv() {
+    uv=$(uv_bin)
+    if [ -n "$uv" ]; then
+        "$uv" venv -q ${2:+--python "$2"} "$1"
+        return
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "cannot make a Python environment: this host has neither python3 nor uv (and the client could not send its uv)"
+        return 1
+    fi
+    if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        echo "python3 here cannot make a venv (no ensurepip: the python3-venv package is missing) and there is no uv;"
+        echo "installing python3-venv (the client could not send its uv: it runs on another OS or architecture)"
+        if ! as_root apt-get update -q || ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; then
+            echo "cannot make a Python environment on this host: install uv or python3-venv on it, use an image that has"
+            echo "them, or run the client on the host's OS and architecture ($(uname -s) $(uname -m)) so it can send its uv"
+            return 1
+        fi
+    fi
+    python3 -m venv "$1"
+}
+
+# pip_install PYTHON ARG...: pip packages into PYTHON's environment (with uv when there is one).
+pip_install() {
+    py=$1
+    shift
+    uv=$(uv_bin)
+    if [ -n "$uv" ]; then
+        "$uv" pip install -q --python "$py" "$@"
+    else
+        "$py" -m pip install -q --disable-pip-version-check "$@"
+    fi
+}
+
+# activate_var NAME VALUE [PATH-PREFIX]: a line of the activate file exporting NAME=VALUE, single-quoted (the
+# base directory is the user's to choose); with 1 as third argument, VALUE/bin is put in front of PATH too.
+activate_var() {
+    q=$(printf '%s' "$2" | sed "s/'/'\\\\''/g")
+    printf "%s='%s'\nexport %s\n" "$1" "$q" "$1" >>"$e/activate"
+    # shellcheck disable=SC2016 # $PATH is expanded when the file is sourced
+    [ "${3:-}" = 1 ] && printf 'PATH="$%s/bin:$PATH"\nexport PATH\n' "$1" >>"$e/activate"
+    return 0
+}
+
+# build_conda: the conda environment at $e/conda, solved and installed by rattler (a real conda solver that
+# comes from PyPI into a small venv: no conda installer download, no base environment, nothing outside BASE).
+# Packages are cached in tools/conda-pkgs for every environment of the host. The script writes the pip
+# section of an environment.yml to pip.txt, installed below with requirements.txt.
+build_conda() {
+    tool="$BASE/tools/rattler-$RATTLER_VERSION"
+    if [ ! -x "$tool/bin/python" ]; then
+        echo "== rattler (py-rattler $RATTLER_VERSION), once per host"
+        mkdir -p "$BASE/tools"
+        rm -rf "$tool.$$"
+        make_venv "$tool.$$" ">=3.10" # what py-rattler needs
+        pip_install "$tool.$$/bin/python" "py-rattler==$RATTLER_VERSION" PyYAML
+        # another build may have made it meanwhile: keep theirs
+        if [ -x "$tool/bin/python" ]; then rm -rf "$tool.$$"; else mv "$tool.$$" "$tool"; fi
+    fi
+    echo "== conda"
+    "$tool/bin/python" "${SELF%.sh}-conda.py" "$e" "$e/conda" "$BASE/tools/conda-pkgs"
+    activate_var CONDA_PREFIX "$e/conda" 1
+}
+
+# build_pip: requirements.txt (and an environment.yml's pip section) into the conda environment's python, or
+# into a venv of their own.
+build_pip() {
+    echo "== pip"
+    set --
+    [ -f requirements.txt ] && set -- "$@" -r requirements.txt
+    [ -f pip.txt ] && set -- "$@" -r pip.txt
+    if [ -d conda ]; then
+        if [ ! -x conda/bin/python ]; then
+            echo "pip packages need python in the conda environment: add python to env_conda"
+            return 1
+        fi
+        pip_install "$e/conda/bin/python" "$@"
+    else
+        make_venv venv
+        pip_install "$e/venv/bin/python" "$@"
+        activate_var VIRTUAL_ENV "$e/venv" 1
+    fi
+}
+
+# install_julia: the official build of Julia $JULIA_VERSION for this host into tools/ (juliaup would want a
+# login shell's profile; a tarball of a pinned version is the same on every host of a batch).
+install_julia() {
+    case $(uname -m) in
+    x86_64) dir=x64 arch=x86_64 ;;
+    aarch64 | arm64) dir=aarch64 arch=aarch64 ;;
+    *)
+        echo "no official Julia build for $(uname -m): install julia on this host (its PATH is searched first)"
+        return 1
+        ;;
+    esac
+    url="https://julialang-s3.julialang.org/bin/linux/$dir/${JULIA_VERSION%.*}/julia-$JULIA_VERSION-linux-$arch.tar.gz"
+    echo "== julia $JULIA_VERSION from $url, once per host"
+    t="$BASE/tools/julia-$JULIA_VERSION"
+    mkdir -p "$t.$$"
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsSL -o "$t.$$.tar.gz" "$url"
+    else
+        wget -q -O "$t.$$.tar.gz" "$url"
+    fi
+    tar -xzf "$t.$$.tar.gz" -C "$t.$$" --strip-components=1
+    rm -f "$t.$$.tar.gz"
+    if [ -x "$t/bin/julia" ]; then rm -rf "$t.$$"; else mv "$t.$$" "$t"; fi
+}
+
+# build_julia: a Julia project at $e/julia: the Project.toml (and Manifest.toml) given, or the packages of
+# julia.txt added to an empty one; instantiated and precompiled. Jobs get it as JULIA_PROJECT, which is what
+# `julia --project=<env>` sets: `julia script.jl` then runs in it.
+build_julia() {
+    jl=$(command -v julia 2>/dev/null) || jl=
+    if [ -z "$jl" ]; then
+        jl="$BASE/tools/julia-$JULIA_VERSION/bin/julia"
+        [ -x "$jl" ] || install_julia
+        activate_var CLOUDSEND_JULIA_HOME "$BASE/tools/julia-$JULIA_VERSION" 1
+    fi
+    echo "== julia ($jl)"
+    mkdir -p julia
+    [ -f Project.toml ] && cp Project.toml julia/Project.toml
+    [ -f Manifest.toml ] && cp Manifest.toml julia/Manifest.toml
+    if [ -f julia.txt ]; then
+        set -f
+        # shellcheck disable=SC2046 # one package per word: Name, or Name@version
+        "$jl" --project="$e/julia" -e 'using Pkg; Pkg.add([occursin("@", a) ? PackageSpec(name=split(a, "@")[1], version=split(a, "@")[2]) : PackageSpec(name=a) for a in ARGS])' $(cat julia.txt)
+        set +f
+    fi
+    "$jl" --project="$e/julia" -e 'using Pkg; Pkg.instantiate(); Pkg.precompile()'
+    activate_var JULIA_PROJECT "$e/julia"
+}
+
 bootstrap() {
     e="$BASE/envs/$1"
     cd "$e" || exit 1
@@ -644,44 +827,19 @@ bootstrap() {
     # Not an `if (...)`: set -e is ignored in a tested context, and every step must stop the build.
     (
         set -e
-        if [ -f conda.txt ] || [ -f environment.yml ]; then
-            echo "conda environments are not supported by this host runtime yet (micromamba is planned)"
-            exit 1
-        fi
-        if [ -f julia.txt ]; then
-            echo "julia environments are not supported by this host runtime yet"
-            exit 1
-        fi
         if [ -f setup.sh ]; then
             echo "== setup command"
             "$JOB_SHELL" setup.sh
         fi
         if [ -f apt.txt ]; then
             echo "== apt-get"
-            if [ "$(id -u)" = 0 ]; then
-                SUDO=
-            elif sudo -n true 2>/dev/null; then
-                SUDO="sudo -n"
-            else
-                echo "apt packages need root or passwordless sudo on this host"
-                exit 1
-            fi
-            $SUDO apt-get update -q
+            as_root apt-get update -q
             # shellcheck disable=SC2046
-            DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $(cat apt.txt)
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(cat apt.txt)
         fi
-        if [ -f requirements.txt ]; then
-            echo "== pip"
-            if command -v uv >/dev/null 2>&1; then
-                uv venv -q venv
-                uv pip install -q --python venv/bin/python -r requirements.txt
-            else
-                python3 -m venv venv
-                venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-            fi
-            # shellcheck disable=SC2016 # $VIRTUAL_ENV and $PATH are expanded when the file is sourced
-            printf 'VIRTUAL_ENV=%s\nPATH="$VIRTUAL_ENV/bin:$PATH"\nexport VIRTUAL_ENV PATH\n' "$e/venv" >activate
-        fi
+        if [ -f conda.txt ] || [ -f environment.yml ]; then build_conda; fi
+        if [ -f requirements.txt ] || [ -f pip.txt ]; then build_pip; fi
+        if [ -f julia.txt ] || [ -f Project.toml ]; then build_julia; fi
     ) >bootstrap.log 2>&1
     # shellcheck disable=SC2181 # the subshell above is not an `if` condition (see there)
     if [ $? = 0 ]; then echo ready >state.tmp; else echo failed >state.tmp; fi
