@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -73,6 +75,13 @@ def test_run_status_and_logs(tmp_path: Path) -> None:
     status = runner.invoke(app, ["status", str(config)])
     assert status.exit_code == 0, status.output
     assert "hello" in status.output and "done" in status.output and "failed" in status.output
+    as_json = runner.invoke(app, ["status", str(config), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    assert (report["batch"], report["project"]) == ("cli-run", "cli-run")
+    jobs = {job["job"]: job for job in report["jobs"]}
+    assert (jobs["hello"]["state"], jobs["hello"]["exit"], jobs["hello"]["host"]) == ("done", 0, "local-0")
+    assert (jobs["broken"]["state"], jobs["broken"]["exit"]) == ("failed", 4) and jobs["broken"]["duration"] >= 0
 
     out = runner.invoke(app, ["logs", str(config), "hello"])
     assert out.exit_code == 0 and out.output == "hello-out\n"
@@ -119,3 +128,43 @@ def test_run_output_stays_readable_for_big_batches(tmp_path: Path) -> None:
     again = runner.invoke(app, ["run", str(config), "--results-dir", str(tmp_path / "r")])
     assert again.exit_code == 1, again.output
     assert "60 done, 3 failed (60 cached);" in again.output
+
+
+def test_init_writes_a_commented_starter_that_runs_as_is(tmp_path: Path) -> None:
+    from cloudsend_prefect.schema import render
+
+    path = tmp_path / "new" / "cloudsend.yaml"
+    result = runner.invoke(app, ["init", str(path)])
+    assert result.exit_code == 0, result.output
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=cloudsend.schema.json\n")
+    assert text.count("\n#") + text.count("  #") >= 10, "commented"
+    assert (path.parent / "cloudsend.schema.json").read_text() == render()
+    checked = runner.invoke(app, ["validate", str(path)])
+    assert checked.exit_code == 0 and "4 job run(s)" in checked.output, checked.output
+    planned = runner.invoke(app, ["plan", str(path)])
+    assert planned.exit_code == 0 and "square-3" in planned.output and "4 jobs" in planned.output
+    again = runner.invoke(app, ["init", str(path)])
+    assert again.exit_code == 1 and "exists (--force replaces it)" in again.output
+    assert runner.invoke(app, ["init", str(path), "--force"]).exit_code == 0
+
+
+def test_the_schemas_examples_are_configs_the_loader_and_the_schema_accept(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from cloudsend_prefect.loading import parse_config
+    from cloudsend_prefect.schema import CONFIG_EXAMPLE, JOB_EXAMPLES, config_schema, starter_config
+
+    schema = config_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    kinds = {next(k for k in ("matrix", "repeat", "run_script", "run_command") if k in job) for job in JOB_EXAMPLES}
+    assert kinds == {"matrix", "repeat", "run_script", "run_command"}
+    assert any(isinstance(job.get("matrix"), list) for job in JOB_EXAMPLES), "a list of points too"
+    configs = [
+        CONFIG_EXAMPLE,
+        yaml.safe_load(starter_config("x.json")),
+        *({"environments": [{"name": "sci"}], "jobs": [job]} for job in JOB_EXAMPLES),
+    ]
+    for data in configs:
+        assert list(validator.iter_errors(data)) == [], data
+        parse_config(data, source="example", base_dir=tmp_path)  # the models take it too
+    assert schema["$defs"]["Job"]["examples"] == JOB_EXAMPLES and schema["examples"] == [CONFIG_EXAMPLE]
