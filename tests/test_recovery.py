@@ -332,7 +332,7 @@ def test_connection_dropped_during_an_output_transfer_restarts_no_job(
     target = sshd_hosts[0]
 
     def transferring() -> bool:
-        return any((cloudsend_home / "outputs").glob("*/.*.part"))
+        return any((cloudsend_home / "outputs").glob("*/*/.*.part"))  # outputs/<batch>/<job key>/
 
     def drop(fault: Fault) -> None:
         wait_for(transferring, 120, "an output transfer", interval=0.01)
