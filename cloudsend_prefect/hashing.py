@@ -6,10 +6,12 @@ SHA-256 of its bytes, so moving the project or cloning it elsewhere keeps the ha
 changes them. Absolute paths, mtimes, user and host names never enter a hash.
 
 Environment hash (``specs.resolve_env``): ``digest`` of the files the host builds the environment from,
-``{file name: text}``: ``requirements.txt`` (``env_pypi`` list, or the named file's text), ``environment.yml``
-(``env_conda`` file) or ``conda.txt`` (list), ``conda-channels.txt``, ``apt.txt``, ``julia.txt`` and
-``setup.sh`` (``command``: the script's text, or the inline commands). The environment's ``name`` is not part
-of it: renaming an environment reuses what hosts already built.
+``{file name: text}``: ``requirements.txt`` (``env_pypi`` list, or the text of the file it names, directly or
+as a folder holding it), ``environment.yml`` (``env_conda`` file or folder) or ``conda.txt`` (list),
+``conda-channels.txt``, ``apt.txt``, ``julia.txt`` (``env_julia`` list) or ``Project.toml`` and
+``Manifest.toml`` (a Julia project, its manifest when it has one), and ``setup.sh`` (``command``: the script's
+text, or the inline commands). The environment's ``name`` is not part of it: renaming an environment reuses
+what hosts already built; so does moving a file into a folder named instead.
 
 Job hash (``specs.expand_jobs``): ``digest`` of ``{"command": the shell line (interpreter, script path, args),
 "env": the environment hash or null, "files": sorted [relative path, SHA-256 of contents] of the script,
