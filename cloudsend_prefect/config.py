@@ -536,8 +536,8 @@ class ClusterSettings(BaseModel):
         le=10080,
         allow_inf_nan=False,
         title="Idle shutdown (minutes)",
-        description="aws: each instance shuts itself down after this long without a running job, even if the "
-        "client died.",
+        description="aws: each instance shuts itself down after this long with no job running and no client in "
+        "contact, even if the client died, also after a restart (its dead-man switch).",
     )
     aws_credentials: str | None = Field(
         None,
