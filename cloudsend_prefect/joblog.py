@@ -23,7 +23,7 @@ from typing import Any
 
 from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.results import JobResult
-from cloudsend_prefect.specs import JobSpec
+from cloudsend_prefect.specs import JOBLOG, JobSpec
 
 COLUMNS = (
     "Seq",
@@ -38,7 +38,7 @@ COLUMNS = (
     "State",
     "Job",
 )
-NAME = "joblog.tsv"
+NAME = JOBLOG
 _SIGNAL = re.compile(r"killed by signal (\d+)")
 
 

@@ -84,6 +84,7 @@ date +%s
 for d in "$base"/jobs/*/*; do
     [ -f "$d/end" ] || continue
     b=${d%/*}; b=${b##*/}
+    # shellcheck disable=SC3013 # -nt: in every sh host.sh runs on (it relies on it for leases too)
     if [ -f "$base/leases/$b" ] && [ "$base/leases/$b" -nt "$now" ]; then continue; fi
     [ -n "$(find "$d/end" -mmin +"$min" 2>/dev/null)" ] || continue
     read -r e <"$d/end" || e=0

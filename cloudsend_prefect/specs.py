@@ -126,6 +126,7 @@ def _file_spec(config: BatchConfig, path: Path, value: str, field: str, *, execu
 
 
 LOG_NAMES = ("stdout.log", "stderr.log")  # the job's logs, beside its outputs in its results folder
+JOBLOG = "joblog.tsv"  # the batch's joblog, beside its jobs' folders in the results folder (see joblog.py)
 
 
 def _safe_rel(config: BatchConfig, value: str, field: str) -> str:
@@ -413,6 +414,11 @@ def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobS
             }
         )
         for name in names:
+            if name == JOBLOG:
+                raise ConfigError(
+                    f"{config.source}: {field}.name: {name!r} is the name of the batch's joblog in its results folder; "
+                    "name the job differently"
+                )
             seen[job_hash] += 1
             specs.append(
                 JobSpec(

@@ -158,7 +158,7 @@ def test_rerun_skips_finished_jobs_and_still_delivers_outputs(tmp_path: Path) ->
     second = run(config, tmp_path)
     assert second.ok
     assert sorted(counter.read_text().split()) == ["2", "3", "4"]  # nothing ran twice
-    assert {p.name for p in results.iterdir()} == {"count-1", "count-2", "count-3"}
+    assert {p.name for p in results.iterdir()} == {"count-1", "count-2", "count-3", "joblog.tsv"}
     for name, text in (("count-1", "2 squared is 4"), ("count-2", "3 squared is 9"), ("count-3", "4 squared is 16")):
         assert (results / name / "out.txt").read_text() == text + "\n"
 

@@ -117,6 +117,7 @@ def test_other_braces_are_left_alone(tmp_path: Path) -> None:
         ("jobs: [{run_command: 'echo {x}', matrix: {x: [[1]]}}]", "jobs[0].matrix"),
         ("jobs: [{run_script: 'fit.py {x}', upload_files: ['data/{x}.csv'], matrix: {x: [a, c]}}]", "data/c.csv"),
         ("jobs: [{name: '{x}', run_command: 'echo {x}', matrix: {x: ['-rf']}}]", "must not start with '-'"),
+        ("jobs: [{name: '{x}.tsv', run_command: 'echo {x}', matrix: {x: [joblog]}}]", "the batch's joblog"),
     ],
 )
 def test_bad_matrices_are_one_clear_error(tmp_path: Path, body: str, expected: str) -> None:
