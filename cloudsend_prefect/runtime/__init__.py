@@ -172,7 +172,8 @@ class HostRuntime:
         return state
 
     def _send_uv(self, host_platform: list[str]) -> bool:
-        """Put this client's uv at ``<base>/bin/uv`` if it runs on the host's ``uname -s``/``uname -m``."""
+        """Put this client's uv at ``<base>/bin/uv`` if it runs on the host's ``uname -s``/``uname -m``; whether
+        it is there now. (A build that starts without it must not wait for it: jobs wait for the build.)"""
         binary = client_uv(host_platform)
         if binary is None:
             return False
@@ -180,9 +181,13 @@ class HostRuntime:
         # Under a name of its own, then moved into place whole: a build never runs a binary still being written
         # (two environments of a host may ask for uv at once).
         incoming = f"{final}.{secrets.token_hex(8)}"
-        self.transport.put(binary, incoming)
-        self.transport.run(f"chmod 700 {self._q(incoming)} && mv -f {self._q(incoming)} {self._q(final)}")
-        return True
+        try:
+            self.transport.put(binary, incoming)
+        except OSError:  # the host's disk, say: the build goes on without uv and its log says what is missing
+            self.transport.run(f"rm -f {self._q(incoming)}")
+            return False
+        moved = self.transport.run(f"chmod 700 {self._q(incoming)} && mv -f {self._q(incoming)} {self._q(final)}")
+        return moved.exit_code == 0
 
     def env_log_tail(self, env: EnvSpec, lines: int = 30) -> str:
         log = f"{self._q(self.env_dir(env))}/bootstrap.log"

@@ -699,7 +699,7 @@ make_venv() {
     fi
     if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
         echo "python3 here cannot make a venv (no ensurepip: the python3-venv package is missing) and there is no uv;"
-        echo "installing python3-venv (the client could not send its uv: it runs on another OS or architecture)"
+        echo "installing python3-venv (the client sent no uv: it runs on another OS or architecture, or the upload failed)"
         if ! as_root apt-get update -q || ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; then
             echo "cannot make a Python environment on this host: install uv or python3-venv on it, use an image that has"
             echo "them, or run the client on the host's OS and architecture ($(uname -s) $(uname -m)) so it can send its uv"
