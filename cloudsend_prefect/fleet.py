@@ -46,15 +46,16 @@ class Fleet:
         instances = sum(1 for host in hosts if host.instance_id)
         limit = config.replace_lost
         self.limit = REPLACEMENTS_PER_INSTANCE * instances if limit is None else limit
-        self.replaced: dict[str, str] = {}  # replacement's name → the lost host's
+        self.replaced: dict[str, str] = {}  # replacement's name → the lost host's (every launch attempted)
+        self.joined: list[str] = []  # replacements that joined the batch
         self.released: dict[str, float] = {}  # host name → when it was stopped early (epoch seconds)
-        self.saved: dict[str, float] = {}  # host name → instance-seconds its early stop saved (set by close)
         self.logger = get_run_logger()
         # The flow run's context: a replacement's bootstrap task runs belong to the flow run, like the first ones.
         self._context = contextvars.copy_context()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._stems: dict[str, str] = {}  # a replacement's name → the first host's it stands for
         self._building: Counter[str] = Counter()  # environments being built, by host: not stopped meanwhile
         dispatcher.expect([job.key for job in jobs])
         dispatcher.on_lost = self.lost
@@ -106,8 +107,10 @@ class Fleet:
             if not self.dispatcher.wants_host():
                 self.logger.info("%s is not replaced: every job left is placed on the other hosts", host.name)
                 return
-            name = f"{self.replaced.get(host.name, host.name)}-r{len(self.replaced) + 1}"
-            self.replaced[name] = self.replaced.get(host.name, host.name)
+            stem = self._stems.get(host.name, host.name)  # a replacement's replacement: aws-0.1-r2, not -r1-r2
+            name = f"{stem}-r{len(self.replaced) + 1}"
+            self._stems[name] = stem
+            self.replaced[name] = host.name
             thread = threading.Thread(
                 target=self._context.copy().run,
                 args=(self._replace, replace, host, name),
@@ -132,13 +135,17 @@ class Fleet:
         try:
             self.dispatcher.add_host(host)
             for env in self.envs:
+                if self._closed:  # the batch ended meanwhile: teardown stops it, nothing more to build
+                    return
                 bootstrap.with_options(task_run_name=f"bootstrap-{env.name}-{host.name}")(host, env, self.dispatcher)
         except Exception as exc:
             self.logger.error("%s (%s), replacing %s, is not usable: %s", host.name, host.instance_id, lost.name, exc)
             if self.config.auto_stop:
-                self._stop(host)
+                self._stop(host, "it is not usable")
             return
         self.dispatcher.join(host.name)
+        with self._lock:
+            self.joined.append(host.name)
         self.logger.warning(
             "%s (%s) replaces %s: ready in %.0f s, taking jobs",
             host.name,
@@ -153,35 +160,34 @@ class Fleet:
         with self._lock:
             if self._building[host.name] > 0:
                 return False
-        self._stop(host)
+        self._stop(host, "no job left could reach it")
         return True
 
-    def _stop(self, host: HostInfo) -> None:
+    def _stop(self, host: HostInfo, why: str) -> None:
         """Stop (or terminate, per ``auto_stop``) an instance now rather than at the batch's end."""
         get_provider(host.provider).teardown([host], terminate=self.config.auto_stop == "terminate")
         with self._lock:
             self.released[host.name] = time.time()
         how = "terminated" if self.config.auto_stop == "terminate" else "stopped"
-        self.logger.info("%s (%s) %s: no job left could reach it", host.name, host.instance_id, how)
+        self.logger.info("%s (%s) %s: %s", host.name, host.instance_id, how, why)
 
-    def close(self) -> dict[str, float]:
-        """No more replacements; wait for those under way (teardown must know their instances). Returns, and
-        logs, the instance-seconds each early stop saved: how long before the batch's end it came."""
+    def close(self) -> None:
+        """No more replacements; wait for those under way (teardown must know their instances). Logs the
+        instance time each early stop saved: how long before the batch's end it came."""
         with self._lock:
             self._closed = True
             threads = list(self._threads)
         for thread in threads:
             thread.join()
         now = time.time()
-        self.saved = {name: now - at for name, at in self.released.items()}
-        if self.saved:
+        saved = {name: now - at for name, at in self.released.items()}
+        if saved:
             self.logger.info(
                 "stopped early: %s; %.1f instance-minutes saved",
-                ", ".join(f"{name} {seconds:.0f} s before the batch's end" for name, seconds in self.saved.items()),
-                sum(self.saved.values()) / 60,
+                ", ".join(f"{name} {seconds:.0f} s before the batch's end" for name, seconds in saved.items()),
+                sum(saved.values()) / 60,
             )
-        if self.replaced:
+        if self.joined:
             self.logger.warning(
-                "lost and replaced: %s", ", ".join(f"{lost} by {new}" for new, lost in self.replaced.items())
+                "lost and replaced: %s", ", ".join(f"{self.replaced[new]} by {new}" for new in self.joined)
             )
-        return self.saved
