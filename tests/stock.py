@@ -33,22 +33,26 @@ def host_env(*bin_dirs: Path) -> dict[str, str]:
     return {**env, "PATH": ":".join([*map(str, bin_dirs), SYSTEM_PATH])}
 
 
-def stock_python(root: Path) -> Path:
-    """A bin directory whose ``python3`` behaves as on a stock Debian or Ubuntu image (see the module doc)."""
+def debian_python() -> tuple[Path, str, Path]:
+    """Debian's own interpreter: its binary, its version (``3.11``) and its standard library's directory."""
     if not DEBIAN_PYTHON.is_file():
         pytest.fail(f"{DEBIAN_PYTHON} is missing: run `apt-get install python3` (the stock-host tests use it)")
     probe = "import sys, sysconfig; print(sys.version_info[0], sys.version_info[1], sysconfig.get_path('stdlib'))"
     major, minor, stdlib = subprocess.run(
         [str(DEBIAN_PYTHON), "-I", "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
-    version = f"{major}.{minor}"
-    binary = Path(os.path.realpath(DEBIAN_PYTHON))
+    return Path(os.path.realpath(DEBIAN_PYTHON)), f"{major}.{minor}", Path(stdlib)
+
+
+def stock_python(root: Path) -> Path:
+    """A bin directory whose ``python3`` behaves as on a stock Debian or Ubuntu image (see the module doc)."""
+    binary, version, stdlib = debian_python()
     bin_dir, lib = root / "bin", root / "lib" / f"python{version}"
     bin_dir.mkdir(parents=True)
     lib.mkdir(parents=True)
     shutil.copy2(binary, bin_dir / f"python{version}")  # a copy: Python finds its prefix from where it runs
     (bin_dir / "python3").symlink_to(f"python{version}")
-    for entry in Path(stdlib).iterdir():
+    for entry in stdlib.iterdir():
         if entry.name != "ensurepip":
             (lib / entry.name).symlink_to(entry)
     return bin_dir

@@ -36,7 +36,7 @@ from cloudsend_prefect.specs import EnvSpec, expand_jobs
 from tests.faults import ssh_instances, write_config
 from tests.host_runtime import job, wait_final
 from tests.sshd import SshdHost, sshd_hosts_running
-from tests.stock import host_env, other_machine, stand_in, stock_python
+from tests.stock import debian_python, host_env, other_machine, stand_in, stock_python
 
 JULIA_TARBALL = "julia-1.11.5-linux-x86_64.tar.gz"  # what host.sh's JULIA_VERSION names on an x86_64 host
 
@@ -70,34 +70,45 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_channel(root: Path) -> str:
-    """A conda channel with one noarch package, ``cloudsend-hello`` 1.0, whose ``bin/cloudsend-hello`` prints a
-    line; indexed by rattler's indexer. Returns its ``file://`` URL."""
-    payload = {"bin/cloudsend-hello": b'#!/bin/sh\necho "hello from conda in $CONDA_PREFIX"\n'}
-    index = {
-        "name": "cloudsend-hello",
-        "version": "1.0",
-        "build": "0",
-        "build_number": 0,
-        "depends": [],
-        "noarch": "generic",
-        "subdir": "noarch",
-        "license": "MIT",
-    }
-    paths = {
-        "paths": [
-            {"_path": p, "path_type": "hardlink", "sha256": hashlib.sha256(b).hexdigest(), "size_in_bytes": len(b)}
-            for p, b in payload.items()
-        ],
-        "paths_version": 1,
-    }
-    (root / "noarch").mkdir(parents=True)
-    with tarfile.open(root / "noarch" / "cloudsend-hello-1.0-0.tar.bz2", "w:bz2") as tar:
+def conda_package(
+    channel: Path, subdir: str, name: str, version: str, files: dict[str, bytes], links: dict[str, str] | None = None
+) -> None:
+    """A conda package (``.tar.bz2``) in ``channel/subdir``: ``files`` (those under ``bin/`` executable) and
+    symbolic ``links`` (path -> target), with the ``info/`` metadata an installer reads."""
+    links = links or {}
+    index = {"name": name, "version": version, "build": "0", "build_number": 0, "depends": [], "subdir": subdir}
+    if subdir == "noarch":
+        index["noarch"] = "generic"
+    paths = [
+        {"_path": p, "path_type": "hardlink", "sha256": hashlib.sha256(b).hexdigest(), "size_in_bytes": len(b)}
+        for p, b in files.items()
+    ] + [{"_path": p, "path_type": "softlink"} for p in links]
+    (channel / subdir).mkdir(parents=True, exist_ok=True)
+    with tarfile.open(channel / subdir / f"{name}-{version}-0.tar.bz2", "w:bz2") as tar:
         _add(tar, "info/index.json", json.dumps(index).encode())
-        _add(tar, "info/paths.json", json.dumps(paths).encode())
-        _add(tar, "info/files", "".join(f"{p}\n" for p in payload).encode())
-        for path, data in payload.items():
-            _add(tar, path, data, 0o755)
+        _add(tar, "info/paths.json", json.dumps({"paths": paths, "paths_version": 1}).encode())
+        _add(tar, "info/files", "".join(f"{p}\n" for p in [*files, *links]).encode())
+        for path, data in files.items():
+            _add(tar, path, data, 0o755 if path.startswith("bin/") else 0o644)
+        for path, target in links.items():
+            info = tarfile.TarInfo(path)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+
+
+def make_channel(root: Path, *, python: bool = False) -> str:
+    """A conda channel indexed by rattler's indexer, holding ``cloudsend-hello`` 1.0 (noarch: its
+    ``bin/cloudsend-hello`` prints a line) and, with ``python``, a ``python`` package for linux-64 made of
+    Debian's interpreter (the binary, and links to its standard library: a relocatable Python, as conda's is).
+    Returns its ``file://`` URL."""
+    hello = b'#!/bin/sh\necho "hello from conda in $CONDA_PREFIX"\n'
+    conda_package(root, "noarch", "cloudsend-hello", "1.0", {"bin/cloudsend-hello": hello})
+    if python:
+        binary, version, stdlib = debian_python()
+        skip = ("ensurepip", "EXTERNALLY-MANAGED")  # conda's python has no pip marker of Debian's
+        links = {"bin/python3": f"python{version}", "bin/python": f"python{version}"}
+        links |= {f"lib/python{version}/{e.name}": str(e) for e in sorted(stdlib.iterdir()) if e.name not in skip}
+        conda_package(root, "linux-64", "python", version, {f"bin/python{version}": binary.read_bytes()}, links)
     asyncio.run(index_fs(root))
     return f"file://{root}"
 
@@ -230,12 +241,24 @@ def test_conda_environment_from_a_local_channel(stock_host: SshdHost, tmp_path: 
     assert "cloudsend-hello 1.0 0" in rt.env_log_tail(env)  # what the solver chose, in the bootstrap log
     prefix = f"{stock_host.home}/conda/envs/{env.key}/conda"
     assert run_one(rt, env, "cloudsend-hello") == f"hello from conda in {prefix}\n"
-    # environment.yml: its own channels, its pip section into the environment's python (none here: said so)
+    # environment.yml: its own channels, its pip section into the environment's python, if it has one
     yml = env_spec(
         {"environment.yml": f"name: x\nchannels: [{channel}]\ndependencies:\n  - cloudsend-hello\n  - pip: [six]\n"}
     )
     assert build(rt, yml) == "failed"
     assert "pip packages need python in the conda environment: add python to env_conda" in rt.env_log_tail(yml)
+
+
+def test_conda_environment_yml_with_python_and_pip_packages(stock_host: SshdHost, tmp_path: Path) -> None:
+    channel = make_channel(tmp_path / "channel", python=True)
+    wheel = make_wheel(tmp_path / "wheels", "cswheel", "from pip, in conda")
+    rt = runtime_on(stock_host, "conda")
+    yml = f"channels: [{channel}]\ndependencies:\n  - python\n  - cloudsend-hello\n  - pip:\n      - {wheel}\n"
+    env = env_spec({"environment.yml": yml})
+    assert build(rt, env) == "ready", rt.env_log_tail(env)
+    prefix = f"{stock_host.home}/conda/envs/{env.key}/conda"
+    out = run_one(rt, env, "cloudsend-hello; python -c 'import cswheel, sys; print(cswheel.VALUE, sys.prefix)'")
+    assert out == f"hello from conda in {prefix}\nfrom pip, in conda {prefix}\n"
 
 
 def test_conda_environment_that_cannot_be_solved_says_why(stock_host: SshdHost, tmp_path: Path) -> None:
