@@ -37,7 +37,18 @@ from tests.faults import (
 )
 from tests.moto_server import LOOPBACK, AwsEnv, ec2
 from tests.sshd import SshdHost
-from tests.test_aws import Wire, ami, batch, described, instance, no_capacity, tag, wire  # noqa: F401  (fixtures)
+from tests.test_aws import (  # noqa: F401  (ami, wire: fixtures)
+    Wire,
+    ami,
+    batch,
+    described,
+    instance,
+    make_config,
+    no_capacity,
+    provision,
+    tag,
+    wire,
+)
 
 
 def unique(stem: str) -> str:
@@ -330,3 +341,29 @@ def test_a_replacement_without_capacity_is_not_tried_again(
     print(f"\ninstance time: {minutes(spans)}")
     assert [(b.rank, b.state) for b in spans] == [("0.0", "stopped"), ("0.1", "terminated")]
     assert "could not replace aws-0.1: no capacity or quota left" in caplog.text
+
+
+def test_a_replacement_takes_the_lost_instances_rank_and_a_later_run_reuses_it(
+    tmp_path: Path,
+    aws_env: AwsEnv,
+    ami: dict[str, Any],  # noqa: F811
+    wire: Wire,  # noqa: F811
+) -> None:
+    """The provider's side: a lost instance EC2 still has (here stopped, as by hand or a stopped spot) is
+    terminated, the new one carries its tags, rank included, and the next run finds it instead of creating."""
+    config = make_config(tmp_path, "stand-in", [instance(ami, number=2, cpus=2, disk_size=12)])
+    first, lost = provision(config)
+    ec2().stop_instances(InstanceIds=[lost.instance_id or ""])
+    new = aws.replace(config, lost, "aws-0.1-r1")
+    assert (new.name, new.cpus, new.created) == ("aws-0.1-r1", 2, True)
+    by_id = {i["InstanceId"]: i for i in described("stand-in")}
+    assert by_id[lost.instance_id or ""]["State"]["Name"] == "terminated"
+    old, made = by_id[lost.instance_id or ""], by_id[new.instance_id or ""]
+    assert made["State"]["Name"] == "running"
+    assert {t["Key"]: t["Value"] for t in made["Tags"]} == {t["Key"]: t["Value"] for t in old["Tags"]}
+    assert wire.sent("RunInstances")[-1]["BlockDeviceMapping.1.Ebs.VolumeSize"] == 12
+
+    again = provision(config)  # the next run: both ranks found, nothing created
+    assert [(h.name, h.instance_id) for h in again] == [(first.name, first.instance_id), ("aws-0.1", new.instance_id)]
+    assert len(wire.sent("RunInstances")) == 3
+    aws.teardown(again, terminate=True)
