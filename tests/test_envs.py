@@ -114,12 +114,21 @@ def make_channel(root: Path, *, python: bool = False) -> str:
 
 
 def fake_julia(log: Path) -> str:
-    """A stand-in ``julia``: records its project and arguments; a script it is given, it says it ran."""
+    """A stand-in ``julia`` (Python, for an exact record): appends ``{"project": $JULIA_PROJECT, "args": [...]}``
+    to ``log``; a script it is given, it says it ran."""
     return (
-        f'echo "JULIA_PROJECT=${{JULIA_PROJECT:-}} $*" >> {log}\n'
-        'case "$1" in --project=*) exit 0 ;; esac\n'
-        'echo "julia ran $1 in ${JULIA_PROJECT:-no project}"\n'
+        "#!/usr/bin/python3\nimport json, os, sys\n"
+        'project = os.environ.get("JULIA_PROJECT", "")\n'
+        f"with open({str(log)!r}, 'a') as f:\n"
+        '    f.write(json.dumps({"project": project, "args": sys.argv[1:]}) + "\\n")\n'
+        'if sys.argv[1:] and not sys.argv[1].startswith("--project="):\n'
+        "    print(f\"julia ran {sys.argv[1]} in {project or 'no project'}\")\n"
     )
+
+
+def calls(log: Path) -> list[dict]:
+    """What the stand-ins recorded, in order."""
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def make_julia_tarball(root: Path, log: Path) -> Path:
@@ -127,7 +136,7 @@ def make_julia_tarball(root: Path, log: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / JULIA_TARBALL
     with tarfile.open(path, "w:gz") as tar:
-        _add(tar, "julia-1.11.5/bin/julia", ("#!/bin/sh\n" + fake_julia(log)).encode(), 0o755)
+        _add(tar, "julia-1.11.5/bin/julia", fake_julia(log).encode(), 0o755)
     return path
 
 
@@ -151,12 +160,11 @@ def julia_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sshd
     bare, has = root / "bare-bin", root / "julia-bin"
     bare.mkdir()
     has.mkdir()
-    stand_in(
-        bare,
-        "curl",
-        f'echo "curl $*" >> {log}\nwhile [ $# -gt 1 ]; do [ "$1" = -o ] && cp {tarball} "$2"; shift; done\n',
-    )
-    stand_in(has, "julia", fake_julia(log))
+    serve = f'while [ $# -gt 1 ]; do [ "$1" = -o ] && cp {tarball} "$2"; shift; done\n'  # curl -o FILE URL
+    stand_in(bare, "curl", f'printf \'{{"curl": "%s"}}\\n\' "$*" >> {log}\n{serve}')
+    julia = has / "julia"
+    julia.write_text(fake_julia(log))
+    julia.chmod(0o755)
     with contextlib.ExitStack() as stack:
         first = stack.enter_context(sshd_hosts_running(root / "sshd-bare", 1, env=host_env(bare)))
         second = stack.enter_context(sshd_hosts_running(root / "sshd-julia", 1, env=host_env(has)))
@@ -311,20 +319,23 @@ def test_julia_is_installed_then_packages_added_and_jobs_run_in_the_project(juli
     env = env_spec({"julia.txt": "Example\nJSON@0.21\n"})
     assert build(rt, env) == "ready", rt.env_log_tail(env)
     project = f"{bare.home}/jl/envs/{env.key}/julia"
-    calls = log.read_text().splitlines()
+    made = calls(log)
     url = f"https://julialang-s3.julialang.org/bin/linux/x64/1.11/{JULIA_TARBALL}"
-    assert calls[0].startswith(f"curl -fsSL -o {bare.home}/jl/tools/julia-1.11.5.") and calls[0].endswith(url)
-    add, instantiate = calls[1], calls[2]
-    assert add.startswith(f"JULIA_PROJECT= --project={project} -e using Pkg; Pkg.add(")
-    assert add.endswith(" Example JSON@0.21")
-    assert instantiate == f"JULIA_PROJECT= --project={project} -e using Pkg; Pkg.instantiate(); Pkg.precompile()"
+    assert made[0]["curl"].startswith(f"-fsSL -o {bare.home}/jl/tools/julia-1.11.5.") and made[0]["curl"].endswith(url)
+    add, instantiate = made[1], made[2]
+    assert add["project"] == "" and add["args"][:2] == [f"--project={project}", "-e"]
+    assert add["args"][2].startswith("using Pkg\nPkg.add(") and add["args"][3:] == ["Example", "JSON@0.21"]
+    assert instantiate == {
+        "project": "",
+        "args": [f"--project={project}", "-e", "using Pkg; Pkg.instantiate(); Pkg.precompile()"],
+    }
     out = run_one(rt, env, "echo 'println(1)' > run.jl && julia run.jl 7")
     assert out == f"julia ran run.jl in {project}\n"  # the installed julia, on the job's PATH, in the project
-    assert log.read_text().splitlines()[-1] == f"JULIA_PROJECT={project} run.jl 7"
+    assert calls(log)[-1] == {"project": project, "args": ["run.jl", "7"]}
     log.write_text("")
     again = env_spec({"julia.txt": "Example\n"})
     assert build(rt, again) == "ready"
-    assert not any(line.startswith("curl") for line in log.read_text().splitlines())  # installed once per host
+    assert not any("curl" in call for call in calls(log))  # installed once per host
 
 
 def test_julia_project_file_on_a_host_that_has_julia(julia_hosts, tmp_path: Path) -> None:
@@ -336,9 +347,9 @@ def test_julia_project_file_on_a_host_that_has_julia(julia_hosts, tmp_path: Path
     assert build(rt, env) == "ready", rt.env_log_tail(env)
     project = Path(f"{has.home}/jlproj/envs/{env.key}/julia")
     assert (project / "Project.toml").read_text() == project_toml and (project / "Manifest.toml").is_file()
-    assert log.read_text().splitlines() == [
-        f"JULIA_PROJECT= --project={project} -e using Pkg; Pkg.instantiate(); Pkg.precompile()"
-    ]  # nothing downloaded, nothing added: the project says it all
+    assert calls(log) == [  # nothing downloaded, nothing added: the project says it all
+        {"project": "", "args": [f"--project={project}", "-e", "using Pkg; Pkg.instantiate(); Pkg.precompile()"]}
+    ]
     assert run_one(rt, env, "julia run.jl") == f"julia ran run.jl in {project}\n"
 
 

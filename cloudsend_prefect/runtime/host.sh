@@ -656,6 +656,12 @@ ensure_env() {
 # installed) live in tools/. What a job needs of it is written to envs/<key>/activate, which its run sources.
 RATTLER_VERSION=0.28.0 # py-rattler, the conda solver and installer, from PyPI (see build_conda)
 JULIA_VERSION=1.11.5   # the Julia a host without one gets (the official build; see install_julia)
+# Pkg.add of the packages given as arguments: `Name`, or `Name@version`.
+JULIA_ADD='using Pkg
+Pkg.add(map(ARGS) do arg
+    name, version = occursin("@", arg) ? split(arg, "@"; limit=2) : (arg, "")
+    isempty(version) ? PackageSpec(name=String(name)) : PackageSpec(name=String(name), version=String(version))
+end)'
 
 # needs_python DIR: whether the environment in DIR is built with Python tools (a venv, or rattler's).
 needs_python() {
@@ -813,7 +819,7 @@ build_julia() {
     if [ -f julia.txt ]; then
         set -f
         # shellcheck disable=SC2046 # one package per word: Name, or Name@version
-        "$jl" --project="$e/julia" -e 'using Pkg; Pkg.add([occursin("@", a) ? PackageSpec(name=split(a, "@")[1], version=split(a, "@")[2]) : PackageSpec(name=a) for a in ARGS])' $(cat julia.txt)
+        "$jl" --project="$e/julia" -e "$JULIA_ADD" $(cat julia.txt)
         set +f
     fi
     "$jl" --project="$e/julia" -e 'using Pkg; Pkg.instantiate(); Pkg.precompile()'
