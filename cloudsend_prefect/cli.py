@@ -102,7 +102,7 @@ def plan(
 
     cfg, jobs = _load(config, exec_python_config)
     hosts = planned(cfg)
-    placements = simulate(jobs, {h.name: h.cpus for h in hosts})
+    placements = simulate(jobs, hosts)
     table = Table(title=f"plan for {cfg.project}: {len(jobs)} jobs on {len(hosts)} host(s)")
     for col in ("job", "host", "cpus", "env", "expected start (s)", "expected end (s)"):
         table.add_column(col)
@@ -112,7 +112,7 @@ def plan(
     out.print(table)
     if len(jobs) > MAX_ROWS:  # a sweep of thousands: the count and the makespan say what matters
         out.print(f"… and {len(jobs) - MAX_ROWS} more jobs (the first {MAX_ROWS} are shown)")
-    out.print("hosts: " + ", ".join(f"{h.name} ({h.cpus} CPUs)" for h in hosts))
+    out.print("hosts: " + ", ".join(f"{h.name} ({h.cpus} CPUs{f', {h.gpus} GPUs' if h.gpus else ''})" for h in hosts))
     _plan_cost(cfg, hosts, max((p.end for p in placements), default=0.0), spot_prices)
 
 
@@ -293,7 +293,7 @@ def _find_jobs(cfg: BatchConfig, batch: str) -> tuple[dict[str, tuple[str, JobSt
     found: dict[str, tuple[str, JobStatus]] = {}
     runtimes = {}
     for host in provision_all(cfg, create=False):
-        runtime = HostRuntime(connect(host), host.base_dir, host.cpus)
+        runtime = HostRuntime(connect(host), host.base_dir, host.cpus, host.gpus)
         try:
             states = runtime.status(batch)
         except (TransportError, OSError) as exc:
@@ -475,7 +475,7 @@ def cancel(
     keys = [s.key for s in _select(specs, jobs or [])]
     names = {s.key: s.name for s in specs}
     for host in provision_all(cfg, create=False):
-        cancelled = HostRuntime(connect(host), host.base_dir, host.cpus).cancel(name, keys)
+        cancelled = HostRuntime(connect(host), host.base_dir, host.cpus, host.gpus).cancel(name, keys)
         for key in cancelled:
             out.print(f"{host.name}: cancelled {escape(names.get(key, key))}")
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from cloudsend_prefect.catalog import instance_info
+
 Provider = Literal["local", "ssh", "aws"]
 MatrixValue = str | int | float | bool
 # A grid (each parameter's values) or an explicit list of points (each a value per parameter).
@@ -37,7 +39,6 @@ IGNORED_GLOBAL_KEYS = {
 AWS_ONLY_KEYS = (
     "region",
     "type",
-    "gpu",
     "img_id",
     "img_username",
     "disk_size",
@@ -60,6 +61,7 @@ JOB_NAME_MAX = 128
 # Bounds that keep a typo (an extra zero or ten) from becoming hours of work or a stuck batch.
 MAX_SECONDS = 30 * 24 * 3600  # 30 days
 MAX_JOB_RUNS = 1_000_000  # all jobs' `repeat`s together
+MAX_GPUS = 64  # GPUs of one instance (EC2's largest have 16)
 DEFAULT_MAX_OUTPUT_MB = 10240  # a job run's outputs together, and each of its logs, fetched at most (10 GiB)
 # Unicode categories that are never part of a readable name: controls, format marks (bidi overrides,
 # zero-width joiners), surrogates (not encodable) and line/paragraph separators.
@@ -243,7 +245,20 @@ class InstanceType(_Strict):
     # aws
     region: str | None = Field(None, title="Region", description="aws: the EC2 region.")
     type: str | None = Field(None, title="Instance type", description="aws: the EC2 instance type.")
-    gpu: str | None = Field(None, title="GPU", description="aws: a GPU kind to ask for.")
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_GPUS,
+        title="GPUs",
+        description="GPUs jobs are packed into (see a job's `gpus_req`). aws: defaults to the type's GPU count; "
+        "local and ssh: 0 unless given.",
+    )
+    gpu: str | None = Field(
+        None,
+        title="Elastic GPU (ignored)",
+        description="The predecessor's Elastic GPU kind, which AWS has retired: choose a GPU instance type "
+        "(g5.xlarge, p4d.24xlarge...) instead; its GPUs come with it.",
+    )
     img_id: str | None = Field(None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS).")
     img_username: str | None = Field(
         None,
@@ -420,6 +435,14 @@ class Job(_Strict):
         default_factory=list, title="Output files", description="Must exist when the job ends; fetched back."
     )
     cpus_req: int = Field(1, ge=1, le=100_000, title="CPUs needed")
+    gpus_req: int = Field(
+        0,
+        ge=0,
+        le=MAX_GPUS,
+        title="GPUs needed",
+        description="GPUs the job has to itself: it runs on an instance with that many, and CUDA_VISIBLE_DEVICES "
+        "lists the ones it was given.",
+    )
     env_name: str | None = Field(None, title="Environment")
     repeat: int = Field(1, ge=1, le=100_000, title="Repeat", description="Run this many copies.")
     matrix: Matrix | None = Field(
@@ -695,9 +718,15 @@ class BatchConfig(ClusterSettings, _Strict):
             if provider == "ssh" and inst.number != 1:
                 raise ValueError(f"instances[{i}].number: an ssh host is one machine; list each host once")
         biggest = max(self.instance_cpus(inst) for inst in self.instances)
+        most_gpus = max(self.instance_gpus(inst) for inst in self.instances)
         for i, job in enumerate(self.jobs):
             if job.cpus_req > biggest:
                 raise ValueError(f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})")
+            if job.gpus_req > most_gpus:
+                raise ValueError(
+                    f"jobs[{i}].gpus_req: {job.gpus_req} GPUs fit no instance (the most any has is {most_gpus}): "
+                    "use a GPU instance type (aws, e.g. g5.12xlarge has 4) or give a local or ssh instance `gpus`"
+                )
         return self
 
     def _check_jobs(self) -> None:
@@ -753,6 +782,16 @@ class BatchConfig(ClusterSettings, _Strict):
             return os.cpu_count() or 1
         return 1 << 30  # unknown until the provider asks the cloud; checked again at provisioning
 
+    def instance_gpus(self, inst: InstanceType) -> int:
+        """GPUs of one instance of this type, before any cloud lookup (aws: the catalog's count for the type;
+        a type missing from it is taken to have what a job asks, and checked at provisioning)."""
+        if inst.gpus is not None:
+            return inst.gpus
+        if (inst.provider or self.provider) != "aws":
+            return 0
+        info = instance_info(inst.type)
+        return info.gpus if info is not None else MAX_GPUS
+
     def env_for(self, job: Job) -> Environment | None:
         """The job's environment: the named one, or the only one when there is exactly one."""
         if job.env_name is not None:
@@ -794,6 +833,11 @@ class BatchConfig(ClusterSettings, _Strict):
             unused += [k for k in given if k in SSH_ONLY_KEYS] if provider != "ssh" else []
             if provider != "aws" and inst.explode:
                 unused.append("explode")
+            if inst.gpu is not None:
+                notes.append(
+                    f"instances[{i}]: 'gpu' is ignored: AWS retired Elastic GPUs; choose a GPU instance type "
+                    "(g5.xlarge, ...) and give jobs `gpus_req`"
+                )
             if unused:
                 notes.append(
                     f"instances[{i}]: {', '.join(sorted(unused))} ignored: not used by the {provider} provider"

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cloudsend_prefect.planning import can_host
 from cloudsend_prefect.providers import HostInfo, get_provider
 from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime, JobStatus
 from cloudsend_prefect.specs import JobSpec
@@ -74,7 +75,8 @@ class _HostState:
     runtime: HostRuntime
     tickets: dict[str, _Ticket] = field(default_factory=dict)
     unstaged: list[_Ticket] = field(default_factory=list)  # taken, not yet confirmed staged (re-sent)
-    committed: int = 0
+    committed: int = 0  # CPUs of the jobs taken and not seen ending
+    gpus_committed: int = 0  # ... and their GPUs
     window: int = 0
     failing_since: float | None = None
     next_cloud_check: float = 0.0
@@ -241,7 +243,7 @@ class Dispatcher:
                 if not status.final:  # still queued or running there: watch it
                     ticket.host = host
                     self.hosts[host].tickets[job.key] = ticket
-                    self.hosts[host].committed += job.cpus
+                    _hold(self.hosts[host], job)
                     return None
                 ticket.rerun = RERUN_ANY if status.state == "done" else max(ticket.rerun, RERUN_FAILED)
             self._pending.append(ticket)
@@ -256,7 +258,12 @@ class Dispatcher:
         return ticket.host, ticket.status
 
     def _fits(self, state: _HostState, ticket: _Ticket) -> bool:
-        return state.committed + ticket.job.cpus <= state.window or state.committed == 0
+        job = ticket.job
+        if job.gpus and (
+            not can_host(state.info.gpus, job.gpus) or state.gpus_committed + job.gpus > 2 * state.info.gpus
+        ):
+            return False
+        return state.committed + job.cpus <= state.window or state.committed == 0
 
     def _can_take(self, state: _HostState) -> bool:
         """Whether a waiting job fits this host's window now (the caller holds the condition)."""
@@ -273,7 +280,7 @@ class Dispatcher:
                 self._pending.remove(ticket)
                 ticket.host = state.info.name
                 state.tickets[ticket.job.key] = ticket
-                state.committed += ticket.job.cpus
+                _hold(state, ticket.job)
                 state.unstaged.append(ticket)
 
     def _loop(self, name: str) -> None:
@@ -405,7 +412,7 @@ class Dispatcher:
         """Hand a job its host did not start back to the waiting line, first, to be staged again (the caller
         holds the condition)."""
         state.tickets.pop(ticket.job.key, None)
-        state.committed -= ticket.job.cpus
+        _release(state, ticket.job)
         ticket.host = None
         ticket.rerun = max(ticket.rerun, RERUN_FAILED)  # never started: replaced unless another client ran it
         self._pending.appendleft(ticket)
@@ -415,7 +422,7 @@ class Dispatcher:
         if not status.lost:
             self._ended[ticket.job.key] = (state.info.name, status)
         state.tickets.pop(ticket.job.key, None)
-        state.committed -= ticket.job.cpus
+        _release(state, ticket.job)
         ticket.status = status
         ticket.end()
 
@@ -580,6 +587,16 @@ class Dispatcher:
         with self._cond:
             state.released = False
         return False
+
+
+def _hold(state: _HostState, job: JobSpec) -> None:
+    state.committed += job.cpus
+    state.gpus_committed += job.gpus
+
+
+def _release(state: _HostState, job: JobSpec) -> None:
+    state.committed -= job.cpus
+    state.gpus_committed -= job.gpus
 
 
 def _rank(status: JobStatus) -> int:

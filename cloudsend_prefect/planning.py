@@ -1,7 +1,11 @@
-"""A preview of where and when jobs will run: the same first-fit-by-CPUs rule the dispatcher applies online,
-simulated with each job's ``expected_duration`` (1 s when unknown). Nothing is started."""
+"""A preview of where and when jobs will run: the same first-fit rule the dispatcher applies online (by CPUs,
+on a host with the GPUs a job needs), simulated with each job's ``expected_duration`` (1 s when unknown).
+Nothing is started."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 from pydantic import BaseModel
 
@@ -15,6 +19,7 @@ class Placement(BaseModel):
     job: str
     host: str
     cpus: int
+    gpus: int = 0
     start: float
     end: float
 
@@ -26,6 +31,7 @@ class PlannedHost(BaseModel):
     provider: str
     index: int  # of its instance type in the config
     cpus: int
+    gpus: int = 0
     cpus_known: bool = True  # False: an aws type missing from the catalog, without `cpus`; counted as 1
     instance_type: str | None = None
     spot: bool = False
@@ -47,7 +53,7 @@ def planned(config: BatchConfig) -> list[PlannedHost]:
             hosts += _planned_aws(inst, i)
         else:
             hosts += [
-                PlannedHost(name=name, provider=provider, index=i, cpus=config.instance_cpus(inst))
+                PlannedHost(name=name, provider=provider, index=i, cpus=config.instance_cpus(inst), gpus=inst.gpus or 0)
                 for name in host_names(inst, i, provider)
             ]
     return hosts
@@ -58,19 +64,21 @@ def _planned_aws(inst: InstanceType, index: int) -> list[PlannedHost]:
 
     info = instance_info(inst.type)
     vcpus = info.vcpus if info else inst.cpus or 1
+    gpus = info.gpus if info else inst.gpus or 0
     return [
         PlannedHost(
             name=f"{inst.name or 'aws'}-{want.rank}",  # as providers/aws.py::_host names it
             provider="aws",
             index=index,
             cpus=want.cpus,
+            gpus=want.gpus,
             cpus_known=info is not None or inst.cpus is not None,
             instance_type=inst.type,
             spot=inst.eco,
             max_bid=inst.max_bid,
             region=inst.region,
         )
-        for want in _wanted(inst, index, vcpus)
+        for want in _wanted(inst, index, vcpus, gpus)
     ]
 
 
@@ -79,30 +87,51 @@ def planned_hosts(config: BatchConfig) -> dict[str, int]:
     return {host.name: host.cpus for host in planned(config)}
 
 
-def plan(jobs: list[JobSpec], capacity: dict[str, int]) -> list[Placement]:
+class Slots(Protocol):
+    """A host as placement sees it (a planned host, or a provisioned one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def cpus(self) -> int: ...
+    @property
+    def gpus(self) -> int: ...
+
+
+def can_host(host_gpus: int, job_gpus: int) -> bool:
+    """Whether a host can ever run a job: CPUs never stop one (a job bigger than the host runs there alone),
+    GPUs do (a job gets the GPUs it asks for to itself, or does not run there)."""
+    return job_gpus <= host_gpus
+
+
+def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
     """Simulate jobs in order (starts never go back in time, like the hosts' FIFO queues), each on the host
-    where its CPUs free up first. ``capacity`` gives each host's CPUs by name."""
-    running: dict[str, list[tuple[float, int]]] = {name: [] for name in capacity}  # (end, cpus) of running jobs
+    where its CPUs and GPUs free up first, among those with as many GPUs as it needs."""
+    running: dict[str, list[tuple[float, int, int]]] = {h.name: [] for h in hosts}  # (end, cpus, gpus) running
     now = 0.0
     placements = []
     for job in jobs:
-        start, name = min((_earliest(running[n], capacity[n], job.cpus, now), n) for n in running)
+        start, name = min(
+            (_earliest(running[h.name], h, job, now), h.name) for h in hosts if can_host(h.gpus, job.gpus)
+        )
         now = start
         for heap in running.values():
-            heap[:] = [(e, c) for e, c in heap if e > now]
+            heap[:] = [r for r in heap if r[0] > now]
         end = start + (job.expected_duration or 1.0)
-        running[name].append((end, job.cpus))
-        placements.append(Placement(job=job.name, host=name, cpus=job.cpus, start=start, end=end))
+        running[name].append((end, job.cpus, job.gpus))
+        placements.append(Placement(job=job.name, host=name, cpus=job.cpus, gpus=job.gpus, start=start, end=end))
     return placements
 
 
-def _earliest(running: list[tuple[float, int]], capacity: int, cpus: int, now: float) -> float:
-    """When ``cpus`` are free on a host (a job larger than the host waits until it is empty)."""
-    free = capacity - sum(c for _, c in running)
+def _earliest(running: list[tuple[float, int, int]], host: Slots, job: JobSpec, now: float) -> float:
+    """When the job's CPUs and GPUs are free on a host (a job with more CPUs than the host waits until it
+    is empty)."""
+    cpus = host.cpus - sum(c for _, c, _ in running)
+    gpus = host.gpus - sum(g for _, _, g in running)
     at = now
-    for end, used in sorted(running):
-        if free >= min(cpus, capacity):
+    for end, used, held in sorted(running):
+        if cpus >= min(job.cpus, host.cpus) and gpus >= job.gpus:
             break
-        free += used
+        cpus, gpus = cpus + used, gpus + held
         at = max(now, end)
     return at

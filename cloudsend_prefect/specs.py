@@ -63,6 +63,7 @@ class JobSpec(BaseModel):
     files: list[FileSpec]
     outputs: list[str]
     cpus: int
+    gpus: int = 0
     env: EnvSpec | None
     max_retries: int = 0
     timeout: float | None = None
@@ -430,6 +431,7 @@ def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobS
                     files=files,
                     outputs=outputs,
                     cpus=job.cpus_req,
+                    gpus=job.gpus_req,
                     env=env,
                     max_retries=job.max_retries,
                     timeout=job.timeout,

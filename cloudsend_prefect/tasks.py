@@ -63,7 +63,7 @@ def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_batch(jobs: list[JobSpec], hosts: list[HostInfo], batch: str) -> list[Placement]:
     """Where and when jobs are expected to run, as the ``<batch>-plan`` table: per host, not per job."""
-    placements = plan(jobs, {h.name: h.cpus for h in hosts})
+    placements = plan(jobs, hosts)
     create_table_artifact(
         key=f"{batch}-plan",
         table=plan_table(placements, hosts),

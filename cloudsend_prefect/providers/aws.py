@@ -51,6 +51,9 @@ CAPACITY_ERRORS = {
     "InsufficientCapacity",
 }
 UBUNTU_SSM = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+# A GPU type's default: Ubuntu 24.04 with NVIDIA's driver and CUDA installed (AWS's Deep Learning Base AMI).
+GPU_IMAGE_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+GPU_IMAGE_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04)*"
 CANONICAL = "099720109477"
 REMOTE_DIR = ".cloudsend"
 # The instance metadata service as an instance sees it; host.sh reads spot interruption notices there (IMDSv2).
@@ -342,11 +345,14 @@ def ensure_network(ec2: EC2Client, config: BatchConfig, inst: InstanceType) -> t
 
 
 # -- images and types -----------------------------------------------------------------------------------
-def resolve_image(ec2: EC2Client, config: BatchConfig, inst: InstanceType, region: str) -> dict[str, Any]:
-    """The image to boot (given, or the latest Ubuntu LTS); a bad id lists images that would work."""
+def resolve_image(
+    ec2: EC2Client, config: BatchConfig, inst: InstanceType, region: str, *, gpus: int = 0
+) -> dict[str, Any]:
+    """The image to boot (given; else the latest Ubuntu LTS, with NVIDIA's driver and CUDA for a type with
+    ``gpus``); a bad id lists images that would work."""
     image_id = inst.img_id
     if image_id is None:
-        image_id = _latest_ubuntu(ec2, config, region)
+        image_id = _latest_gpu_ubuntu(ec2, config, region) if gpus else _latest_ubuntu(ec2, config, region)
     try:
         images = ec2.describe_images(ImageIds=[image_id])["Images"]
     except Exception as exc:
@@ -366,17 +372,29 @@ def resolve_image(ec2: EC2Client, config: BatchConfig, inst: InstanceType, regio
 
 
 def _latest_ubuntu(ec2: EC2Client, config: BatchConfig, region: str) -> str:
+    return _published_image(
+        ec2, config, region, UBUNTU_SSM, CANONICAL, "ubuntu/images/*ubuntu-*-24.04-amd64-server-*", "Ubuntu LTS"
+    )
+
+
+def _latest_gpu_ubuntu(ec2: EC2Client, config: BatchConfig, region: str) -> str:
+    return _published_image(ec2, config, region, GPU_IMAGE_SSM, "amazon", GPU_IMAGE_NAME, "Deep Learning Base GPU")
+
+
+def _published_image(
+    ec2: EC2Client, config: BatchConfig, region: str, parameter: str, owner: str, name: str, what: str
+) -> str:
+    """The newest image of a kind: from the SSM public parameter its publisher keeps current, else the newest of
+    the publisher's images by that name (an account without SSM access)."""
     import boto3
 
     try:
         ssm = boto3.Session(profile_name=config.profile).client("ssm", region_name=region)
-        return str(ssm.get_parameter(Name=UBUNTU_SSM)["Parameter"]["Value"])
+        return str(ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
     except Exception:
-        images = ec2.describe_images(
-            Owners=[CANONICAL], Filters=[{"Name": "name", "Values": ["ubuntu/images/*ubuntu-*-24.04-amd64-server-*"]}]
-        )["Images"]
+        images = ec2.describe_images(Owners=[owner], Filters=[{"Name": "name", "Values": [name]}])["Images"]
         if not images:
-            raise AwsError(f"cannot find the latest Ubuntu LTS image in {region}: set `img_id`") from None
+            raise AwsError(f"cannot find the latest {what} image in {region}: set `img_id`") from None
         return str(max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"])
 
 
@@ -422,12 +440,20 @@ def _image_user(config: BatchConfig, inst: InstanceType, region: str, image_id: 
     return _image_users[(region, image_id)]
 
 
-def vcpus_of(ec2: EC2Client, instance_type: str) -> int:
+@dataclass(frozen=True)
+class _Shape:
+    vcpus: int
+    gpus: int
+
+
+def shape_of(ec2: EC2Client, instance_type: str) -> _Shape:
+    """A type's vCPUs and GPUs, as EC2 describes it."""
     try:
-        info = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+        info = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"][0]
     except Exception as exc:
         raise AwsError(f"unknown instance type {instance_type!r}: {exc}") from None
-    return int(info[0]["VCpuInfo"]["DefaultVCpus"])
+    gpus = sum(int(gpu.get("Count", 0)) for gpu in info.get("GpuInfo", {}).get("Gpus", []))
+    return _Shape(int(info["VCpuInfo"]["DefaultVCpus"]), gpus)
 
 
 # -- instances ------------------------------------------------------------------------------------------
@@ -435,11 +461,13 @@ def vcpus_of(ec2: EC2Client, instance_type: str) -> int:
 class _Want:
     rank: str
     cpus: int
+    gpus: int = 0
     name: str | None = None  # the host's name, when not the one its rank gives (a replacement's)
 
 
-def _wanted(inst: InstanceType, index: int, vcpus: int) -> list[_Want]:
-    """Ranks and CPUs: `number` copies, each split over several instances when `explode` asks for it."""
+def _wanted(inst: InstanceType, index: int, vcpus: int, gpus: int = 0) -> list[_Want]:
+    """Ranks, CPUs and GPUs: `number` copies, each split over several instances when `explode` asks for it
+    (each of them with all the type's GPUs, or the instance type's `gpus`)."""
     cpus = inst.cpus or vcpus
     parts = math.ceil(cpus / vcpus) if inst.explode and cpus > vcpus else 1
     wants = []
@@ -449,7 +477,7 @@ def _wanted(inst: InstanceType, index: int, vcpus: int) -> list[_Want]:
             share = min(vcpus, left) if parts > 1 else cpus
             left -= share
             rank = str(index) + (f".{copy}" if inst.number > 1 else "") + (f".{part}" if parts > 1 else "")
-            wants.append(_Want(rank, share))
+            wants.append(_Want(rank, share, gpus if inst.gpus is None else inst.gpus))
     return wants
 
 
@@ -675,17 +703,18 @@ def _provision_type(
     ec2 = _config_client(config, inst.region)
     region = ec2.meta.region_name
     cluster = cluster_hash(inst, region)
-    vcpus = {inst.type: vcpus_of(ec2, inst.type)}
-    wants = [only] if only is not None else _wanted(inst, index, vcpus[inst.type])
+    shapes = {inst.type: shape_of(ec2, inst.type)}
+    wants = [only] if only is not None else _wanted(inst, index, shapes[inst.type].vcpus, shapes[inst.type].gpus)
 
     def fitted(want: _Want, instance: dict[str, Any]) -> _Want:
-        """Without `cpus`, an instance of a fallback type offers that type's vCPUs, not the asked type's."""
+        """An instance of a fallback type offers that type's vCPUs and GPUs (unless `cpus`, `gpus` say)."""
         kind = instance.get("InstanceType") or inst.type or ""
-        if inst.cpus is not None or kind == inst.type:
+        if kind == inst.type:
             return want
-        if kind not in vcpus:
-            vcpus[kind] = vcpus_of(ec2, kind)
-        return dataclasses.replace(want, cpus=vcpus[kind])
+        if kind not in shapes:
+            shapes[kind] = shape_of(ec2, kind)
+        cpus = want.cpus if inst.cpus is not None else shapes[kind].vcpus
+        return dataclasses.replace(want, cpus=cpus, gpus=want.gpus if inst.gpus is not None else shapes[kind].gpus)
 
     existing = {_tag(i, TAG_RANK): i for i in _find(ec2, config.project, cluster)}
     if not create:
@@ -696,7 +725,7 @@ def _provision_type(
         ]
     key, _ = ensure_key(ec2, config, region)
     group, subnets = ensure_network(ec2, config, inst)
-    image = resolve_image(ec2, config, inst, region)
+    image = resolve_image(ec2, config, inst, region, gpus=shapes[inst.type].gpus)
     # A pending one is waited for below with the new ones; only stopping or stopped ones need a start.
     stopped = [
         i["InstanceId"] for w in wants if (i := existing.get(w.rank)) and i["State"]["Name"] in ("stopping", "stopped")
@@ -751,7 +780,7 @@ def replace(config: BatchConfig, lost: HostInfo, name: str) -> HostInfo:
     launches = _Launches()
     try:
         (host,) = _provision_type(
-            config, index, config.instances[index], True, launches, only=_Want(rank, lost.cpus, name)
+            config, index, config.instances[index], True, launches, only=_Want(rank, lost.cpus, lost.gpus, name=name)
         )
     except BaseException:
         launches.undo(config.project)
@@ -801,6 +830,7 @@ def _host(
         name=want.name or f"{inst.name or 'aws'}-{want.rank}",
         provider="aws",
         cpus=want.cpus,
+        gpus=want.gpus,
         base_dir=REMOTE_DIR,
         address=endpoint.host,
         port=endpoint.port,

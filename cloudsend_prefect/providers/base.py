@@ -21,6 +21,7 @@ class HostInfo(BaseModel):
     name: str
     provider: str
     cpus: int = Field(ge=1)
+    gpus: int = Field(0, ge=0, description="GPUs jobs are packed into; a job sees its own in CUDA_VISIBLE_DEVICES.")
     base_dir: str = Field(description="Where the host runtime keeps files on the host (absolute or ~-relative).")
     address: str | None = None
     port: int = 22

@@ -14,6 +14,7 @@ def provision(config: BatchConfig, instances: list[tuple[int, InstanceType]], *,
             name=name,
             provider="local",
             cpus=config.instance_cpus(inst),
+            gpus=inst.gpus or 0,
             base_dir=str(home / name),
             pass_env=config.pass_env,
         )

@@ -78,11 +78,19 @@ class HostRuntime:
     """One host's runtime under ``base`` (absolute, or relative to the login home)."""
 
     def __init__(
-        self, transport: Transport, base: str, capacity: int, *, idle: int | None = None, imds: str | None = None
+        self,
+        transport: Transport,
+        base: str,
+        capacity: int,
+        gpus: int = 0,
+        *,
+        idle: int | None = None,
+        imds: str | None = None,
     ) -> None:
         self.transport = transport
         self.base = base.rstrip("/")
         self.capacity = capacity
+        self.gpus = gpus
         self.idle = idle  # an instance's dead-man switch limit in seconds: re-armed at each install
         self.imds = imds  # a spot instance's metadata service: its interruption notice is read by ticks
         self.interruption: str | None = None  # EC2's spot interruption notice, once a tick has read one
@@ -96,7 +104,7 @@ class HostRuntime:
         """The runtime of a batch's host, as its provider describes it: a cloud instance's dead-man switch is
         re-armed at each install, and a spot instance's interruption notice read every ``SPOT_CHECK`` seconds
         of ticks. (Someone merely looking at a host, as ``cloudsend status`` does, makes a plain one.)"""
-        return cls(connect(info), info.base_dir, info.cpus, idle=info.idle_seconds, imds=info.imds)
+        return cls(connect(info), info.base_dir, info.cpus, info.gpus, idle=info.idle_seconds, imds=info.imds)
 
     def _q(self, path: str) -> str:
         return shlex.quote(path) if not path.startswith("~/") else "~/" + shlex.quote(path[2:])
@@ -226,9 +234,8 @@ class HostRuntime:
         for job in jobs:
             env = job.env.key if job.env else "-"
             timeout = f"{job.timeout:g}" if job.timeout else "-"
-            lines.append(
-                f"J {batch} {job.key} {job.cpus} {env} {timeout} {(rerun or {}).get(job.key, 0)} {job.max_output_bytes}"
-            )
+            again = (rerun or {}).get(job.key, 0)
+            lines.append(f"J {batch} {job.key} {job.cpus} {env} {timeout} {again} {job.max_output_bytes} {job.gpus}")
             lines += [f"F {f.sha256} {self._flags(f)} {_line(f.rel)}" for f in job.files]
             lines += [f"O {_line(out)}" for out in job.outputs]
             lines += [f"C {_no_nul(text)}" for text in job.command.split("\n")]
@@ -238,7 +245,8 @@ class HostRuntime:
         if self.imds is not None and time.monotonic() >= self._next_notice:
             self._next_notice = time.monotonic() + SPOT_CHECK
             ask["CLOUDSEND_IMDS"] = self.imds
-        out = self.call("tick", str(self.capacity), _seconds(lease), batch, *watch, stdin=manifest, env=ask).stdout
+        slots = f"{self.capacity}:{self.gpus}"
+        out = self.call("tick", slots, _seconds(lease), batch, *watch, stdin=manifest, env=ask).stdout
         for line in out.splitlines():
             if line.startswith('{"interruption"'):
                 self.interruption = json.loads(line)["interruption"] or "no details"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # cloudsend host runtime: the only code that runs on a host. POSIX sh, no Python needed.
 #
-#   host.sh tick     BASE CAPACITY LEASE BATCH [KEY...] < manifest
+#   host.sh tick     BASE CPUS:GPUS LEASE BATCH [KEY...] < manifest
 #                                                  a poll in one round trip: renew BATCH's lease, stage the
 #                                                  manifest's jobs (private copies of files from the store),
 #                                                  queue them, start what fits, print the records of KEYs
@@ -20,8 +20,9 @@
 # environment builds share: rattler, the conda package cache, a Julia the runtime installed), bin/ (this script),
 # jobs/<batch>/<key>/ (the runtime's record of a job: cmd.sh, status, pid, stdout, stderr, outputs...) and
 # jobs/<batch>/<key>/work/ (the job's working directory: private copies of its uploads, and what it writes;
-# nothing of the runtime's), queue/ and running/ (host-wide CPU accounting shared by all batches), leases/
-# (one file per batch, its mtime the lease's expiry), capacity, lock, dispatch.wanted, now.
+# nothing of the runtime's), queue/ and running/ (host-wide CPU and GPU accounting shared by all batches: a
+# running/ entry holds its job's CPUs and GPU devices, "4 0,1" or "1 -"), leases/ (one file per batch, its mtime
+# the lease's expiry), capacity ("CPUS GPUS"), lock, dispatch.wanted, now.
 #
 # Fencing: a queued job starts only while its batch's lease runs. The client renews it at every poll, for
 # less time than it waits before declaring a silent host lost, so a host that is cut off, or that comes back
@@ -190,13 +191,15 @@ dispatch_pass() {
     consumed=
     ended=
     echo >"$BASE/now" # its mtime is this pass's time: a lease runs while its file is newer (no fork)
-    cap=1
-    read -r cap <"$BASE/capacity" 2>/dev/null
+    cap=1 gcap=0
+    read -r cap gcap <"$BASE/capacity" 2>/dev/null
+    gcap=${gcap:-0}
     used=0
+    gused= # GPU devices in use: ",0,1"
     for r in "$BASE"/running/*; do
         [ -f "$r" ] || continue
-        c=
-        read -r c <"$r"
+        c='' g=''
+        read -r c g <"$r"
         case $c in
         0) ended="$ended$r
 " ;;
@@ -207,6 +210,7 @@ dispatch_pass() {
 "
             else
                 used=$((used + c))
+                [ "${g:--}" = - ] || gused="$gused,$g"
             fi
             ;;
         esac
@@ -231,6 +235,14 @@ dispatch_pass() {
             continue
         fi
         read -r c <"$d/cpus"
+        g=0
+        [ -f "$d/gpus" ] && read -r g <"$d/gpus"
+        if [ "$g" -gt "$gcap" ]; then
+            consumed="$consumed$q
+"
+            write_status "$d" aborted "needs $g GPUs; this host has $gcap"
+            continue
+        fi
         read -r env <"$d/env"
         if [ "$env" != - ]; then
             es=
@@ -250,7 +262,12 @@ dispatch_pass() {
             esac
         fi
         if [ $((used + c)) -le "$cap" ] || [ "$used" -eq 0 ]; then
-            echo "$c" >"$BASE/running/${batch}__$key"
+            devs=-
+            if [ "$g" -gt 0 ]; then
+                free_gpus "$g" || continue # its GPUs are busy: a later job may fit
+                gused="$gused,$devs"
+            fi
+            echo "$c $devs" >"$BASE/running/${batch}__$key"
             consumed="$consumed$q
 "
             if [ "$chain" = chain ]; then
@@ -279,10 +296,31 @@ dispatch_pass() {
     IFS=$old_ifs
 }
 
+# free_gpus N: the first N GPU devices not in $gused, comma-separated in $devs; false when fewer are free.
+free_gpus() {
+    devs=
+    n=0
+    i=0
+    while [ "$i" -lt "$gcap" ] && [ "$n" -lt "$1" ]; do
+        case "$gused," in
+        *",$i,"*) ;;
+        *)
+            devs="${devs:+$devs,}$i"
+            n=$((n + 1))
+            ;;
+        esac
+        i=$((i + 1))
+    done
+    [ "$n" -eq "$1" ]
+}
+
 # The manifest is read twice: first to make every new job directory with one mkdir, then to fill them.
 # Queue entries are written aside and moved into queue/ together, so a dispatch never reads one half-written.
 stage() {
-    echo "$1" >"$BASE/capacity"
+    case $1 in # CPUS:GPUS
+    *:*) echo "${1%%:*} ${1#*:}" >"$BASE/capacity" ;;
+    *) echo "$1 0" >"$BASE/capacity" ;;
+    esac
     lease=$2
     for f in "$BASE"/files/.incoming/*; do # sent with the client's umask: made private, then stored
         [ -f "$f" ] || continue
@@ -292,7 +330,7 @@ stage() {
     manifest="$BASE/jobs/.manifest.$$"
     incoming="$BASE/queue/.incoming.$$"
     cat >"$manifest" || exit 3
-    # J batch key cpus envkey timeout rerun maxout: a known job is left alone (re-attached, never started
+    # J batch key cpus envkey timeout rerun maxout gpus: a known job is left alone (re-attached, never started
     # twice) unless rerun asks to replace it once it has ended: 1 if it ended other than done (a retry of a
     # failed job, a job fenced before it started), 2 even if done (an explicit rerun of the batch). Two
     # clients retrying the same job thus run it once: the second finds it queued, running or done.
@@ -353,6 +391,7 @@ stage() {
             [ -f "$d/status" ] || [ ! -d "$d" ] && continue # known (or not made: nothing to queue)
             skip=0
             echo "$3" >"$d/cpus"
+            [ "${8:-0}" = 0 ] || echo "$8" >"$d/gpus"
             echo "$4" >"$d/env"
             [ "$5" != - ] && echo "$5" >"$d/timeout"
             [ "$7" != - ] && echo "$7" >"$d/maxout"
@@ -410,6 +449,15 @@ runjob() {
     read -r env <"$d/env"
     read -r CLOUDSEND_CPUS <"$d/cpus"
     export CLOUDSEND_CPUS CLOUDSEND_BATCH="$1" CLOUDSEND_JOB="$2"
+    # Its GPUs (given by dispatch_pass); on a host with GPUs, a job that asked for none sees none.
+    _c='' devs='' _cap='' gcap=''
+    read -r _c devs <"$BASE/running/${1}__$2"
+    read -r _cap gcap <"$BASE/capacity"
+    if [ "${devs:--}" != - ]; then
+        export CUDA_VISIBLE_DEVICES="$devs"
+    elif [ "${gcap:-0}" -gt 0 ]; then
+        export CUDA_VISIBLE_DEVICES=
+    fi
     t=
     [ -f "$d/timeout" ] && read -r t <"$d/timeout"
     oom_kills
