@@ -730,7 +730,8 @@ class BatchConfig(ClusterSettings, _Strict):
         return self
 
     def _check_jobs(self) -> None:
-        """Explicit names are distinct, and the runs are counted before `repeat` expands anything."""
+        """Explicit names are distinct, and the runs are counted before `repeat` expands anything. (A sweep's
+        name is a template its points fill in: their names are checked once made, in ``specs``.)"""
         runs = sum(job.runs for job in self.jobs)
         if runs > MAX_JOB_RUNS:
             raise ValueError(
@@ -738,7 +739,7 @@ class BatchConfig(ClusterSettings, _Strict):
             )
         first: dict[str, int] = {}
         for i, job in enumerate(self.jobs):
-            if job.name is None:
+            if job.name is None or job.matrix is not None:
                 continue
             if job.name in first:
                 raise ValueError(

@@ -132,6 +132,18 @@ def test_points_whose_names_meet_are_numbered(tmp_path: Path) -> None:
     assert jobs[0].hash != jobs[1].hash
 
 
+def test_two_sweeps_may_share_a_name_template(tmp_path: Path) -> None:
+    jobs = _batch(
+        tmp_path,
+        """
+        jobs:
+          - {name: "fit-{x}", run_command: "echo {x}", matrix: {x: [1, 2]}}
+          - {name: "fit-{x}", run_command: "echo {x} again", matrix: {x: [3, 4]}}
+        """,
+    )
+    assert [job.name for job in jobs] == ["fit-1", "fit-2", "fit-3", "fit-4"]
+
+
 def test_the_number_of_points_is_bounded_before_expansion(tmp_path: Path) -> None:
     values = list(range(1001))
     body = f"jobs: [{{run_command: 'echo {{a}} {{b}}', matrix: {{a: {values}, b: {values}}}}}]\n"
