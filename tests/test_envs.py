@@ -278,6 +278,40 @@ def test_conda_environment_that_cannot_be_solved_says_why(stock_host: SshdHost, 
     assert "conda environment failed" in log and "cloudsend-hello" in log
 
 
+def _python_older_than_3_10() -> Path:
+    """An interpreter older than py-rattler supports (Amazon Linux 2023's python3 is 3.9), or a skip saying so."""
+    found = sorted(Path("/").glob("root/.pyenv/versions/3.[6-9].*/bin/python3")) + sorted(
+        Path("/usr/bin").glob("python3.[6-9]")
+    )
+    if not found:
+        pytest.skip("no Python older than 3.10 on this machine (pyenv's or /usr/bin's) to stand for a host's python3")
+    return found[-1]
+
+
+def test_conda_on_a_host_whose_python3_is_too_old_for_rattler(tmp_path_factory, tmp_path: Path) -> None:
+    """A python3 that makes venvs but is older than 3.10: the client sends uv (which finds or fetches a newer
+    Python); where it cannot, the build says what is missing instead of failing in pip."""
+    channel = make_channel(tmp_path / "channel")
+    env = env_spec({"conda.txt": "cloudsend-hello\n", "conda-channels.txt": f"{channel}\n"})
+    root = tmp_path_factory.mktemp("old")
+    same, other = root / "same-bin", root / "other-bin"
+    for bin_dir in (same, other):
+        bin_dir.mkdir()
+        (bin_dir / "python3").symlink_to(_python_older_than_3_10())
+    other_machine(other)
+    with contextlib.ExitStack() as stack:
+        (near,) = stack.enter_context(sshd_hosts_running(root / "sshd-same", 1, env=host_env(same)))
+        (far,) = stack.enter_context(sshd_hosts_running(root / "sshd-other", 1, env=host_env(other)))
+        rt = runtime_on(near, "old")
+        assert build(rt, env) == "ready", rt.env_log_tail(env)
+        assert Path(f"{near.home}/old/bin/uv").is_file()
+        rt = runtime_on(far, "old")
+        assert build(rt, env) == "failed"
+        log = rt.env_log_tail(env)
+        assert "conda environments need Python 3.10 or newer here (for py-rattler), or uv, which fetches one:" in log
+        assert "python3 is Python 3." in log
+
+
 def test_a_batch_with_pip_and_conda_environments_on_a_stock_host(stock_host: SshdHost, tmp_path: Path) -> None:
     """What a user runs: a config with both kinds, jobs in each, through the flow."""
     wheel = make_wheel(tmp_path / "wheels", "cswheel", "42")

@@ -683,7 +683,7 @@ ensure_env() {
         [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || st=
     fi
     if [ "$st" != ready ] && [ "$st" != building ]; then
-        if [ "${2:-}" != nouv ] && needs_python "$e" && ! python_tools; then
+        if [ "${2:-}" != nouv ] && needs_python "$e" && ! python_tools "$e"; then
             unlock
             echo "needs-uv $(uname -s) $(uname -m)"
             return 0
@@ -721,9 +721,15 @@ uv_bin() {
     command -v uv 2>/dev/null || { [ -x "$BASE/bin/uv" ] && echo "$BASE/bin/uv"; } || :
 }
 
-# python_tools: whether a virtualenv can be made and filled here without installing anything first.
+# python_tools DIR: whether the environment in DIR can be built here without installing anything first: with
+# uv, or with a python3 that makes venvs (3.10 or newer for a conda environment: py-rattler needs it).
 python_tools() {
-    [ -n "$(uv_bin)" ] || python3 -c 'import ensurepip' >/dev/null 2>&1
+    [ -n "$(uv_bin)" ] && return 0
+    if [ -f "$1/conda.txt" ] || [ -f "$1/environment.yml" ]; then
+        python3 -c 'import ensurepip, sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1
+    else
+        python3 -c 'import ensurepip' >/dev/null 2>&1
+    fi
 }
 
 # as_root CMD...: CMD as root, directly or through passwordless sudo; fails saying so when neither works.
@@ -793,6 +799,11 @@ build_conda() {
     tool="$BASE/tools/rattler-$RATTLER_VERSION"
     if [ ! -x "$tool/bin/python" ]; then
         echo "== rattler (py-rattler $RATTLER_VERSION), once per host"
+        if [ -z "$(uv_bin)" ] && ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            echo "conda environments need Python 3.10 or newer here (for py-rattler), or uv, which fetches one:"
+            echo "python3 is $(python3 --version 2>&1), and the client sent no uv (another OS or architecture)"
+            return 1
+        fi
         mkdir -p "$BASE/tools"
         rm -rf "$tool.$$"
         make_venv "$tool.$$" ">=3.10" # what py-rattler needs
