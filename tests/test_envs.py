@@ -225,6 +225,18 @@ def test_pip_environment_on_a_stock_image_uses_the_uv_the_client_sends(stock_hos
     assert rt.ensure_env(env) == "ready"  # reused by hash, not rebuilt
 
 
+def test_a_failed_build_asked_again_starts_afresh(stock_host: SshdHost, tmp_path: Path) -> None:
+    """A build that failed half-way (its wheel was missing) is built again when asked, over what it left."""
+    wheel = tmp_path / "wheels" / "later-1.0-py3-none-any.whl"
+    rt = runtime_on(stock_host, "retry")
+    env = env_spec({"requirements.txt": f"{wheel}\n"})
+    assert build(rt, env) == "failed"
+    assert Path(f"{stock_host.home}/retry/envs/{env.key}/venv").is_dir()  # made before the install failed
+    make_wheel(wheel.parent, "later", "there now")
+    assert build(rt, env) == "ready", rt.env_log_tail(env)
+    assert run_one(rt, env, "python -c 'import later; print(later.VALUE)'") == "there now\n"
+
+
 def test_pip_environment_fails_clearly_where_nothing_can_be_sent_or_installed(tmp_path_factory) -> None:
     """A host of another architecture (the client's uv would not run there), without root or sudo."""
     root = tmp_path_factory.mktemp("arm")

@@ -889,6 +889,7 @@ bootstrap() {
     e="$BASE/envs/$1"
     cd "$e" || exit 1
     : >activate
+    rm -rf venv conda julia pip.txt # what a failed build left: a retry starts afresh
     # Not an `if (...)`: set -e is ignored in a tested context, and every step must stop the build.
     (
         set -e
