@@ -173,8 +173,11 @@ class Estimate:
         return [row for row in self.rows if row.provider == "aws"]
 
 
-def estimate(hosts: Iterable[Billable], seconds: float, prices: Mapping[str, Price] | None = None) -> Estimate:
-    """What ``hosts`` cost when each is up for ``seconds``: price times billed hours (per second, 60 s minimum).
+def estimate(
+    hosts: Iterable[Billable], seconds: float | Mapping[str, float], prices: Mapping[str, Price] | None = None
+) -> Estimate:
+    """What ``hosts`` cost when each is up for ``seconds`` (the same for all, or each host's by name): price
+    times billed hours (per second, 60 s minimum).
 
     ``prices`` overrides a host's offline price by host name (live spot prices, ``max_bid``).
     """
@@ -182,7 +185,8 @@ def estimate(hosts: Iterable[Billable], seconds: float, prices: Mapping[str, Pri
     for host in hosts:
         price = (prices or {}).get(host.name) or offline_price(host)
         aws = host.provider == "aws"
-        hours = billed_hours(seconds) if aws else 0.0
+        up = seconds[host.name] if isinstance(seconds, Mapping) else seconds
+        hours = billed_hours(up) if aws else 0.0
         cost = None if price.usd_per_hour is None else price.usd_per_hour * hours
         market = ("spot" if host.spot else "on-demand") if aws else OWN_MACHINE
         rows.append(
@@ -223,13 +227,14 @@ def live_spot_prices(hosts: Sequence[Billable], client: Any) -> dict[str, Price]
     return prices
 
 
-def cost_report(hosts: Sequence[HostInfo], seconds: float) -> Estimate | None:
-    """The flow's end-of-batch report: what the batch's aws hosts cost from provisioning to teardown.
+def cost_report(hosts: Sequence[HostInfo], seconds: float | Mapping[str, float]) -> Estimate | None:
+    """The flow's end-of-batch report: what the batch's aws hosts cost while the batch had them up.
 
-    Per-instance launch times are not known here, so every host is billed for the whole window (an upper
-    bound; a reused instance that was already running is billed from this batch's provisioning only). Spot
-    hosts are priced at EC2's current spot price when it answers, else at the catalog's on-demand price.
-    None when there is no aws host.
+    ``seconds``: how long each host was up for the batch, by name (or one figure for all): from provisioning
+    (a replacement: from its launch) to its stop, early or at teardown; an upper bound, as EC2 starts billing
+    once an instance runs (a reused instance that was already running is billed from this batch's provisioning
+    only). Spot hosts are priced at EC2's current spot price when it answers, else at the catalog's on-demand
+    price. None when there is no aws host.
     """
     aws_hosts = [h for h in hosts if h.provider == "aws"]
     if not aws_hosts:
@@ -242,17 +247,17 @@ def cost_report(hosts: Sequence[HostInfo], seconds: float) -> Estimate | None:
     return estimate(aws_hosts, seconds, live_spot_prices(aws_hosts, client))
 
 
-def cost_line(report: Estimate, seconds: float) -> str:
+def cost_line(report: Estimate) -> str:
     """One log line: total and per-host cost."""
     hosts = ", ".join(
-        f"{r.host} ({r.instance_id or '-'}, {r.instance_type or '?'} {r.market}: "
+        f"{r.host} ({r.instance_id or '-'}, {r.instance_type or '?'} {r.market}, {r.hours:.3f} h: "
         f"{usd(r.cost) if r.cost is not None else 'price unknown'})"
         for r in report.aws_rows
     )
     unknown = "" if report.complete else " (some prices unknown: not counted)"
     return (
-        f"cost: {usd(report.total)}{unknown} for {len(report.aws_rows)} instance(s), "
-        f"{billed_hours(seconds):.3f} h each (billed time, upper bound: from provisioning to teardown): {hosts}"
+        f"cost: {usd(report.total)}{unknown} for {len(report.aws_rows)} instance(s), billed time an upper bound "
+        f"(from provisioning or launch to stop): {hosts}"
     )
 
 

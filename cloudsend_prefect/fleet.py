@@ -49,6 +49,8 @@ class Fleet:
         self.replaced: dict[str, str] = {}  # replacement's name → the lost host's (every launch attempted)
         self.joined: list[str] = []  # replacements that joined the batch
         self.released: dict[str, float] = {}  # host name → when it was stopped early (epoch seconds)
+        self.launched: dict[str, float] = {}  # replacement's name → when its launch began (billing, at the latest)
+        self.gone: dict[str, float] = {}  # lost host's name → when its replacement's launch terminated it
         self.logger = get_run_logger()
         # The flow run's context: a replacement's bootstrap task runs belong to the flow run, like the first ones.
         self._context = contextvars.copy_context()
@@ -123,6 +125,8 @@ class Fleet:
     def _replace(self, replace: Callable[[BatchConfig, HostInfo, str], HostInfo], lost: HostInfo, name: str) -> None:
         started = time.monotonic()
         self.logger.warning("%s was lost: launching %s in its place", lost.name, name)
+        with self._lock:
+            self.launched[name] = self.gone[lost.name] = time.time()  # replace terminates the lost one first
         try:
             host = replace(self.config, lost, name)
         except Exception as exc:
@@ -170,6 +174,17 @@ class Fleet:
             self.released[host.name] = time.time()
         how = "terminated" if self.config.auto_stop == "terminate" else "stopped"
         self.logger.info("%s (%s) %s: %s", host.name, host.instance_id, how, why)
+
+    def billed(self, since: float, until: float) -> dict[str, float]:
+        """How long each host was up for the batch, in seconds, for its cost: from ``since`` (provisioning; a
+        replacement: its launch) to its early stop, to its termination as a lost host being replaced, else to
+        ``until`` (teardown)."""
+        with self._lock:
+            ends = {**self.gone, **self.released}
+            return {
+                host.name: max(0.0, ends.get(host.name, until) - self.launched.get(host.name, since))
+                for host in self.hosts
+            }
 
     def close(self) -> None:
         """No more replacements; wait for those under way (teardown must know their instances). Logs the

@@ -172,8 +172,10 @@ def cloudsend(
             dispatcher.stop()
         trips = {host.name: connect(host).round_trips for host in hosts}
         teardown(hosts, cfg)
-        usage = measure(results.values(), {job.key: job.cpus for job in specs}, hosts, time.time() - provisioning)
-        cost = _report_cost(name, hosts, usage, kept=not cfg.auto_stop)
+        ended = time.time()
+        usage = measure(results.values(), {job.key: job.cpus for job in specs}, hosts, ended - provisioning)
+        billed = fleet.billed(provisioning, ended) if fleet is not None else {h.name: usage.seconds for h in hosts}
+        cost = _report_cost(name, hosts, usage, billed, kept=not cfg.auto_stop)
     summary = BatchSummary(
         batch=name, results_dir=str(dest), jobs=[results[job.key] for job in specs], round_trips=trips, cost=cost
     )
@@ -212,20 +214,22 @@ def summary_of(state: State[Any]) -> BatchSummary:
     raise RuntimeError(f"the flow run ended {state.name} without a batch summary: {state.message}")
 
 
-def _report_cost(batch: str, hosts: list[HostInfo], usage: Usage, *, kept: bool) -> float | None:
+def _report_cost(
+    batch: str, hosts: list[HostInfo], usage: Usage, billed: dict[str, float], *, kept: bool
+) -> float | None:
     """The `<batch>-cost` table artifact of every batch (CPU time used against available, per host; for aws
     hosts, billed hours and USD) and its log lines; the aws total, or None without aws hosts. Never raises: a
     failed report must not hide the batch's own outcome."""
     logger = get_run_logger()
     try:
         logger.info("batch %s: %s", batch, usage.line())
-        report = cost_report(hosts, usage.seconds)
+        report = cost_report(hosts, billed)
         still = " Instances were kept running (auto_stop: false): they are still billing." if kept and report else ""
         description = cost_description(batch, usage, report) + still
         create_table_artifact(key=f"{batch}-cost", table=cost_table(usage, report), description=description)
         if report is None:
             return None
-        logger.info("batch %s %s%s", batch, cost_line(report, usage.seconds), still)
+        logger.info("batch %s %s%s", batch, cost_line(report), still)
         return report.total
     except Exception as exc:
         logger.warning("batch %s: no cost report: %s: %s", batch, type(exc).__name__, exc)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudsend_prefect.catalog import Estimate, billed_hours, usd
+from cloudsend_prefect.catalog import Estimate, usd
 from cloudsend_prefect.planning import Placement
 from cloudsend_prefect.providers.base import HostInfo
 from cloudsend_prefect.results import BatchSummary, JobResult, tail_lines
@@ -280,8 +280,9 @@ def cost_description(batch: str, usage: Usage, report: Estimate | None) -> str:
     if report is None:
         return text + " Own machines (local, ssh): no charge counted."
     return text + (
-        f" EC2 instances in USD, billed time ({billed_hours(usage.seconds):.3f} h each), an upper bound: from "
-        "provisioning to teardown, per second with a 60 s minimum; on-demand prices from cloudsend's catalog "
+        " EC2 instances in USD, billed time per instance, an upper bound: from provisioning (a replacement: from "
+        "its launch) to its stop (early, when no job could reach it any more, or at teardown), per second with a "
+        "60 s minimum; on-demand prices from cloudsend's catalog "
         "(us-east-1 list prices; other regions differ), spot prices from EC2 when it answered. EBS disks and data "
         "transfer are not included."
     )

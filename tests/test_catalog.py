@@ -152,8 +152,8 @@ def test_cost_report_of_hosts_uses_live_spot_prices_else_the_catalog(
     first = live.rows[0]
     assert (first.instance_id, first.market, first.hours, first.usd_per_hour) == ("i-aws-0", "on-demand", 2.0, 0.17)
     assert first.cost == pytest.approx(0.34) and first.basis == "on-demand (catalog)"
-    line = catalog.cost_line(live, 7200)
-    assert "aws-0 (i-aws-0, c5.xlarge on-demand: $0.3400)" in line and "upper bound" in line
+    line = catalog.cost_line(live)
+    assert "aws-0 (i-aws-0, c5.xlarge on-demand, 2.000 h: $0.3400)" in line and "upper bound" in line
 
 
 def test_the_flow_reports_cost_as_an_artifact(fake_aws: None) -> None:
@@ -164,8 +164,9 @@ def test_the_flow_reports_cost_as_an_artifact(fake_aws: None) -> None:
 
     @flow
     def report(hosts: list[HostInfo]) -> tuple[float | None, float | None]:
-        mine = _report_cost("cost-unit", hosts, measure([], {}, hosts, 1800), kept=False)
-        own = _report_cost("cost-own", hosts[2:], measure([], {}, hosts[2:], 1800), kept=False)
+        up = {host.name: 1800.0 for host in hosts}
+        mine = _report_cost("cost-unit", hosts, measure([], {}, hosts, 1800), up, kept=False)
+        own = _report_cost("cost-own", hosts[2:], measure([], {}, hosts[2:], 1800), up, kept=False)
         return mine, own
 
     hosts = [
@@ -283,3 +284,11 @@ def test_plan_asks_ec2_for_spot_prices_only_when_told(
     assert live.exit_code == 0, live.output
     assert "spot: current price from EC2" in live.output and "$0.000010" in live.output
     assert "estimated cost: $0.1700" in live.output  # the two c5.xlarge for half an hour; spot is nearly free
+
+
+def test_each_host_is_billed_for_its_own_up_time() -> None:
+    """An instance stopped early, or launched late as a replacement, costs its own time, not the batch's."""
+    hosts = [aws_host("kept", "c5.xlarge"), aws_host("stopped-early", "c5.xlarge")]
+    result = estimate(hosts, {"kept": 7200, "stopped-early": 1800})
+    assert [row.hours for row in result.rows] == [2.0, 0.5]
+    assert result.total == pytest.approx(2.5 * 0.17)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cloudsend_prefect import dispatch
+from cloudsend_prefect import dispatch, flow
 from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.providers import aws
 from cloudsend_prefect.results import BatchSummary
@@ -216,6 +216,7 @@ def test_an_instance_no_work_can_reach_is_stopped_before_the_batch_ends(
     ami: dict[str, Any],  # noqa: F811
     sshd_hosts: list[SshdHost],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two 1-CPU instances; a slow job that fails once and is retried keeps one busy while the short jobs end
     on the other: that one is stopped as soon as every job left is held by the first, and the retry, which
@@ -229,6 +230,9 @@ def test_an_instance_no_work_can_reach_is_stopped_before_the_batch_ends(
     jobs[0]["max_retries"] = 1
     config = write_config(tmp_path / "proj", batch(project, ami, [instance(ami, number=2, cpus=1)], jobs=jobs))
     caplog.set_level(logging.INFO)
+    reported: dict[str, float] = {}  # the up-time each instance is billed for in the batch's cost report
+    report = flow.cost_report
+    monkeypatch.setattr(flow, "cost_report", lambda hosts, seconds: reported.update(seconds) or report(hosts, seconds))
     started = time.monotonic()
     summary = run_batch(config=str(config), results_dir=str(results))
     elapsed = time.monotonic() - started
@@ -244,6 +248,8 @@ def test_an_instance_no_work_can_reach_is_stopped_before_the_batch_ends(
     assert saved >= 4, f"{idle} was stopped only {saved:.0f}s before {busy}"
     assert f"{idle} (" in caplog.text and "no job left could reach it" in caplog.text
     assert "instance-minutes saved" in caplog.text
+    # The cost report bills the idle one until its early stop, not until the batch's end.
+    assert reported[busy] - reported[idle] >= 4, reported
 
 
 def terminate_when_busy(project: str, rank: str, host: SshdHost, fault: Fault, nth: int = 0) -> None:
