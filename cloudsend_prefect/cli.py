@@ -25,7 +25,7 @@ from rich.progress import Task as RichTask
 from rich.table import Table
 from rich.text import Text
 
-from cloudsend_prefect import reporting
+from cloudsend_prefect import controller_cli, reporting
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.loading import ConfigError, load_batch
 from cloudsend_prefect.results import BatchSummary, JobResult
@@ -53,6 +53,10 @@ OptionalConfig = Annotated[
 ]
 IdsArg = Annotated[list[str] | None, typer.Option("--id", help="Only these instance ids (default: all).")]
 CredsOpt = Annotated[str | None, typer.Option(help="AwsCredentials block to use.")]
+RemoteOpt = Annotated[
+    bool,
+    typer.Option("--remote", help="Run on the controller (`cloudsend controller up`), as `maestro: remote` does."),
+]
 ProfileOpt = Annotated[str | None, typer.Option(help="AWS profile to use.")]
 
 MAX_ROWS = 50  # rows of a job table in the terminal; the rest is counted, and `status` lists them
@@ -194,10 +198,18 @@ def run(
     ),
     rerun: Annotated[bool, typer.Option(help="Run every job again, even those already done.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+    remote: RemoteOpt = False,
+    wait: Annotated[bool, typer.Option("--wait", help="With --remote: follow the run to its end.")] = False,
     exec_python_config: ExecOpt = False,
 ) -> None:
-    """Run a batch through the `cloudsend` Prefect flow, with a progress bar; exit 1 if any job is not done."""
-    _, jobs = _load(config, exec_python_config)
+    """Run a batch through the `cloudsend` Prefect flow, with a progress bar; exit 1 if any job is not done.
+    With --remote (or `maestro: remote`): submit it to the controller and return."""
+    cfg, jobs = _load(config, exec_python_config)
+    if remote or cfg.maestro == "remote":
+        from cloudsend_prefect.controller_cli import run_remote
+
+        run_remote(config, _batch_name(cfg, batch), rerun=rerun, wait=wait, exec_python_config=exec_python_config)
+        return
     if not verbose:  # job failures (with their stderr tail) still show; the rest is in the UI
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
     # The ephemeral server this process may start should not phone home (and offline it only logs errors).
@@ -329,15 +341,22 @@ def status(
     batch: BatchOpt = None,
     project: Annotated[str | None, typer.Option(help="Without a config: only this project's batches.")] = None,
     as_json: JsonOpt = False,
+    remote: RemoteOpt = False,
     exec_python_config: ExecOpt = False,
 ) -> None:
     """Show the state of every job of a batch. With a config: read from its hosts (one round trip per host).
-    Without: from what this machine recorded as batches ran (every batch, or one with --batch)."""
+    Without: from what this machine recorded as batches ran (every batch, or one with --batch).
+    With --remote (or `maestro: remote`): from the Prefect API, the controller's run of it."""
     if config is None:
         _recorded_status(batch, project, as_json)
         return
     cfg, jobs = _load(config, exec_python_config)
     name = _batch_name(cfg, batch)
+    if remote or cfg.maestro == "remote":
+        from cloudsend_prefect.controller_cli import status_remote
+
+        status_remote(config, jobs, name, as_json)
+        return
     found, _ = _find_jobs(cfg, name)
     rows: list[dict[str, Any]] = []
     for job in jobs:
@@ -431,12 +450,19 @@ def logs(
     stderr: Annotated[bool, typer.Option("--stderr", help="Show stderr instead of stdout.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
     batch: BatchOpt = None,
+    remote: RemoteOpt = False,
     exec_python_config: ExecOpt = False,
 ) -> None:
-    """Print a job's stdout (or stderr) from its host; --follow tails it live."""
+    """Print a job's stdout (or stderr) from its host; --follow tails it live. With --remote (or `maestro:
+    remote`): what its task run logged, from the Prefect API."""
     cfg, jobs = _load(config, exec_python_config)
     (spec,) = _select(jobs, [job])
     name = _batch_name(cfg, batch)
+    if remote or cfg.maestro == "remote":
+        from cloudsend_prefect.controller_cli import logs_remote
+
+        logs_remote(spec, name)
+        return
     found, runtimes = _find_jobs(cfg, name)
     if spec.key not in found:
         console.print(f"[red]error:[/red] job {escape(job)} has not started on any host of batch {name}")
@@ -464,13 +490,20 @@ def cancel(
     jobs: Annotated[list[str] | None, typer.Argument(help="Job names; none means every job of the batch.")] = None,
     every_batch: Annotated[bool, typer.Option("--all", help="Cancel every job of every batch on the hosts.")] = False,
     batch: BatchOpt = None,
+    remote: RemoteOpt = False,
     exec_python_config: ExecOpt = False,
 ) -> None:
-    """Cancel jobs: queued ones are dropped, running ones have their process group killed."""
+    """Cancel jobs: queued ones are dropped, running ones have their process group killed. With --remote (or
+    `maestro: remote`): the controller's flow run of the batch is cancelled, and with it every job."""
     from cloudsend_prefect.providers import connect, provision_all
     from cloudsend_prefect.runtime import HostRuntime
 
     cfg, specs = _load(config, exec_python_config)
+    if remote or cfg.maestro == "remote":
+        from cloudsend_prefect.controller_cli import cancel_remote
+
+        cancel_remote(_batch_name(cfg, batch), jobs or [])
+        return
     name = "*" if every_batch else _batch_name(cfg, batch)
     keys = [s.key for s in _select(specs, jobs or [])]
     names = {s.key: s.name for s in specs}
@@ -755,3 +788,8 @@ def init(
 
 if __name__ == "__main__":
     app()
+
+
+# The controller instance and remote batches (controller_cli.py).
+app.add_typer(controller_cli.app, name="controller")
+app.command()(controller_cli.fetch)

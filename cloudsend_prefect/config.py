@@ -668,7 +668,8 @@ class BatchConfig(ClusterSettings, _Strict):
     maestro: Literal["local", "remote", "lambda"] = Field(
         "local",
         title="Maestro",
-        description="Only 'local': the Prefect flow (or its worker) is the controller.",
+        description="'local': this machine's flow run is the controller; 'remote': `cloudsend run` submits the batch "
+        "to the controller instance (`cloudsend controller up`) and returns; 'lambda' is not built.",
     )
     jobs: list[Job] = Field(default_factory=list, title="Jobs")
 
@@ -820,8 +821,10 @@ class BatchConfig(ClusterSettings, _Strict):
         self._notes = [*notes, *self._provider_notes()]
         if self.profile is not None and all((inst.provider or self.provider) != "aws" for inst in self.instances):
             self._notes.append("'profile' is ignored: it selects AWS credentials and no instance uses the aws provider")
-        if self.maestro != "local":
-            self._notes.append(f"maestro '{self.maestro}' is not built: the Prefect flow runs the batch")
+        if self.maestro == "lambda":
+            self._notes.append(
+                "maestro 'lambda' is not built: the Prefect flow runs the batch (see docs/controller.md)"
+            )
         return self
 
     def _provider_notes(self) -> list[str]:

@@ -15,12 +15,14 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from cloudsend_prefect.bundle import Bundle, unpack
 from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import BatchConfig, Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.fleet import Fleet
 from cloudsend_prefect.joblog import JobLog
 from cloudsend_prefect.loading import ConfigError, load_config, parse_config
+from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.reporting import (
     Usage,
@@ -108,6 +110,7 @@ def cloudsend(
     base_dir: str | None = None,
     rerun: bool = False,
     exec_python_config: bool = False,
+    bundle: Bundle | None = None,
 ) -> BatchSummary:
     """Run a batch of jobs on the cluster's hosts and bring their outputs back.
 
@@ -120,8 +123,13 @@ def cloudsend(
         base_dir: With a block, the directory relative job paths start from (default: working directory).
         rerun: Run every job again, even those that finished in an earlier run.
         exec_python_config: Run a .py config as Python (it may do anything) instead of reading its literal.
+        bundle: Instead of `config`, the config and its files as content (`cloudsend run --remote` sends them).
     """
     logger = get_run_logger()
+    if bundle is not None:
+        if config or cluster:
+            raise ConfigError("give either a bundle or a config file or a cluster block, not several")
+        config = str(unpack(bundle, cloudsend_home() / "bundles"))
     cfg, specs = resolve_config(config, cluster, jobs, base_dir, exec_python_config)
     for note in cfg.notes:
         logger.warning("%s: %s", cfg.source, note)

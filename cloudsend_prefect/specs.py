@@ -198,13 +198,36 @@ def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
     elif env.env_julia:
         files["julia.txt"] = "\n".join(env.env_julia) + "\n"
     if env.command:
-        looks_like_file = "\n" not in env.command and env.command.strip().endswith(".sh")
-        if looks_like_file:
-            script, where = env.command.strip(), f"{field}.command"
+        script = _setup_script(env)
+        if script:
+            where = f"{field}.command"
             files["setup.sh"] = _read_text(config, _existing(config, script, where), script, where)
         else:
             files["setup.sh"] = env.command + "\n"
     return EnvSpec(name=env.name or "default", hash=digest(files), files=files)
+
+
+def _setup_script(env: Environment) -> str | None:
+    """The file ``command`` names, when it is one line ending in .sh; else None (it is the commands)."""
+    command = env.command or ""
+    return command.strip() if "\n" not in command and command.strip().endswith(".sh") else None
+
+
+def env_paths(config: BatchConfig) -> list[Path]:
+    """The files the environments are read from: what a remote controller must be sent with the config."""
+    paths = []
+    for i, env in enumerate(config.environments):
+        for key in ("env_pypi", "env_conda", "env_julia"):
+            value = getattr(env, key)
+            if isinstance(value, str):
+                path = _env_file(config, value, f"environments[{i}].{key}")[0]
+                paths.append(path)
+                if key == "env_julia" and path.with_name("Manifest.toml").is_file():
+                    paths.append(path.with_name("Manifest.toml"))
+        script = _setup_script(env)
+        if script:
+            paths.append(_existing(config, script, f"environments[{i}].command"))
+    return paths
 
 
 def resolve_envs(config: BatchConfig) -> dict[str | None, EnvSpec]:

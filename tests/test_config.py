@@ -470,10 +470,12 @@ def test_predecessor_global_keys_are_accepted_with_a_note(project: Path, key: st
 
 def test_profile_and_maestro_notes(project: Path) -> None:
     path = project / "batch.yaml"
-    path.write_text("profile: research\nmaestro: remote\nprovider: local\n")
+    path.write_text("profile: research\nmaestro: lambda\nprovider: local\n")
     notes = load_config(path).notes
     assert any(n.startswith("'profile' is ignored") and "aws" in n for n in notes), notes
-    assert any("maestro 'remote'" in n and "Prefect flow" in n for n in notes), notes
+    assert any("maestro 'lambda'" in n and "Prefect flow" in n for n in notes), notes
+    path.write_text("maestro: remote\n")  # built: `cloudsend run` sends the batch to the controller
+    assert not any("maestro" in n for n in load_config(path).notes)
     path.write_text("profile: research\nprovider: aws\ninstances: [{type: t3.micro}]\n")
     config = load_config(path)
     assert config.profile == "research"

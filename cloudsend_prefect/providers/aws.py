@@ -496,17 +496,20 @@ def idle_seconds(config: BatchConfig) -> int:
     return max(1, round(config.idle_minutes * 60))
 
 
-def _user_data(config: BatchConfig) -> str:
+def _user_data(config: BatchConfig, busy: str | None = None) -> str:
     """cloud-init's instructions for a new instance: install the dead-man switch (deadman.sh) as a systemd
     service and enable it, so that it runs from every boot on. User data runs on the first boot only; an
     instance stopped at a batch's end and started by the next run must still power itself off if that run's
-    client dies."""
+    client dies. ``busy``: a shell command that, while it succeeds, also keeps the instance up (a controller's
+    running flow runs)."""
     limit = idle_seconds(config)
+    # systemd's quoting: the whole assignment in double quotes, the command's own quotes escaped.
+    check = "" if busy is None else 'Environment="CLOUDSEND_DEADMAN_BUSY=' + busy.replace('"', '\\"') + '"\n'
     unit = f"""[Unit]
 Description=cloudsend dead-man switch: power off after {limit}s without a running job or a client
 
 [Service]
-ExecStart=/usr/local/bin/cloudsend-deadman {limit}
+{check}ExecStart=/usr/local/bin/cloudsend-deadman {limit}
 Restart=always
 RestartSec=30
 
@@ -985,21 +988,22 @@ def list_instances(config: BatchConfig, regions: list[str | None]) -> list[Insta
     views = []
     for region in regions:
         ec2 = _config_client(config, region)
-        for instance in _find(ec2, config.project):
-            launched = instance.get("LaunchTime")
-            views.append(
-                InstanceView(
-                    instance_id=instance["InstanceId"],
-                    region=ec2.meta.region_name,
-                    instance_type=instance.get("InstanceType", "?"),
-                    state=instance["State"]["Name"],
-                    address=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress"),
-                    launched=launched.timestamp() if launched is not None else None,
-                    spot=instance.get("InstanceLifecycle") == "spot",
-                    rank=_tag(instance, TAG_RANK),
-                )
-            )
+        views += [_view(instance, ec2.meta.region_name) for instance in _find(ec2, config.project)]
     return views
+
+
+def _view(instance: dict[str, Any], region: str) -> InstanceView:
+    launched = instance.get("LaunchTime")
+    return InstanceView(
+        instance_id=instance["InstanceId"],
+        region=region,
+        instance_type=instance.get("InstanceType", "?"),
+        state=instance["State"]["Name"],
+        address=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress"),
+        launched=launched.timestamp() if launched is not None else None,
+        spot=instance.get("InstanceLifecycle") == "spot",
+        rank=_tag(instance, TAG_RANK),
+    )
 
 
 def set_running(
@@ -1018,3 +1022,91 @@ def set_running(
             (ec2.start_instances if running else ec2.stop_instances)(InstanceIds=todo)
             changed += todo
     return changed
+
+
+# -- the controller instance (`cloudsend controller`, see controller.py) ------------------------------------
+CONTROLLER_RANK = "controller"  # its rank tag: one controller per project and region
+
+
+def _controller(ec2: EC2Client, project: str) -> dict[str, Any] | None:
+    """The project's controller instance in any live state, whatever its type: a changed type in the settings
+    never leaves a second controller billing beside the first."""
+    return next((i for i in _find(ec2, project) if _tag(i, TAG_RANK) == CONTROLLER_RANK), None)
+
+
+def _controller_want(config: BatchConfig, ec2: EC2Client, instance_type: str) -> _Want:
+    return _Want(CONTROLLER_RANK, shape_of(ec2, instance_type).vcpus, name=f"{config.project}-controller")
+
+
+def ensure_controller(config: BatchConfig, busy: str) -> tuple[HostInfo, bool]:
+    """The project's controller instance (its config's only instance type), running and answering SSH, and
+    whether this call created it. An existing one is reused (started when stopped); a new one is on-demand, with
+    the project's key, its security group converged to SSH from the caller only, tags, and the dead-man switch,
+    which also counts ``busy`` (a shell command) succeeding as use. Whatever fails, an instance this call
+    created is terminated before the error is raised."""
+    inst = config.instances[0]
+    ec2 = _config_client(config, inst.region)
+    region = ec2.meta.region_name
+    launches = _Launches()
+    try:
+        key, _ = ensure_key(ec2, config, region)
+        group, subnets = ensure_network(ec2, config, inst)  # the caller's address may have changed since
+        instance = _controller(ec2, config.project)
+        created = instance is None
+        if instance is None:
+            image = resolve_image(ec2, config, inst, region)
+            cluster = cluster_hash(inst, region)
+            want = _controller_want(config, ec2, inst.type or "")
+            params = {
+                **_run_params(config, inst, image, key, group, want, cluster),
+                "UserData": _user_data(config, busy),
+            }
+            params.pop("InstanceMarketOptions", None)  # on-demand: a controller preempted mid-batch helps no one
+            instance = _create(ec2, params, [inst.type or "", *inst.fallback_types], subnets, launches, cluster)
+            launches.created.append((ec2, instance["InstanceId"]))
+            log.info("created controller %s (%s)", instance["InstanceId"], instance["InstanceType"])
+        elif instance["State"]["Name"] in ("stopping", "stopped"):
+            _start(ec2, [instance["InstanceId"]])
+            log.info("starting controller %s", instance["InstanceId"])
+        instance_id = instance["InstanceId"]
+        ec2.get_waiter("instance_running").wait(
+            InstanceIds=[instance_id], WaiterConfig={"Delay": 5, "MaxAttempts": 120}
+        )
+        (instance,) = _describe(ec2, [instance_id])
+        want = _controller_want(config, ec2, instance.get("InstanceType") or inst.type or "")
+        host = _host(config, inst, 0, want, instance, region, created)
+        launches.contacted.append(host)
+        _wait_for_ssh(host)
+    except BaseException:
+        launches.undo(config.project)
+        raise
+    return host, created
+
+
+def controller_view(config: BatchConfig) -> InstanceView | None:
+    """The project's controller instance as EC2 describes it now, if it has one."""
+    ec2 = _config_client(config, config.instances[0].region)
+    instance = _controller(ec2, config.project)
+    return None if instance is None else _view(instance, ec2.meta.region_name)
+
+
+def controller_host(config: BatchConfig) -> HostInfo | None:
+    """How to reach the project's controller instance over SSH when it is running (else None)."""
+    inst = config.instances[0]
+    ec2 = _config_client(config, inst.region)
+    instance = _controller(ec2, config.project)
+    if instance is None or instance["State"]["Name"] != "running":
+        return None
+    want = _controller_want(config, ec2, instance.get("InstanceType") or inst.type or "")
+    return _host(config, inst, 0, want, instance, ec2.meta.region_name)
+
+
+def remove_controller(config: BatchConfig, *, terminate: bool) -> str | None:
+    """Stop (its disk, and so its results, kept) or terminate the project's controller; its id, or None
+    when it has none."""
+    ec2 = _config_client(config, config.instances[0].region)
+    instance = _controller(ec2, config.project)
+    if instance is None:
+        return None
+    _teardown_region(ec2, [instance["InstanceId"]], terminate)
+    return str(instance["InstanceId"])

@@ -13,6 +13,8 @@
 #   re-arms the switch (host.sh arm writes `contact`: its mtime is the contact's time, its content the idle
 #   limit of the client's config in seconds, which replaces LIMIT: a reused instance follows the current
 #   config).
+# A controller instance (`cloudsend controller up`) also counts as busy while CLOUDSEND_DEADMAN_BUSY, a shell
+# command its unit sets, succeeds: there, while a Prefect flow run is running under its worker.
 # Powering off is `shutdown -h now`: the instance then stops or terminates, as its shutdown behaviour says.
 #
 # For tests only (systemd passes none of these): CLOUDSEND_DEADMAN_DIRS (the runtime directories to watch),
@@ -22,6 +24,7 @@ limit=$1
 dirs=${CLOUDSEND_DEADMAN_DIRS:-/root/.cloudsend /home/*/.cloudsend}
 period=${CLOUDSEND_DEADMAN_PERIOD:-30}
 poweroff=${CLOUDSEND_POWEROFF:-shutdown -h now}
+busy_check=${CLOUDSEND_DEADMAN_BUSY:-}
 now=$(mktemp) || exit 1 # its mtime is the time of the current look: a lease runs while its file is newer
 trap 'rm -f "$now"' EXIT
 busy=$(date +%s) # when the instance was last seen in use (its boot counts as use)
@@ -59,6 +62,7 @@ while sleep "$period"; do
             [ -n "$p" ] && kill -0 "$p" 2>/dev/null && busy=$t
         done
     done
+    [ -n "$busy_check" ] && sh -c "$busy_check" >/dev/null 2>&1 && busy=$t
     if [ $((t - busy)) -ge "$limit" ]; then
         echo "no running job and no client for $((t - busy))s: powering off"
         sh -c "$poweroff"

@@ -1,0 +1,122 @@
+"""Batches run by the controller: submitted as runs of the ``cloudsend/batch`` deployment, found again by their
+batch name through the Prefect API (status, logs, cancel), their results fetched from the controller's disk."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cloudsend_prefect.bundle import Bundle
+from cloudsend_prefect.controller import DEPLOYMENT_FLOW, DEPLOYMENT_NAME, ControllerError, ControllerSettings
+
+DEPLOYMENT = f"{DEPLOYMENT_FLOW}/{DEPLOYMENT_NAME}"
+
+
+def submit(bundle: Bundle, batch: str, *, rerun: bool, exec_python_config: bool) -> Any:
+    """A run of the deployment carrying the batch (returns at once: the controller's worker picks it up)."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    parameters = {"bundle": bundle.model_dump(), "batch": batch, "rerun": rerun}
+    if exec_python_config:
+        parameters["exec_python_config"] = True
+    try:
+        return run_deployment(DEPLOYMENT, parameters=parameters, timeout=0, flow_run_name=batch)
+    except ObjectNotFound:
+        msg = f"no deployment {DEPLOYMENT}: start the controller first (`cloudsend controller up`)"
+        raise ControllerError(msg) from None
+
+
+def flow_run_of(batch: str) -> Any:
+    """The newest run of the deployment for this batch (its run is named after it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[batch])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT_NAME])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=10,
+        )
+    if not runs:
+        raise ControllerError(f"no run of {DEPLOYMENT} for batch {batch} in the Prefect API")
+    return max(runs, key=lambda r: r.created.timestamp() if r.created else 0.0)
+
+
+@dataclass
+class JobRun:
+    name: str
+    state: str
+    id: Any
+
+
+def job_runs(flow_run_id: Any, job_names: set[str]) -> list[JobRun]:
+    """The jobs' task runs of a flow run (its other tasks, provision or plan, left out), by job name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    newest: dict[str, Any] = {}
+    for run in runs:
+        if run.name in job_names and (run.name not in newest or run.created > newest[run.name].created):
+            newest[run.name] = run
+    return [JobRun(name, r.state.name if r.state else "?", r.id) for name, r in sorted(newest.items())]
+
+
+def log_lines(task_run_id: Any) -> list[str]:
+    """What the job's task run logged (its live output lines among them), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])), sort=LogSort.TIMESTAMP_ASC
+        )
+    return [log.message for log in logs]
+
+
+def cancel(flow_run_id: Any) -> None:
+    """Ask for the flow run's cancellation: the worker stops it, and the flow cancels the batch's jobs."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled with `cloudsend cancel`"), force=True)
+
+
+def fetch(settings: ControllerSettings, batch: str, dest: Path) -> list[Path]:
+    """Copy the batch's results folder from the controller's disk to ``dest/<batch>/`` (over SSH through the
+    aws provider); the files copied."""
+    from cloudsend_prefect.controller import layout_of
+    from cloudsend_prefect.providers import aws, connect
+
+    host = aws.controller_host(settings.batch_config())
+    if host is None:
+        raise ControllerError(
+            f"controller of {settings.project} is not running: `cloudsend controller up` starts it again"
+        )
+    transport = connect(host)
+    source = layout_of(transport).results(batch)
+    listing = transport.run(f"cd {shlex.quote(source)} && find . -type f -print0")
+    if listing.exit_code != 0:
+        raise ControllerError(f"no results of batch {batch} on the controller ({source})")
+    copied = []
+    for rel in filter(None, listing.stdout.split("\0")):
+        parts = PurePosixPath(rel).parts  # ./a/b: the "." is dropped
+        if not parts or ".." in parts:
+            continue
+        local = dest.joinpath(batch, *parts)
+        transport.get(f"{source}/{'/'.join(parts)}", local)
+        copied.append(local)
+    return copied
