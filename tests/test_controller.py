@@ -210,10 +210,21 @@ def _stop_worker(host: SshdHost) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _api(api: str) -> Any:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+SECRET = "pnu_cloudsend-test-secret-0123456789"  # the open-source server takes no key: it is ignored there
 
-    return temporary_settings(updates={PREFECT_API_URL: api})
+
+def _api(api: str) -> Any:
+    """This test's server as the client's Prefect API, with an API key as Prefect Cloud would need."""
+    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_KEY: SECRET})
+
+
+def _cloudsend(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI as a process of its own (it is gone once this returns)."""
+    return subprocess.run(
+        [str(BIN / "cloudsend"), *args], env=env, capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 @pytest.mark.slow
@@ -224,6 +235,7 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
     server: dict[str, str],
     instance_host: SshdHost,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     api = server["PREFECT_API_URL"]
     monkeypatch.setitem(aws.ADDRESS_RESOLVERS, LOOPBACK, LoopbackResolver([instance_host]))
@@ -264,6 +276,7 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         env_file = root / "worker.env"
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
         assert f"PREFECT_API_URL='{api}'" in env_file.read_text().splitlines()
+        assert f"PREFECT_API_KEY='{SECRET}'" in env_file.read_text().splitlines()
         unit = (root / controller.UNIT).read_text()
         assert f"EnvironmentFile={env_file}" in unit
         assert f"WorkingDirectory={root / 'work'}" in unit
@@ -305,10 +318,7 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         config = _project(tmp_path)
         client_env = {**server, "XDG_CONFIG_HOME": str(aws_env.config_home), "PATH": f"{BIN}:{os.environ['PATH']}"}
         submitted = time.monotonic()
-        client = subprocess.run(
-            [str(BIN / "cloudsend"), "run", str(config), "--remote"],
-            env=client_env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-        )  # fmt: skip
+        client = _cloudsend(["run", str(config), "--remote"], client_env, tmp_path)
         submit_seconds = time.monotonic() - submitted
         assert client.returncode == 0, client.stdout + client.stderr
         assert "submitted batch remote-test" in client.stdout
@@ -343,6 +353,53 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         assert (batch / "count" / "count.txt").read_text().split() == ["3", "done"]
         assert (batch / "slow" / "slow.txt").read_text() == "slow-output\n"
         assert (batch / "joblog.tsv").is_file()
+        with _api(api):
+            logged = runner.invoke(app, ["logs", str(config), "count", "--remote"])
+        assert logged.exit_code == 0 and "done on" in logged.output, logged.output
+
+        # --wait follows a run to its end, with the run's exit status.
+        waited = _cloudsend(["run", str(config), "--remote", "--wait", "--batch", "waited"], client_env, tmp_path)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert "waited: Completed" in waited.stdout
+
+        # cancel --remote: the flow run is cancelled, and with it the job running on its host.
+        data = yaml.safe_load(config.read_text())
+        pid_file = tmp_path / "long.pid"  # the "instance" is this machine: the job's pid is readable here
+        data["jobs"] = [{"name": "long", "run_command": f"echo $$ > {pid_file}; exec sleep 300"}]
+        long_config = config.with_name("long.yaml")
+        long_config.write_text(yaml.safe_dump(data))
+        assert (
+            _cloudsend(["run", str(long_config), "--remote", "--batch", "long"], client_env, tmp_path).returncode == 0
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            with _api(api):
+                shown = runner.invoke(app, ["status", str(long_config), "--remote", "--batch", "long", "--json"])
+            if __import__("json").loads(shown.output)["jobs"][0]["state"] == "Running":
+                break
+            assert time.monotonic() < deadline, shown.output
+            time.sleep(1)
+        with _api(api):
+            cancelled = runner.invoke(app, ["cancel", str(long_config), "--remote", "--batch", "long"])
+        assert cancelled.exit_code == 0 and "cancelling flow run" in cancelled.output, cancelled.output
+        deadline = time.monotonic() + 90
+        while True:
+            with _api(api):
+                run = remote.flow_run_of("long")
+            if run.state.is_final():
+                break
+            assert time.monotonic() < deadline, (root / "worker.log").read_text()[-6000:]
+            time.sleep(1)
+        assert run.state.is_cancelled(), run.state
+        pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(f"/proc/{pid}").exists(), "the job still runs after its batch was cancelled"
+
+        # The API key: in the 0600 env file only, never in what the commands printed or logged.
+        assert SECRET not in unit and SECRET not in (root / "worker.log").read_text()
+        assert SECRET not in result.output + again.output + caplog.text
         print(f"\ncontroller up {up_seconds:.1f}s; submit {submit_seconds:.1f}s")
 
         # down: the instance goes.
