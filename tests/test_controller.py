@@ -104,6 +104,14 @@ def test_unpack_refuses_paths_that_climb(tmp_path: Path) -> None:
     assert not (tmp_path / "evil").exists()
 
 
+def test_up_needs_a_prefect_api_the_instance_can_reach() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(controller.ControllerError) as info:
+        controller.prefect_api(controller.ControllerSettings())
+    assert "set PREFECT_API_URL" in str(info.value)
+
+
 def test_the_controller_user_data_counts_running_flow_runs_as_use() -> None:
     user_data = aws._user_data(controller.ControllerSettings(idle_minutes=5).batch_config(), controller.BUSY)
     unit = yaml.safe_load(user_data)["write_files"][1]["content"]
@@ -192,13 +200,15 @@ def _background_start(layout: controller.Layout, pool: str, name: str) -> str:
     )
 
 
-def _stop_worker(host: SshdHost) -> None:
+def _stop_worker(host: SshdHost, how: signal.Signals = signal.SIGINT) -> None:
+    """Stop the worker started by ``_background_start`` and its flow runs (its session); the jobs they started
+    on the local host are detached in sessions of their own and go on."""
     pid_file = host.home / ".cloudsend" / "controller" / "worker.pid"
     if not pid_file.exists():
         return
     pid = int(pid_file.read_text())
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGINT)
+        os.killpg(pid, how)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -396,6 +406,36 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not Path(f"/proc/{pid}").exists(), "the job still runs after its batch was cancelled"
+
+        # The controller lost mid-batch (its worker and flow run killed): the job goes on on its host; a new
+        # controller run of the same batch re-attaches to it (it is not started twice) and completes the batch.
+        starts = tmp_path / "starts"
+        data["jobs"] = [
+            {"name": "steady", "run_command": f"echo x >> {starts}; sleep 12; echo steady > steady.txt",
+             "output_files": ["steady.txt"]},
+        ]  # fmt: skip
+        steady = config.with_name("steady.yaml")
+        steady.write_text(yaml.safe_dump(data))
+        assert _cloudsend(["run", str(steady), "--remote", "--batch", "steady"], client_env, tmp_path).returncode == 0
+        deadline = time.monotonic() + 120
+        while not starts.exists():
+            assert time.monotonic() < deadline, (root / "worker.log").read_text()[-6000:]
+            time.sleep(0.5)
+        _stop_worker(instance_host, signal.SIGKILL)  # no goodbye: as a controller powered off would be
+        with _api(api):
+            assert runner.invoke(app, up_args).exit_code == 0
+        assert _cloudsend(["run", str(steady), "--remote", "--batch", "steady"], client_env, tmp_path).returncode == 0
+        deadline = time.monotonic() + 180
+        while True:
+            with _api(api):
+                run = remote.flow_run_of("steady")
+            if run.state.is_final():
+                break
+            assert time.monotonic() < deadline, (root / "worker.log").read_text()[-6000:]
+            time.sleep(1)
+        assert run.state.is_completed(), f"{run.state}\n{(root / 'worker.log').read_text()[-6000:]}"
+        assert starts.read_text() == "x\n"  # re-attached, not run again
+        assert (root / "work" / "cloudsend-results" / "steady" / "steady" / "steady.txt").read_text() == "steady\n"
 
         # The API key: in the 0600 env file only, never in what the commands printed or logged.
         assert SECRET not in unit and SECRET not in (root / "worker.log").read_text()
