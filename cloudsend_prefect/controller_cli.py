@@ -27,6 +27,13 @@ ProjectOpt = Annotated[str | None, typer.Option(help="The controller's project (
 POLL = 2.0  # seconds between two looks at a remote run with --wait
 
 
+def _errors() -> tuple[type[Exception], ...]:
+    """What a controller command explains instead of a traceback (the aws provider's, imported when used)."""
+    from cloudsend_prefect.providers.aws import AwsError
+
+    return (ControllerError, ConfigError, AwsError, ValueError)
+
+
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     return typer.Exit(code)
@@ -75,7 +82,7 @@ def up(
             raise ControllerError(f"--env: not set in this shell: {', '.join(missing)}")
         started = time.monotonic()
         result = controller.up(settings, passed={name: os.environ[name] for name in settings.pass_env})
-    except (ControllerError, ConfigError, ValueError) as exc:
+    except _errors() as exc:
         raise _fail(exc) from None
     host = result.host
     how = "created" if result.created else "reused"
@@ -102,7 +109,7 @@ def status(project: ProjectOpt = None, as_json: Annotated[bool, typer.Option("--
     try:
         view = aws.controller_view(settings.batch_config())
         beats = controller.heartbeats(settings.pool)
-    except (ControllerError, aws.AwsError) as exc:
+    except _errors() as exc:
         raise _fail(exc) from None
     now = time.time()
     uptime = now - view.launched if view and view.launched and view.state == "running" else None
@@ -151,7 +158,10 @@ def down(
     what = "Stop" if stop else "Terminate (its results folder with it)"
     if not yes and not typer.confirm(f"{what} the controller of project {settings.project}?"):
         raise typer.Exit(1)
-    removed = aws.remove_controller(settings.batch_config(), terminate=not stop)
+    try:
+        removed = aws.remove_controller(settings.batch_config(), terminate=not stop)
+    except _errors() as exc:
+        raise _fail(exc) from None
     if removed is None:
         out.print(f"no controller for project {settings.project}")
     else:
@@ -168,7 +178,7 @@ def fetch(
 
     try:
         copied = remote.fetch(load_settings(project=project), batch, to)
-    except ControllerError as exc:
+    except _errors() as exc:
         raise _fail(exc) from None
     out.print(f"{len(copied)} file(s) of batch {batch} in {to / batch}/", highlight=False)
 

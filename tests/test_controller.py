@@ -97,6 +97,19 @@ def test_a_bundle_refuses_files_outside_the_config_folder_and_above_the_cap(tmp_
         pack(config, max_bytes=1024)
 
 
+def test_maestro_remote_refuses_a_batch_it_cannot_send_before_submitting_anything(tmp_path: Path) -> None:
+    config = _project(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("far\n")
+    data = yaml.safe_load(config.read_text())
+    data["maestro"] = "remote"
+    data["jobs"][0]["upload_files"] = [str(outside)]
+    config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "outside the config's folder" in " ".join(result.output.split())
+
+
 def test_unpack_refuses_paths_that_climb(tmp_path: Path) -> None:
     bad = Bundle(config="batch.yaml", files={"../evil": "eJwDAAAAAAE="})
     with pytest.raises(ValueError, match="not a relative path"):
