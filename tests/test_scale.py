@@ -75,7 +75,7 @@ def test_thirty_hosts_cost_one_round_trip_per_host_per_poll(tmp_path: Path) -> N
     """30 sshd hosts x 8 slots: all 240 slots busy at once, and watching them costs each host one round trip
     per poll (what else it costs is per job: the output and the log a job leaves)."""
     count, poll = 480, 0.5
-    job = {"name": "w", "run_command": "sleep 6; echo ok > o.txt; echo hi", "output_files": ["o.txt"], "repeat": count}
+    job = {"name": "w", "run_command": "sleep 10; echo ok > o.txt; echo hi", "output_files": ["o.txt"], "repeat": count}
     with sshd_hosts_running(tmp_path / "hosts", count=30) as hosts:
         config = write_config(
             tmp_path / "proj",
