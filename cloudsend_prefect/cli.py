@@ -200,6 +200,9 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
     remote: RemoteOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="With --remote: follow the run to its end.")] = False,
+    results_bucket: Annotated[
+        str | None, typer.Option(help="S3Bucket block: the results are also uploaded there, under <batch>/.")
+    ] = None,
     exec_python_config: ExecOpt = False,
 ) -> None:
     """Run a batch through the `cloudsend` Prefect flow, with a progress bar; exit 1 if any job is not done.
@@ -208,7 +211,8 @@ def run(
     if remote or cfg.maestro == "remote":
         from cloudsend_prefect.controller_cli import run_remote
 
-        run_remote(config, _batch_name(cfg, batch), rerun=rerun, wait=wait, exec_python_config=exec_python_config)
+        name = _batch_name(cfg, batch)
+        run_remote(config, name, rerun=rerun, wait=wait, bucket=results_bucket, exec_python_config=exec_python_config)
         return
     if not verbose:  # job failures (with their stderr tail) still show; the rest is in the UI
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
@@ -247,6 +251,7 @@ def run(
                 rerun=rerun,
                 base_dir=None,
                 exec_python_config=exec_python_config,
+                results_bucket=results_bucket,
             )
         except KeyboardInterrupt:
             progress.stop()

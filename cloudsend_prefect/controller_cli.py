@@ -172,19 +172,25 @@ def fetch(
     batch: Annotated[str, typer.Argument(help="Batch name, as `cloudsend run --remote` printed it.")],
     to: Annotated[Path, typer.Option(help="Results go to TO/<batch>/.")] = Path("cloudsend-results"),
     project: ProjectOpt = None,
+    bucket: Annotated[str | None, typer.Option(help="From this S3Bucket block instead (run --results-bucket).")] = None,
 ) -> None:
-    """Copy a remote batch's results from the controller's disk (over SSH)."""
-    from cloudsend_prefect import remote
+    """Copy a remote batch's results from the controller's disk (over SSH), or from a bucket."""
+    from cloudsend_prefect import buckets, remote
 
     try:
-        copied = remote.fetch(load_settings(project=project), batch, to)
+        if bucket:
+            copied = buckets.download(bucket, batch, to)
+        else:
+            copied = remote.fetch(load_settings(project=project), batch, to)
     except _errors() as exc:
         raise _fail(exc) from None
     out.print(f"{len(copied)} file(s) of batch {batch} in {to / batch}/", highlight=False)
 
 
 # -- the --remote forms of run, status, logs and cancel (cli.py hands them over) ------------------------------
-def run_remote(config: Path, batch: str, *, rerun: bool, wait: bool, exec_python_config: bool) -> None:
+def run_remote(
+    config: Path, batch: str, *, rerun: bool, wait: bool, bucket: str | None, exec_python_config: bool
+) -> None:
     """Submit the batch to the controller's deployment and return (or, with ``wait``, follow it to its end)."""
     from cloudsend_prefect import controller, remote
     from cloudsend_prefect.bundle import pack
@@ -198,7 +204,7 @@ def run_remote(config: Path, batch: str, *, rerun: bool, wait: bool, exec_python
                 "(`cloudsend controller up`)",
                 highlight=False,
             )
-        flow_run = remote.submit(bundle, batch, rerun=rerun, exec_python_config=exec_python_config)
+        flow_run = remote.submit(bundle, batch, rerun=rerun, bucket=bucket, exec_python_config=exec_python_config)
     except (ConfigError, ControllerError) as exc:
         raise _fail(exc, 2 if isinstance(exc, ConfigError) else 1) from None
     out.print(

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from cloudsend_prefect.buckets import upload
 from cloudsend_prefect.bundle import Bundle, unpack
 from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import BatchConfig, Job
@@ -111,6 +112,7 @@ def cloudsend(
     rerun: bool = False,
     exec_python_config: bool = False,
     bundle: Bundle | None = None,
+    results_bucket: str | None = None,
 ) -> BatchSummary:
     """Run a batch of jobs on the cluster's hosts and bring their outputs back.
 
@@ -124,6 +126,7 @@ def cloudsend(
         rerun: Run every job again, even those that finished in an earlier run.
         exec_python_config: Run a .py config as Python (it may do anything) instead of reading its literal.
         bundle: Instead of `config`, the config and its files as content (`cloudsend run --remote` sends them).
+        results_bucket: An S3Bucket block: the results folder is also uploaded there, under `<batch>/`.
     """
     logger = get_run_logger()
     if bundle is not None:
@@ -196,6 +199,14 @@ def cloudsend(
         sum(trips.values()),
         len(specs),
     )
+    if results_bucket:
+        try:
+            logger.info("batch %s: results uploaded to %s", name, upload(results_bucket, dest, name))
+        except Exception as exc:  # the results stay on this machine's disk; the run says they are not there
+            message = f"results of batch {name} not uploaded to bucket {results_bucket}: {exc}; they are in {dest}"
+            logger.error(message)
+            if summary.ok and (dispatcher is None or dispatcher.cancelled is None):
+                return Failed(message=message, data=summary)  # type: ignore[return-value]
     if dispatcher is not None and dispatcher.cancelled is not None:
         return Cancelled(message=f"cancelled: {summary.failure()}", data=BatchFailed(summary))  # type: ignore[return-value]
     if not summary.ok:  # the run is Failed (automations, `--watch`, the runs list see it); the summary rides along

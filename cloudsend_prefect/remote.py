@@ -14,7 +14,7 @@ from cloudsend_prefect.controller import DEPLOYMENT_FLOW, DEPLOYMENT_NAME, Contr
 DEPLOYMENT = f"{DEPLOYMENT_FLOW}/{DEPLOYMENT_NAME}"
 
 
-def submit(bundle: Bundle, batch: str, *, rerun: bool, exec_python_config: bool) -> Any:
+def submit(bundle: Bundle, batch: str, *, rerun: bool, bucket: str | None, exec_python_config: bool) -> Any:
     """A run of the deployment carrying the batch (returns at once: the controller's worker picks it up)."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -22,6 +22,8 @@ def submit(bundle: Bundle, batch: str, *, rerun: bool, exec_python_config: bool)
     parameters = {"bundle": bundle.model_dump(), "batch": batch, "rerun": rerun}
     if exec_python_config:
         parameters["exec_python_config"] = True
+    if bucket:
+        parameters["results_bucket"] = bucket
     try:
         return run_deployment(DEPLOYMENT, parameters=parameters, timeout=0, flow_run_name=batch)
     except ObjectNotFound:

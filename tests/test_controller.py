@@ -243,6 +243,25 @@ def _api(api: str) -> Any:
     return temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_KEY: SECRET})
 
 
+def _results_bucket(api: str, aws_env: AwsEnv) -> None:
+    """An S3Bucket block named `results` on the test's server: a bucket of moto's S3, reached by endpoint."""
+    import boto3
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    boto3.client("s3", region_name=aws_env.region).create_bucket(
+        Bucket="cloudsend-results", CreateBucketConfiguration={"LocationConstraint": aws_env.region}
+    )
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name=aws_env.region,
+        aws_client_parameters=AwsClientParameters(endpoint_url=aws_env.endpoint),
+    )
+    with _api(api):
+        S3Bucket(bucket_name="cloudsend-results", credentials=credentials, bucket_folder="batches").save("results")
+
+
 def _cloudsend(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """The CLI as a process of its own (it is gone once this returns)."""
     return subprocess.run(
@@ -341,7 +360,8 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         config = _project(tmp_path)
         client_env = {**server, "XDG_CONFIG_HOME": str(aws_env.config_home), "PATH": f"{BIN}:{os.environ['PATH']}"}
         submitted = time.monotonic()
-        client = _cloudsend(["run", str(config), "--remote"], client_env, tmp_path)
+        _results_bucket(api, aws_env)
+        client = _cloudsend(["run", str(config), "--remote", "--results-bucket", "results"], client_env, tmp_path)
         submit_seconds = time.monotonic() - submitted
         assert client.returncode == 0, client.stdout + client.stderr
         assert "submitted batch remote-test" in client.stdout
@@ -376,6 +396,15 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         assert (batch / "count" / "count.txt").read_text().split() == ["3", "done"]
         assert (batch / "slow" / "slow.txt").read_text() == "slow-output\n"
         assert (batch / "joblog.tsv").is_file()
+        # ... and from the bucket the run also uploaded them to (moto's S3), with no controller involved.
+        with _api(api):
+            from_bucket = runner.invoke(
+                app, ["fetch", "remote-test", "--bucket", "results", "--to", str(tmp_path / "b")]
+            )
+        assert from_bucket.exit_code == 0, from_bucket.output + repr(from_bucket.exception)
+        in_bucket = tmp_path / "b" / "remote-test"
+        assert (in_bucket / "count" / "count.txt").read_text().split() == ["3", "done"]
+        assert (in_bucket / "slow" / "slow.txt").read_text() == "slow-output\n"
         with _api(api):
             logged = runner.invoke(app, ["logs", str(config), "count", "--remote"])
         assert logged.exit_code == 0 and "done on" in logged.output, logged.output
