@@ -80,6 +80,7 @@ def up(
         missing = [name for name in settings.pass_env if name not in os.environ]
         if missing:
             raise ControllerError(f"--env: not set in this shell: {', '.join(missing)}")
+        _warn_if_loopback()
         started = time.monotonic()
         result = controller.up(settings, passed={name: os.environ[name] for name in settings.pass_env})
     except _errors() as exc:
@@ -97,6 +98,21 @@ def up(
         "`cloudsend controller down` removes it",
         highlight=False,
     )
+
+
+def _warn_if_loopback() -> None:
+    """An API on this machine's loopback is the instance's own loopback there: its worker would find nothing."""
+    from urllib.parse import urlsplit
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url or ""
+    if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[yellow]note:[/yellow] PREFECT_API_URL is {escape(url)}: on the instance that is the instance "
+            "itself; give an address it can reach (Prefect Cloud, or your server's public or VPC address)",
+            highlight=False,
+        )
 
 
 @app.command()

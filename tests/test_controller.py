@@ -303,6 +303,8 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         up_seconds = time.monotonic() - started
         assert result.exit_code == 0, result.output + repr(result.exception)
         assert "(created, t3.micro)" in result.output
+        # This test's server is on loopback, which an instance would not reach: `up` says so (and goes on).
+        assert "note: PREFECT_API_URL is http://127.0.0.1" in " ".join(result.output.split())
 
         # One on-demand t3.micro, tagged as the controller, with the switch counting flow runs as use.
         (reservation,) = ec2().describe_instances(
