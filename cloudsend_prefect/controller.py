@@ -269,15 +269,13 @@ def systemd_start(layout: Layout, pool: str, name: str) -> str:
 START_WORKER: Callable[[Layout, str, str], str] = systemd_start
 
 
-def build_wheel(out: Path) -> Path:
+def build_wheel(out: Path) -> Path | None:
     """This client's own cloudsend as a wheel, built from the source tree it runs from: the exact code the
-    client runs, uncommitted changes included, whatever version number it bears."""
+    client runs, uncommitted changes included, whatever version number it bears. None when it runs from an
+    installed package: the controller then installs the same version from PyPI."""
     source = Path(cloudsend_prefect.__file__).resolve().parents[1]
     if not (source / "pyproject.toml").is_file():
-        raise ControllerError(
-            f"cloudsend runs from an installed package ({source}), not a source tree: nothing to build. "
-            "Install it from a checkout (pip install -e .) to send this exact version"
-        )
+        return None
     import uv
 
     built = subprocess.run(
@@ -309,14 +307,15 @@ def _must(transport: Transport, command: str, what: str, *, stdin: str | None = 
     return result.stdout
 
 
-def install(transport: Transport, layout: Layout, wheel: Path) -> bool:
+def install(transport: Transport, layout: Layout, wheel: Path | None) -> bool:
     """cloudsend at this client's version in the controller's venv (uv: this client's binary when the platforms
-    match, else uv's installer at the same version); whether it was (re)installed."""
+    match, else uv's installer at the same version): the client's own wheel, else (``wheel`` None: the client
+    runs from an installed package) that version from PyPI; whether it was (re)installed."""
     from cloudsend_prefect.runtime import client_uv
 
     q = shlex.quote
     _must(transport, f"mkdir -p {q(layout.work)} {q(layout.root)}/home && chmod 700 {q(layout.root)}", "mkdir")
-    digest = wheel_digest(wheel)
+    digest = wheel_digest(wheel) if wheel is not None else f"{DIST}=={version(DIST)}"
     marker = f"{layout.root}/installed.sha256"
     if transport.run(f"cat {q(marker)}").stdout.strip() == digest:
         return False
@@ -330,13 +329,16 @@ def install(transport: Transport, layout: Layout, wheel: Path) -> bool:
             url = f"https://astral.sh/uv/{version('uv')}/install.sh"
             install_uv = f"curl -LsSf {q(url)} | env UV_UNMANAGED_INSTALL={q(layout.root)} sh"
             _must(transport, install_uv, "installing uv", timeout=300)
-    remote_wheel = f"{layout.root}/{wheel.name}"
-    transport.put(wheel, remote_wheel)
+    if wheel is not None:
+        requirement = f"{layout.root}/{wheel.name}"
+        transport.put(wheel, requirement)
+    else:
+        requirement = digest
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     _must(
         transport,
         f"cd {q(layout.root)} && ./uv venv --allow-existing --python {python} venv && "
-        f"./uv pip install --python venv/bin/python --reinstall-package {DIST} {q(remote_wheel)} && "
+        f"./uv pip install --python venv/bin/python --reinstall-package {DIST} {q(requirement)} && "
         f"echo {digest} > installed.sha256",
         "installing cloudsend",
         timeout=900,
