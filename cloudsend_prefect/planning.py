@@ -105,18 +105,22 @@ def can_host(host_gpus: int, job_gpus: int) -> bool:
 
 
 def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
-    """Simulate jobs in order (starts never go back in time, like the hosts' FIFO queues), each on the host
-    where its CPUs and GPUs free up first, among those with as many GPUs as it needs."""
+    """Simulate jobs in order, each on the host where its CPUs and GPUs free up first, among those with as many
+    GPUs as it needs. Starts never go back in time (like the hosts' queues, served in order), except that a job
+    waiting for GPUs holds back no job that needs none: a host starts whatever fits."""
     running: dict[str, list[tuple[float, int, int]]] = {h.name: [] for h in hosts}  # (end, cpus, gpus) running
-    now = 0.0
+    floor = {False: 0.0, True: 0.0}  # the latest start so far, of jobs without GPUs and with
     placements = []
     for job in jobs:
+        now = floor[job.gpus > 0]
         start, name = min(
-            (_earliest(running[h.name], h, job, now), h.name) for h in hosts if can_host(h.gpus, job.gpus)
+            (_earliest([r for r in running[h.name] if r[0] > now], h, job, now), h.name)
+            for h in hosts
+            if can_host(h.gpus, job.gpus)
         )
-        now = start
+        floor[job.gpus > 0] = start
         for heap in running.values():
-            heap[:] = [r for r in heap if r[0] > now]
+            heap[:] = [r for r in heap if r[0] > min(floor.values())]
         end = start + (job.expected_duration or 1.0)
         running[name].append((end, job.cpus, job.gpus))
         placements.append(Placement(job=job.name, host=name, cpus=job.cpus, gpus=job.gpus, start=start, end=end))
@@ -130,7 +134,7 @@ def _earliest(running: list[tuple[float, int, int]], host: Slots, job: JobSpec, 
     gpus = host.gpus - sum(g for _, _, g in running)
     at = now
     for end, used, held in sorted(running):
-        if cpus >= min(job.cpus, host.cpus) and gpus >= job.gpus:
+        if cpus >= min(job.cpus, host.cpus) and (not job.gpus or gpus >= job.gpus):
             break
         cpus, gpus = cpus + used, gpus + held
         at = max(now, end)

@@ -110,6 +110,7 @@ def test_the_plan_puts_gpu_jobs_on_gpu_hosts_by_their_free_gpus(tmp_path: Path) 
     instances = [{"name": "gpu", "cpus": 8, "gpus": 2}, {"name": "cpu", "cpus": 8}]
     jobs = [
         {"name": "g{i}", "run_command": "echo {i}", "gpus_req": 1, "expected_duration": 10, "matrix": {"i": [1, 2, 3]}},
+        {"name": "c", "run_command": "true", "expected_duration": 10},
     ]
     config = _config(tmp_path, instances, jobs)
     hosts = planned(config)
@@ -120,6 +121,7 @@ def test_the_plan_puts_gpu_jobs_on_gpu_hosts_by_their_free_gpus(tmp_path: Path) 
         ("gpu", 0.0),
         ("gpu", 10.0),  # both GPUs busy until then, though 6 CPUs are free
     ]
+    assert placements["c"].start == 0.0  # a job waiting for a GPU holds back none that needs no GPU
 
 
 def test_aws_hosts_of_a_gpu_type_carry_its_gpus_and_boot_the_gpu_image_by_default(
