@@ -120,6 +120,8 @@ class Dispatcher:
         # host has no work left that could reach it (True: it was let go and takes no more jobs).
         self.on_lost: Callable[[HostInfo], None] | None = None
         self.on_idle: Callable[[HostInfo], bool] | None = None
+        # Whether a host, were it lost now, would be replaced (the fleet's word; without a fleet: never).
+        self.replaceable: Callable[[HostInfo], bool] = lambda info: False
         self._open: set[str] | None = None  # keys of the batch's jobs without a final result (None: not told)
 
     def runtime(self, host: str) -> HostRuntime:
@@ -550,7 +552,9 @@ class Dispatcher:
         """Whether a live host other than ``besides`` holds the job: staged or running there, or ended done
         there (its outputs are fetched from there; it never runs again). The caller holds the condition."""
         for state in self.hosts.values():
-            if state is not besides and state.live and (key in state.tickets or key in state.unclaimed):
+            if state is besides or not state.live or state.failing_since is not None:  # not answering: unsure
+                continue
+            if key in state.tickets or key in state.unclaimed:
                 return True
         record = self._ended.get(key) or self._known.get(key)
         if record is None or record[1].state != "done" or record[0] not in self.hosts:
@@ -567,7 +571,15 @@ class Dispatcher:
             return False
         if state.tickets or state.unstaged or state.unclaimed or self._pending:
             return False
-        return all(self._held(key, state) for key in self._open)
+        if not all(self._held(key, state) for key in self._open):
+            return False
+        # A job handed back later (its host lost) needs a live host: a replacement of the lost one, else one
+        # kept up as a standby (one holding nothing: it is the last of the idle ones to go).
+        others = [h for h in self.hosts.values() if h is not state and h.live]
+        holders = [h for h in others if h.tickets or h.unclaimed]
+        if all(self.replaceable(h.info) for h in holders):
+            return True
+        return any(not (h.tickets or h.unclaimed) for h in others)
 
     def _release_idle(self, state: _HostState) -> bool:
         """Offer the host to ``on_idle`` when no work can reach it; True if it was let go (it takes no more

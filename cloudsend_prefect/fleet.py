@@ -61,6 +61,7 @@ class Fleet:
         self._building: Counter[str] = Counter()  # environments being built, by host: not stopped meanwhile
         dispatcher.expect([job.key for job in jobs])
         dispatcher.on_lost = self.lost
+        dispatcher.replaceable = self.replaceable
         if config.auto_stop:
             dispatcher.on_idle = self.release
 
@@ -85,6 +86,13 @@ class Fleet:
     def settled(self, result: JobResult, total: int) -> None:
         """A job's final result is in (a listener of ``run_jobs``): it will never need a host again."""
         self.dispatcher.settle(result.key)
+
+    def replaceable(self, host: HostInfo) -> bool:
+        """Whether the host, were it lost now, would be replaced: its provider can create hosts and the bound
+        is not reached (the dispatcher keeps a standby up otherwise, rather than stop every idle host). Called
+        under the dispatcher's lock, so it takes none of the fleet's (``lost`` takes them in the other order)."""
+        can_create = getattr(get_provider(host.provider), "replace", None) is not None
+        return can_create and not self._closed and len(self.replaced) < self.limit
 
     def lost(self, host: HostInfo) -> None:
         """Replace a lost host in the background, if its provider can, the bound allows and a job needs it."""
