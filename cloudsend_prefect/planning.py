@@ -119,8 +119,9 @@ def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
             if can_host(h.gpus, job.gpus)
         )
         floor[job.gpus > 0] = start
+        oldest = min(floor.values())
         for heap in running.values():
-            heap[:] = [r for r in heap if r[0] > min(floor.values())]
+            heap[:] = [r for r in heap if r[0] > oldest]
         end = start + (job.expected_duration or 1.0)
         running[name].append((end, job.cpus, job.gpus))
         placements.append(Placement(job=job.name, host=name, cpus=job.cpus, gpus=job.gpus, start=start, end=end))

@@ -204,14 +204,15 @@ async def _reconcile(client: PrefectClient, flow_run_id: UUID, jobs: Ended) -> i
             return fixed
         for run in page:
             final = jobs.get(run.id)
+            if final is None:  # not a job's, or not ended here: not ours to end; stays in the filter
+                skipped += 1
+                continue
+            kind, name, message = final
             try:
-                if final is None:  # not a job's, or not ended here: not ours to end
-                    raise LookupError(run.id)
-                kind, name, message = final
                 await client.set_task_run_state(run.id, State(type=kind, name=name, message=message), force=True)
                 fixed += 1
             except Exception:
-                skipped += 1  # stays in the filter: step over it
+                skipped += 1  # refused: stays in the filter, stepped over
         if len(page) < PAGE:
             return fixed
 
