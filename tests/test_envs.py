@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -296,7 +297,10 @@ def _python_older_than_3_10() -> Path:
         Path("/usr/bin").glob("python3.[6-9]")
     )
     if not found:
-        pytest.skip("no Python older than 3.10 on this machine (pyenv's or /usr/bin's) to stand for a host's python3")
+        reason = "no Python older than 3.10 on this machine (pyenv's or /usr/bin's) to stand for a host's python3"
+        if os.environ.get("CI"):  # CI's machine kind has one: there, not testing is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
     return found[-1]
 
 
