@@ -34,7 +34,7 @@ from cloudsend_prefect.loading import ConfigError
 from cloudsend_prefect.providers import aws
 from tests.moto_server import LOOPBACK, AwsEnv, LoopbackResolver, ec2, linux_ami
 from tests.sshd import SshdHost, sshd_hosts_running
-from tests.test_deployment import PREFECT, Processes, _base_env, _free_port
+from tests.test_deployment import Processes, start_server
 
 CIDR = "203.0.113.5/32"
 BIN = Path(sys.executable).parent
@@ -161,32 +161,11 @@ def test_the_busy_check_keeps_the_switch_from_powering_off(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A `prefect server` of its own on loopback; yields its clients' environment."""
-    import urllib.request
-
     work = tmp_path_factory.mktemp("controller-server")
     (work / "logs").mkdir()
     procs = Processes(work / "logs")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = _base_env(work)
-    proc = procs.start(
-        "server",
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        {**env, "PREFECT_SERVER_UI_API_URL": api},
-    )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, procs.log("server")[-4000:]
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, procs.log("server")[-4000:]
-            time.sleep(0.25)
-        yield {**env, "PREFECT_API_URL": api}
+        yield start_server(work, procs, timeout=120)
     finally:
         procs.stop_all()
 

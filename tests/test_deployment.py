@@ -119,13 +119,21 @@ def timings() -> Iterator[dict[str, float]]:
 @pytest.fixture(scope="module")
 def server(work_dir: Path, procs: Processes, timings: dict[str, float]) -> dict[str, str]:
     """A `prefect server` of its own; returns the environment for its clients (PREFECT_API_URL set)."""
+    started = time.monotonic()
+    env = start_server(work_dir, procs, timeout=90)
+    timings["server start"] = time.monotonic() - started
+    return env
+
+
+def start_server(work_dir: Path, procs: Processes, timeout: float) -> dict[str, str]:
+    """Start a `prefect server` on a free loopback port and wait (at most ``timeout`` s) until it is healthy;
+    returns the environment for its clients (PREFECT_API_URL set)."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = _base_env(work_dir)
     server_env = {**env, "PREFECT_SERVER_UI_API_URL": api}
-    started = time.monotonic()
     proc = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env)
-    deadline = started + 90
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             pytest.fail(f"prefect server exited with {proc.returncode}:\n{procs.log('server')[-4000:]}")
@@ -136,9 +144,8 @@ def server(work_dir: Path, procs: Processes, timings: dict[str, float]) -> dict[
         except OSError:
             pass
         if time.monotonic() > deadline:
-            pytest.fail(f"prefect server not healthy after 90 s:\n{procs.log('server')[-4000:]}")
+            pytest.fail(f"prefect server not healthy after {timeout:g} s:\n{procs.log('server')[-4000:]}")
         time.sleep(0.25)
-    timings["server start"] = time.monotonic() - started
     return {**env, "PREFECT_API_URL": api}
 
 
