@@ -288,7 +288,7 @@ def test_replacements_stop_at_the_bound(
             project,
             ami,
             [instance(ami, number=2, cpus=2)],
-            jobs=counted_jobs(counters, 20, 2),
+            jobs=counted_jobs(counters, 30, 4),  # long enough that a late replacement still finds work
             lost_after=90,
             replace_lost=1,
         ),
@@ -303,7 +303,7 @@ def test_replacements_stop_at_the_bound(
 
     caplog.set_level(logging.INFO)
     summary = run_with_fault(config, results, Fault(twice), revive(project, sshd_hosts[1], sshd_hosts[2]))
-    assert_done_once(summary, counters, results / project, 20)
+    assert_done_once(summary, counters, results / project, 30)
     spans = billed(project)
     print(f"\ninstance time: {minutes(spans)}")
     assert [(b.rank, b.state) for b in spans] == [("0.0", "stopped"), ("0.1", "terminated"), ("0.1", "terminated")]
