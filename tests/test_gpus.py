@@ -24,7 +24,7 @@ from tests.sshd import SshdHost
 
 # Each job writes where it ran, the devices it was given and when, then holds them a moment.
 RECORD = (
-    'python3 -c "import json, os, time; s = time.time(); time.sleep(0.6); '
+    'python3 -c "import json, os, time; s = time.time(); time.sleep(1.5); '
     "print(json.dumps({'gpus': os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': s, 'end': time.time()}))\" "
     "> used.json"
 )
@@ -79,10 +79,14 @@ def test_gpu_jobs_get_their_own_devices_and_run_only_where_gpus_are(tmp_path: Pa
         assert len(devices) == (2 if name.startswith("two") else 1) and set(devices) <= {"0", "1"}, (name, record)
     # No device was ever held by two jobs at once, so never more than the host's two were in use.
     spans = [(r["start"], r["end"], set(r["gpus"].split(","))) for r in gpu_jobs.values()]
-    for i, (start, end, devices) in enumerate(spans):
-        for other_start, other_end, other in spans[i + 1 :]:
-            if start < other_end and other_start < end:
-                assert not devices & other, spans
+    overlapping = [
+        (devices, other)
+        for i, (start, end, devices) in enumerate(spans)
+        for other_start, other_end, other in spans[i + 1 :]
+        if start < other_end and other_start < end
+    ]
+    assert overlapping, spans  # the host did run GPU jobs side by side (so the check below checks something)
+    assert not [pair for pair in overlapping if pair[0] & pair[1]], spans
     # CPU jobs: on the GPU host they see no GPU (they asked for none); on the other, nothing is set.
     for name, (host, record) in used.items():
         if name.startswith("cpu"):

@@ -303,9 +303,10 @@ def test_dropped_connections_restart_no_job(tmp_path: Path, sshd_hosts: list[Ssh
     assert_done_once(summary, counters, results / project, 18)
     assert not [j.name for j in summary.jobs if j.lost]
     by_key = {job.key: job for job in summary.jobs}
-    for key, record in fault.seen.items():  # what ran through the drop is the same run
-        if record["state"] == "running":
-            assert by_key[key].started == record["start"], (by_key[key], record)
+    through = {key: record for key, record in fault.seen.items() if record["state"] == "running"}
+    assert through, fault.seen  # jobs were running when the connections dropped
+    for key, record in through.items():  # what ran through the drop is the same run
+        assert by_key[key].started == record["start"], (by_key[key], record)
 
 
 # paramiko's SFTP prefetch thread dies with the connection (EOFError): expected here
