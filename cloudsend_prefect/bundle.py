@@ -32,6 +32,7 @@ class Bundle(BaseModel):
 
     @property
     def digest(self) -> str:
+        """SHA-256 of the whole bundle: names the folder it is unpacked into, so a re-attach finds it written."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 

@@ -73,6 +73,7 @@ class ControllerSettings(BaseModel):
 
 
 def settings_file() -> Path:
+    """Where ``up`` saves the controller's settings: beside the aws keys, private to the user."""
     from cloudsend_prefect.providers.aws import config_dir
 
     return config_dir() / "controller.json"
@@ -86,6 +87,7 @@ def load_settings(**overrides: Any) -> ControllerSettings:
 
 
 def save_settings(settings: ControllerSettings) -> None:
+    """Keep ``settings`` for the later ``controller`` commands and ``--remote`` runs (no secret is in them)."""
     path = settings_file()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(settings.model_dump_json(indent=2) + "\n")
@@ -94,6 +96,8 @@ def save_settings(settings: ControllerSettings) -> None:
 # -- the Prefect side ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PrefectApi:
+    """The Prefect API the worker is pointed at; its ``repr`` never shows the key, so logging one leaks nothing."""
+
     url: str
     key: str | None
 
@@ -122,6 +126,7 @@ def prefect_api(settings: ControllerSettings) -> PrefectApi:
 
 
 def worker_name(instance_id: str) -> str:
+    """The worker's name in its pool, from its instance: heartbeats then say which instance is serving."""
     return f"cloudsend-controller-{instance_id}"
 
 
@@ -161,6 +166,8 @@ def register(settings: ControllerSettings, work_dir: str) -> None:
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """One worker of the pool as the Prefect API last heard of it: how ``controller status`` tells a live worker."""
+
     worker: str
     status: str
     last: datetime | None
@@ -190,29 +197,36 @@ class Layout:
 
     @property
     def root(self) -> str:
+        """The folder everything of the controller's is under (0700)."""
         return f"{self.home}/.cloudsend/controller"
 
     @property
     def venv(self) -> str:
+        """The virtual environment cloudsend and the worker are installed in."""
         return f"{self.root}/venv"
 
     @property
     def work(self) -> str:
+        """The worker's working directory: relative results folders of flow runs land here."""
         return f"{self.root}/work"
 
     @property
     def env_file(self) -> str:
+        """The worker's 0600 environment file (the Prefect API key is in it)."""
         return f"{self.root}/worker.env"
 
     @property
     def unit_file(self) -> str:
+        """The systemd unit as written here, before it is installed into /etc."""
         return f"{self.root}/{UNIT}"
 
     @property
     def log(self) -> str:
+        """The worker's log file."""
         return f"{self.root}/worker.log"
 
     def results(self, batch: str) -> str:
+        """The results folder of ``batch`` on the instance: what ``cloudsend fetch`` copies back."""
         return f"{self.work}/cloudsend-results/{batch}"
 
 
@@ -233,6 +247,7 @@ def env_file_text(api: PrefectApi, layout: Layout, passed: dict[str, str]) -> st
 
 
 def exec_start(layout: Layout, pool: str, name: str) -> list[str]:
+    """The worker's command line: no secret in it, since any user of the instance can read it."""
     return [f"{layout.venv}/bin/prefect", "worker", "start", "--pool", pool, "--name", name]
 
 
@@ -366,12 +381,23 @@ def write_worker_files(transport: Transport, layout: Layout, env_text: str, unit
 
 
 def layout_of(transport: Transport) -> Layout:
+    """The controller's layout on the host behind ``transport``, from its login's home and user name."""
     home, user = _must(transport, 'printf "%s\\n%s" "$HOME" "$(id -un)"', "reading the login's home").splitlines()
     return Layout(home, user)
 
 
 @dataclass
 class Up:
+    """What ``up`` did, for the CLI to report.
+
+    Attributes:
+        host: The controller instance.
+        created: Whether the instance was created now (else an existing one was reused).
+        installed: Whether cloudsend was (re)installed on it (else the same code was already there).
+        layout: Where its files are.
+        worker: The worker's name in its pool.
+    """
+
     host: HostInfo
     created: bool
     installed: bool

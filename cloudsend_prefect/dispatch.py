@@ -125,6 +125,8 @@ class Dispatcher:
         self._open: set[str] | None = None  # keys of the batch's jobs without a final result (None: not told)
 
     def runtime(self, host: str) -> HostRuntime:
+        """The runtime of the host named ``host`` the dispatcher watches it with (its spot and idle settings set), for
+        the tasks that build environments and fetch outputs there."""
         return self.hosts[host].runtime
 
     def start(self) -> None:

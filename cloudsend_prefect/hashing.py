@@ -35,6 +35,15 @@ _RACY_NS = 2_000_000_000
 
 
 def digest(obj: Any) -> str:
+    """SHA-256 (hex) of ``obj`` as canonical JSON: the one function environment and job hashes go through.
+
+    Args:
+        obj: JSON-serialisable data in which files are already represented by content or relative path and
+            digest (never an absolute path or a time), so the hash is the same on every machine.
+
+    Returns:
+        64 hex digits.
+    """
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -107,6 +107,7 @@ class JobLog:
         (record / "batch.json").write_text(json.dumps(about) + "\n", encoding="utf-8")
 
     def __call__(self, result: JobResult, total: int) -> None:
+        """Append ``result``'s line to both copies of the joblog (``total`` is the listener protocol's, unused)."""
         text = line(self.specs[result.key], result)
         for path in self.paths:
             with path.open("a", encoding="utf-8") as handle:

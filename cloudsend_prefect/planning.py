@@ -16,6 +16,10 @@ from cloudsend_prefect.specs import JobSpec
 
 
 class Placement(BaseModel):
+    """One job in the preview: the host it would run on, the CPUs and GPUs it holds there, and when it would start
+    and end (seconds from the batch's start, by ``expected_duration``).
+    """
+
     job: str
     host: str
     cpus: int
@@ -91,11 +95,19 @@ class Slots(Protocol):
     """A host as placement sees it (a planned host, or a provisioned one)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The host's name, as its provider names it."""
+        ...
+
     @property
-    def cpus(self) -> int: ...
+    def cpus(self) -> int:
+        """The CPU slots jobs are packed into."""
+        ...
+
     @property
-    def gpus(self) -> int: ...
+    def gpus(self) -> int:
+        """The GPUs a job may take to itself (0: the host runs no GPU job)."""
+        ...
 
 
 def can_host(host_gpus: int, job_gpus: int) -> bool:

@@ -56,6 +56,10 @@ def flow_run_of(batch: str) -> Any:
 
 @dataclass
 class JobRun:
+    """A job's newest task run in a remote batch's flow run: what ``status --remote`` shows and ``logs
+    --remote`` reads the lines of (by ``id``).
+    """
+
     name: str
     state: str
     id: Any

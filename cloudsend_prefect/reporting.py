@@ -62,6 +62,7 @@ def utc(epoch: float | None) -> str:
 
 
 def percent(part: float, whole: float) -> str:
+    """``part`` as a share of ``whole`` (``42.0 %``), or ``-`` when there is no whole to share."""
     return f"{100 * part / whole:.1f} %" if whole > 0 else "-"
 
 
@@ -112,10 +113,12 @@ def reason(job: JobResult) -> str:
 
 
 def state_text(job: JobResult) -> str:
+    """A job's state as the tables show it: a job reused from an earlier run is marked ``(cached)``."""
     return f"{job.state} (cached)" if job.cached else job.state
 
 
 def outputs_text(job: JobResult) -> str:
+    """A job's outputs as one table cell (``-`` for none): a long list is cut, with the number of files said."""
     if not job.outputs:
         return "-"
     listed = ", ".join(job.outputs)
@@ -161,6 +164,7 @@ def jobs_table(summary: BatchSummary, limit: int = MAX_ROWS) -> list[Row]:
 
 
 def jobs_description(summary: BatchSummary, limit: int = MAX_ROWS) -> str:
+    """The ``<batch>-jobs`` artifact's description: the counts, how the table is ordered, and what it leaves out."""
     total = len(summary.jobs)
     head = f"Jobs of batch {summary.batch}: {counts_text(job.state for job in summary.jobs) or 'none'}."
     if total <= limit:
@@ -197,10 +201,12 @@ class Usage:
 
     @property
     def used(self) -> float:
+        """CPU-seconds the batch's jobs used, on all hosts."""
         return math.fsum(h.used for h in self.hosts)
 
     @property
     def available(self) -> float:
+        """CPU-seconds all hosts offered over the batch's wall time."""
         return math.fsum(h.available for h in self.hosts)
 
     def line(self) -> str:
@@ -273,6 +279,7 @@ def cost_table(usage: Usage, report: Estimate | None, limit: int = MAX_ROWS) -> 
 
 
 def cost_description(batch: str, usage: Usage, report: Estimate | None) -> str:
+    """The ``<batch>-cost`` artifact's description: what is counted as used and available, and how EC2 is priced."""
     text = (
         f"CPU time of batch {batch}: used by the jobs this flow run ran (each one's duration times its CPUs) against "
         f"available (each host's CPUs times the batch's {human_duration(usage.seconds)} from provisioning to teardown)."
@@ -385,6 +392,7 @@ def plan_table(placements: Sequence[Placement], hosts: Sequence[HostInfo], limit
 
 
 def plan_description(batch: str, placements: Sequence[Placement], hosts: Sequence[HostInfo]) -> str:
+    """The ``<batch>-plan`` artifact's description: the expected makespan, and that the plan is an estimate."""
     makespan = max((p.end for p in placements), default=0.0)
     return (
         f"Expected placement of the {len(placements):,} jobs of {batch} on {len(hosts):,} host(s), by each "

@@ -15,6 +15,13 @@ from cloudsend_prefect.runtime import LOG_TAIL_BYTES
 
 
 class JobResult(BaseModel):
+    """How one job of a batch ended: the return value of its Prefect task, persisted by Prefect, so a later run of
+    the batch reads it from the cache instead of running the job again (``cached`` then says so).
+
+    ``state`` is ``done``, ``failed`` or ``aborted`` (never started, lost, cancelled, or its environment failed);
+    ``reason`` says why a job is not done.
+    """
+
     name: str
     key: str
     state: str
@@ -31,10 +38,15 @@ class JobResult(BaseModel):
 
     @property
     def ok(self) -> bool:
+        """Whether the job ended ``done`` (what the batch's success and the exit code count)."""
         return self.state == "done"
 
 
 class BatchSummary(BaseModel):
+    """The flow's return value: every job's result in the batch's order, what the CLI's table, the Prefect
+    artifacts and ``BatchFailed`` are made from.
+    """
+
     batch: str
     results_dir: str
     jobs: list[JobResult]
@@ -43,6 +55,7 @@ class BatchSummary(BaseModel):
 
     @property
     def counts(self) -> dict[str, int]:
+        """Jobs by state: the counts line under the table and in the failure message."""
         counts: dict[str, int] = {}
         for job in self.jobs:
             counts[job.state] = counts.get(job.state, 0) + 1
@@ -50,6 +63,7 @@ class BatchSummary(BaseModel):
 
     @property
     def ok(self) -> bool:
+        """Whether every job is done: the flow run is Completed (else Failed) and the CLI exits 0."""
         return all(job.ok for job in self.jobs)
 
     def failure(self, shown: int = 3) -> str:

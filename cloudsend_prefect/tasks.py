@@ -28,11 +28,17 @@ from cloudsend_prefect.transport import FileRefused, TransportError
 
 
 class BootstrapFailed(RuntimeError):
+    """An environment did not build on a host: the bootstrap task fails with the end of the build's log in it."""
+
     pass
 
 
 @task(name="provision", cache_policy=NO_CACHE)
 def provision(config: BatchConfig) -> list[HostInfo]:
+    """Create, start or reuse the config's hosts (``providers.provision_all``), and log each one as it is.
+
+    Not cached: hosts are looked up again at every run, so a rerun finds what is there now.
+    """
     hosts = provision_all(config)
     logger = get_run_logger()
     for host in hosts:
@@ -90,6 +96,7 @@ class JobCachePolicy(CachePolicy):
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str:
+        """The key ``cloudsend-job-<batch>-<job key>``, also set on the task run so the UI shows it."""
         key = f"cloudsend-job-{inputs['batch']}-{inputs['job'].key}"
         task_ctx.task_run.cache_key = key
         return key

@@ -31,12 +31,17 @@ class FileRefused(OSError):
 
 @dataclass(frozen=True)
 class CommandResult:
+    """What one command on a host gave back: a failing command is a result, not an exception, so callers
+    decide what an exit code means.
+    """
+
     exit_code: int
     stdout: str
     stderr: str
 
     @property
     def ok(self) -> bool:
+        """Whether the command exited 0."""
         return self.exit_code == 0
 
 
@@ -73,7 +78,9 @@ class Transport(Protocol):
         does not exist)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the connection; jobs running on the host go on, and the next call may reconnect."""
+        ...
 
 
 def check_regular(where: str, mode: int | None, size: int | None, max_bytes: int | None, tail: int | None) -> int:

@@ -47,6 +47,12 @@ def job_environment(pass_env: Sequence[str] = ()) -> dict[str, str]:
 
 
 class LocalTransport:
+    """The client machine as a ``Transport``: what the local provider's hosts and tests run on.
+
+    Commands run from the user's home with only ``job_environment``'s variables, so a local job sees what an SSH
+    login would and never the client's credentials.
+    """
+
     name = "local"
 
     def __init__(self, name: str = "local", pass_env: Sequence[str] = ()) -> None:
@@ -56,6 +62,7 @@ class LocalTransport:
         self._env = job_environment(pass_env)
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float | None = None) -> CommandResult:
+        """Run ``command`` with ``/bin/sh -c`` from home (see ``Transport.run``); a timeout is a ``TimeoutError``."""
         self.round_trips += 1
         try:
             proc = subprocess.run(
@@ -75,6 +82,7 @@ class LocalTransport:
         return Path(os.path.expanduser(remote)) if remote.startswith("~") else self._home / remote
 
     def put(self, local: Path, remote: str) -> None:
+        """Copy ``local`` to ``remote`` (absolute, ``~``-relative or relative to home)."""
         self.round_trips += 1
         shutil.copyfile(local, self._path(remote))
 
@@ -88,6 +96,11 @@ class LocalTransport:
             raise
 
     def get(self, remote: str, local: Path, *, max_bytes: int | None = None, tail: int | None = None) -> int:
+        """Copy the regular file ``remote`` to ``local`` (see ``Transport.get``).
+
+        The file is opened without following links or waiting on a FIFO and checked on the open descriptor, so what a
+        job leaves behind is refused before it is read.
+        """
         self.round_trips += 1
         fd = self._open(remote)
         with os.fdopen(fd, "rb") as source:
@@ -96,6 +109,7 @@ class LocalTransport:
             return copy_bounded(source, st.st_size, skip, local)
 
     def read(self, remote: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of ``remote`` from ``offset`` (b"" when it does not exist): what ``logs`` follows."""
         self.round_trips += 1
         try:
             fd = self._open(remote)
@@ -109,4 +123,5 @@ class LocalTransport:
             os.close(fd)
 
     def close(self) -> None:
+        """Nothing to close: every command is its own process."""
         return None

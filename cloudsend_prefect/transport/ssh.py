@@ -486,6 +486,11 @@ class SSHTransport:
         return copied
 
     def read(self, remote: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of the regular file ``remote`` from ``offset`` (see ``Transport.read``).
+
+        Read over SFTP after an lstat, so a link or FIFO is refused, and b"" when the file does not exist yet (a
+        job that has not written its log).
+        """
         data = b""
 
         def read(sftp: paramiko.SFTPClient) -> None:
