@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, Field
 
-from cloudsend_prefect.loading import ConfigError, load_batch
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import resolve_batch
 from cloudsend_prefect.specs import env_paths
 
 # Flow run parameters live in the Prefect database and go through its API whole: a batch's data belongs on its
@@ -38,7 +39,8 @@ class Bundle(BaseModel):
 def pack(config_path: Path, *, allow_exec: bool = False, max_bytes: int = MAX_BYTES) -> Bundle:
     """The config and every file it names, all under the config's folder (checked as ``validate`` does);
     ConfigError for a file outside it, or when together they are over ``max_bytes`` compressed."""
-    config, specs = load_batch(config_path, allow_exec=allow_exec)
+    batch = resolve_batch(config_path, allow_exec=allow_exec)
+    config, specs = batch.config, batch.jobs
     base = Path(os.path.abspath(config.base_dir))
     named = [Path(os.path.abspath(config_path))]
     for f in {f.rel: f for spec in specs for f in spec.files}.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import os
 import posixpath
 import re
@@ -165,6 +166,15 @@ def check_matrix(value: Matrix) -> Matrix:
         if not MATRIX_PARAM.fullmatch(name):
             raise ValueError(f"{name!r}: a parameter name is letters, digits and '_', not starting with a digit")
     return value
+
+
+def matrix_size(matrix: Matrix | None) -> int:
+    """How many points a matrix has (1 for no matrix), counted without expanding it."""
+    if matrix is None:
+        return 1
+    if isinstance(matrix, list):
+        return len(matrix)
+    return math.prod(len(values) for values in matrix.values())
 
 
 def check_no_nul(value: str) -> str:
@@ -523,9 +533,7 @@ class Job(_Strict):
     @property
     def runs(self) -> int:
         """How many job runs this job stands for: its matrix's points times its `repeat`."""
-        from cloudsend_prefect.matrix import size
-
-        return size(self) * self.repeat
+        return matrix_size(self.matrix) * self.repeat
 
     @model_validator(mode="after")
     def _one_of(self) -> Job:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from cloudsend_prefect import reporting
 from cloudsend_prefect.controller import ControllerError, load_settings
-from cloudsend_prefect.loading import ConfigError
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.specs import JobSpec
 
 app = typer.Typer(help="The controller instance: a small EC2 instance whose Prefect worker runs your batches.")

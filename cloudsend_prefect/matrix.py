@@ -17,7 +17,6 @@ argument. Only ``{name}`` for a parameter of the matrix is a placeholder; other 
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import shlex
 from collections.abc import Iterator, Mapping
@@ -33,15 +32,6 @@ def text(value: MatrixValue) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
-
-
-def size(job: Job) -> int:
-    """How many points the job's matrix has (1 without a matrix), without expanding it."""
-    if job.matrix is None:
-        return 1
-    if isinstance(job.matrix, list):
-        return len(job.matrix)
-    return math.prod(len(values) for values in job.matrix.values())
 
 
 def points(job: Job) -> Iterator[dict[str, MatrixValue]]:

@@ -23,8 +23,8 @@ from cloudsend_prefect.config import (
     check_job_name,
     unprintable_char,
 )
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.hashing import digest, file_digest
-from cloudsend_prefect.loading import ConfigError
 from cloudsend_prefect.matrix import expand, unused
 
 DEFAULT_MAX_OUTPUT_BYTES = DEFAULT_MAX_OUTPUT_MB * 1024**2

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from cloudsend_prefect.block import CloudSendCluster
 from cloudsend_prefect.config import InstanceType, Job
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.specs import expand_jobs, resolve_envs
 
 

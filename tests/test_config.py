@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from cloudsend_prefect.config import IGNORED_GLOBAL_KEYS, BatchConfig
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.specs import expand_jobs
 
 MINIMAL_YAML = """\
