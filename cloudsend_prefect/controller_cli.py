@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -236,7 +236,7 @@ def run_remote(
         state = run.state
         if state and state.name != seen:
             seen = state.name
-            out.print(f"{datetime.now(timezone.utc):%H:%M:%S} {batch}: {state.name}", highlight=False)
+            out.print(f"{datetime.now(UTC):%H:%M:%S} {batch}: {state.name}", highlight=False)
         if state and state.is_final():
             if state.message:
                 out.print(state.message, highlight=False)

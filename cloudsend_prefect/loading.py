@@ -6,10 +6,10 @@ import ast
 import json
 import re
 import runpy
+import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 from pydantic import ValidationError
 
