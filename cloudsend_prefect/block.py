@@ -108,9 +108,11 @@ class _FormSchema(GenerateJsonSchema):
     """
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        """``X | None`` as ``X``."""
         return self.generate_inner(schema["schema"])
 
     def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        """A field defaulting to ``None`` as its type alone, without the ``default: null``."""
         if self.get_default_value(schema) is None:
             return self.generate_inner(schema["schema"])
         return super().default_schema(schema)

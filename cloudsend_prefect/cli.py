@@ -281,6 +281,7 @@ class RateColumn(ProgressColumn):
     """Jobs ended per second, over the last moments (rich's own estimate)."""
 
     def render(self, task: RichTask) -> Text:
+        """The rate, or ``-`` before rich has one."""
         return Text(f"{task.speed:.1f} jobs/s" if task.speed else "- jobs/s", style="progress.data.speed")
 
 

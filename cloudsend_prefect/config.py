@@ -863,6 +863,7 @@ class BatchConfig(ClusterSettings, _Strict):
 
     @property
     def source(self) -> str:
+        """Where the config came from (its file, or the block), as messages name it."""
         return self._source
 
     @property

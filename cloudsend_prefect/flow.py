@@ -91,6 +91,7 @@ def _name_run(name: str) -> None:
 
 
 def batch_slug(name: str) -> str:
+    """A batch's name as its results folder and its runs on the hosts use it: lower case, ``[a-z0-9-]``."""
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "batch"
 
 
@@ -149,6 +150,14 @@ def cloudsend(
         exec_python_config: Run a .py config as Python (it may do anything) instead of reading its literal.
         bundle: Instead of `config`, the config and its files as content (`cloudsend run --remote` sends them).
         results_bucket: An S3Bucket block: the results folder is also uploaded there, under `<batch>/`.
+
+    The batch is resolved once, here (``resolve.resolve_batch``), unless ``run_batch`` was handed it resolved.
+
+    Returns:
+        The batch's summary; a run with a job not done ends Failed (``BatchFailed`` carries the summary).
+
+    Raises:
+        ConfigError: The parameters name no valid batch (nothing has been created).
     """
     logger = get_run_logger()
     given = _given.get() or _Given(batch=None, listeners=())

@@ -54,6 +54,7 @@ def parameters(job: Job) -> list[str]:
 
 
 def placeholder_pattern(names: list[str]) -> re.Pattern[str]:
+    """What matches ``{name}`` for each parameter name (and no other braces)."""
     return re.compile("|".join(re.escape("{" + name + "}") for name in names))
 
 
@@ -64,8 +65,16 @@ def unused(job: Job) -> list[str]:
 
 
 def expand(job: Job, base_name: str) -> Iterator[Job]:
-    """One job per point, placeholders replaced; ``base_name`` is the name a point's name is built from
-    when the job's own ``name`` has no placeholder (``<base>-lr=0.1,depth=3``)."""
+    """One job per point of the job's matrix, placeholders replaced (the job itself without a matrix).
+
+    Args:
+        job: The job, its matrix checked by the config (``config.check_matrix``).
+        base_name: What a point's name is built from when the job's own ``name`` has no placeholder
+            (``<base>-lr=0.1,depth=3``).
+
+    Yields:
+        Plain jobs (no matrix), in the matrix's order.
+    """
     if job.matrix is None:
         yield job
         return

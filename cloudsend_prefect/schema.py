@@ -163,6 +163,7 @@ def starter_config(schema: str) -> str:
 
 
 def render() -> str:
+    """The schema as the committed ``cloudsend.schema.json`` holds it (and ``cloudsend init`` writes it)."""
     return json.dumps(config_schema(), indent=2, ensure_ascii=False) + "\n"
 
 

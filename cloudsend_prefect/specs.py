@@ -51,6 +51,7 @@ class EnvSpec(BaseModel):
 
     @property
     def key(self) -> str:
+        """The hash's prefix that names the environment's directory on a host."""
         return self.hash[:16]
 
 
@@ -171,7 +172,16 @@ def _env_file(config: BatchConfig, value: str, where: str) -> tuple[Path, str]:
 
 
 def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
-    """The files the host builds ``env`` from, by their names in its environment directory (see hashing)."""
+    """The files the host builds ``env`` from, by their names in its environment directory (see hashing).
+
+    Args:
+        config: The config ``env`` belongs to (for paths and messages).
+        env: The environment.
+        index: Its place in ``config.environments`` (messages name ``environments[index]``).
+
+    Raises:
+        ConfigError: A file it names is missing, unreadable or not UTF-8 text.
+    """
     field = f"environments[{index}]"
     files: dict[str, str] = {}
 
@@ -250,6 +260,7 @@ class _Files:
         self.known: dict[tuple[str, bool], FileSpec] = {}
 
     def spec(self, value: str, field: str, *, executable: bool = False) -> FileSpec:
+        """The file ``value`` names (``field`` says where, for messages), checked and hashed the first time."""
         key = (value, executable)
         if key not in self.known:
             path = _existing(self.config, value, field)
@@ -407,7 +418,20 @@ def _points(config: BatchConfig, jobs: list[Job]) -> list[tuple[int, Job]]:
 
 
 def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobSpec]:
-    """Resolve every job (matrix and `repeat` expanded) in order, checking files and computing hashes."""
+    """Resolve every job (matrix and `repeat` expanded) in order, checking files and computing hashes.
+
+    A run calls it once, through ``resolve.resolve_batch``.
+
+    Args:
+        config: The validated config (its ``base_dir`` is where relative paths start).
+        jobs: The jobs to resolve instead of the config's own (they are bounded here, as the config's are).
+
+    Returns:
+        One spec per job run, in the config's order: a matrix's points, then each one's repeats.
+
+    Raises:
+        ConfigError: A file is missing, unreadable or lands on another's name; a name clashes; too many runs.
+    """
     jobs = config.jobs if jobs is None else jobs
     runs = sum(job.runs for job in jobs)
     if runs > MAX_JOB_RUNS:  # (the config checks its own jobs; these may have come separately)
