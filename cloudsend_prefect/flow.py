@@ -74,6 +74,13 @@ class _Given:
 _given: ContextVar[_Given | None] = ContextVar("cloudsend_given", default=None)
 
 
+def _handed() -> _Given:
+    """What ``run_batch`` handed this call of the flow (nothing when it was not called through it). A function,
+    not the variable in the flow's body: `serve()` cloudpickles the flow function by value, and a ContextVar
+    does not pickle (this function goes by reference)."""
+    return _given.get() or _Given(batch=None, listeners=())
+
+
 def _run_name() -> str:
     params = flow_run.parameters
     return str(params.get("batch") or Path(str(params.get("config") or params.get("cluster") or "batch")).stem)
@@ -160,7 +167,7 @@ def cloudsend(
         ConfigError: The parameters name no valid batch (nothing has been created).
     """
     logger = get_run_logger()
-    given = _given.get() or _Given(batch=None, listeners=())
+    given = _handed()
     if given.batch is not None:  # resolved by the caller (the CLI), from these parameters
         resolved = given.batch
     else:
