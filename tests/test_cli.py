@@ -115,6 +115,13 @@ def test_run_reads_the_config_once_and_resolves_its_jobs_once(tmp_path: Path, mo
     assert calls == {"_read_mapping": 1, "expand_jobs": 1}
 
 
+def test_the_flows_thread_count_is_read_as_each_run_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudsend_prefect import flow
+
+    monkeypatch.setattr(flow, "MAX_WORKERS", 3)
+    assert flow.cloudsend.task_runner.duplicate()._max_workers == 3  # the copy Prefect makes for a run
+
+
 def test_cancel_a_running_batch(tmp_path: Path) -> None:
     config = write(
         tmp_path,
