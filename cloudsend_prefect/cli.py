@@ -221,7 +221,15 @@ def run(
         from cloudsend_prefect.controller_cli import run_remote
 
         name = _batch_name(cfg, batch)
-        run_remote(config, name, rerun=rerun, wait=wait, bucket=results_bucket, exec_python_config=exec_python_config)
+        run_remote(
+            config,
+            name,
+            rerun=rerun,
+            wait=wait,
+            bucket=results_bucket,
+            exec_python_config=exec_python_config,
+            resolved=resolved,
+        )
         return
     if not verbose:  # job failures (with their stderr tail) still show; the rest is in the UI
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
