@@ -52,10 +52,12 @@ def read_config(path: str | Path, *, allow_exec: bool = False, jobs: list[Job] |
 
 
 def settings_config(settings: ClusterSettings, jobs: list[Job], *, source: str, base_dir: Path) -> BatchConfig:
-    """A batch from cluster settings (a ``CloudSendCluster`` block's) and jobs, validated together.
+    """A batch from cluster settings (a ``CloudSendCluster`` block's, or another config's) and jobs, validated
+    together.
 
     Args:
-        settings: Instance types, environments and globals; only the keys given to them are carried over.
+        settings: Instance types, environments and globals (every key of a config but its jobs); only the keys
+            given to them are carried over.
         jobs: The jobs to run (already validated models).
         source: How messages name where the settings came from, e.g. ``block cloudsend-cluster/lab``.
         base_dir: The directory the jobs' relative paths start from.
@@ -63,7 +65,8 @@ def settings_config(settings: ClusterSettings, jobs: list[Job], *, source: str, 
     Raises:
         ConfigError: The jobs do not fit the settings (an unknown environment, more CPUs than any instance...).
     """
-    data: dict[str, Any] = settings.model_dump(include=set(ClusterSettings.model_fields), exclude_unset=True)
+    keys = (set(type(settings).model_fields) & set(BatchConfig.model_fields)) - {"jobs"}
+    data: dict[str, Any] = settings.model_dump(include=keys, exclude_unset=True)
     data["jobs"] = list(jobs)
     return parse_config(data, source=source, base_dir=base_dir)
 

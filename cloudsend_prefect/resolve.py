@@ -45,9 +45,10 @@ def resolve_batch(
             ``jobs`` is given) or cluster settings such as a ``CloudSendCluster`` block (``jobs`` required).
         jobs: Jobs that replace the config's own; validated with the config (environments, CPUs, GPUs).
         allow_exec: A .py config file runs as Python instead of having its literal read.
-        base_dir: For settings without jobs of their own (a block): the directory the jobs' relative paths
-            start from (default: the working directory).
-        name: For such settings: how messages name them, e.g. ``block cloudsend-cluster/lab``.
+        base_dir: For settings in memory given ``jobs``: the directory the jobs' relative paths start from
+            (default: a ``BatchConfig``'s own, else the working directory).
+        name: For settings in memory: how messages name them, e.g. ``block cloudsend-cluster/lab`` (default: a
+            ``BatchConfig``'s source).
 
     Returns:
         The batch: the validated config and its job runs.
@@ -56,15 +57,16 @@ def resolve_batch(
         ConfigError: Anything wrong with the input, named by file (or block) and field, before anything is
             created: the file, its keys and values, the files it names, the jobs' names and count.
     """
-    if isinstance(source, BatchConfig) and jobs is None:
-        config = source
-    elif isinstance(source, ClusterSettings):
-        if jobs is None:
-            raise ConfigError(f"{name or 'cluster'}: give the jobs to run")
-        base = base_dir or (source.base_dir if isinstance(source, BatchConfig) else Path.cwd())
-        config = settings_config(source, jobs, source=name or getattr(source, "source", "<config>"), base_dir=base)
-    else:
+    if not isinstance(source, ClusterSettings):
         config = read_config(source, allow_exec=allow_exec, jobs=jobs)
+    elif jobs is None:
+        if not isinstance(source, BatchConfig):
+            raise ConfigError(f"{name or 'cluster'}: give the jobs to run")
+        config = source
+    elif isinstance(source, BatchConfig):
+        config = settings_config(source, jobs, source=name or source.source, base_dir=base_dir or source.base_dir)
+    else:
+        config = settings_config(source, jobs, source=name or "cluster", base_dir=base_dir or Path.cwd())
     return Batch(config=config, jobs=expand_jobs(config))
 
 
