@@ -313,8 +313,8 @@ def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, pol
     from concurrent.futures import ThreadPoolExecutor
 
     from cloudsend_prefect.dispatch import Dispatcher
-    from cloudsend_prefect.loading import load_config
     from cloudsend_prefect.providers import connect, disconnect, provision_all
+    from cloudsend_prefect.resolve import load_config
     from cloudsend_prefect.results import store_dir
     from cloudsend_prefect.specs import expand_jobs
 

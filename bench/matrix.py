@@ -6,7 +6,7 @@ Run from the repository root:
     .venv/bin/python bench/matrix.py --side 300       # 90,000 jobs
 
 It writes a config with one script and one job whose matrix is a SIDE x SIDE grid into a temporary
-directory, then times ``load_batch`` (what ``cloudsend validate`` and ``cloudsend plan`` do before printing),
+directory, then times ``resolve_batch`` (what ``cloudsend validate`` and ``cloudsend plan`` do before printing),
 best of three runs, in this process (the CLI's own start-up, imports included, is not counted).
 """
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cloudsend_prefect.loading import load_batch
+from cloudsend_prefect.resolve import resolve_batch
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            _, jobs = load_batch(config)
+            jobs = resolve_batch(config).jobs
             times.append(time.perf_counter() - started)
     print(f"{len(jobs)} jobs from a {args.side}x{args.side} grid: validated in {min(times):.3f} s (best of 3)")
 

@@ -2,6 +2,7 @@
 
 from cloudsend_prefect.block import CloudSendCluster
 from cloudsend_prefect.config import BatchConfig, Environment, InstanceType, Job
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import load_config
 
 __all__ = ["BatchConfig", "CloudSendCluster", "ConfigError", "Environment", "InstanceType", "Job", "load_config"]

@@ -34,7 +34,8 @@ from cloudsend_prefect.config import (
     InstanceType,
     Job,
 )
-from cloudsend_prefect.loading import ConfigError, parse_config
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.loading import settings_config
 from cloudsend_prefect.specs import resolve_env
 
 DEFAULT_ENV_NAME = "default"  # what a config's only, unnamed environment is called in a block (and in its spec)
@@ -107,9 +108,11 @@ class _FormSchema(GenerateJsonSchema):
     """
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        """``X | None`` as ``X``."""
         return self.generate_inner(schema["schema"])
 
     def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        """A field defaulting to ``None`` as its type alone, without the ``default: null``."""
         if self.get_default_value(schema) is None:
             return self.generate_inner(schema["schema"])
         return super().default_schema(schema)
@@ -164,10 +167,8 @@ class CloudSendCluster(Block, ClusterSettings):
 
     def to_config(self, jobs: list[Job], base_dir: Path, *, source: str = "") -> BatchConfig:
         """A validated batch: this cluster plus the jobs (their relative paths resolved against ``base_dir``)."""
-        data = self.model_dump(include=set(ClusterSettings.model_fields), exclude_unset=True)
-        data["jobs"] = [j.model_dump(exclude_unset=True) for j in jobs]
         source = source or f"block cloudsend-cluster/{self._block_document_name}"
-        return parse_config(data, source=source, base_dir=base_dir)
+        return settings_config(self, jobs, source=source, base_dir=base_dir)
 
     @classmethod
     def from_config(cls, config: BatchConfig) -> CloudSendCluster:

@@ -81,7 +81,7 @@ def spot_price(ec2: Any, instance_type: str, zone: str | None = None) -> float |
         params: dict[str, Any] = {
             "InstanceTypes": [instance_type],
             "ProductDescriptions": ["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
-            "StartTime": dt.datetime.now(dt.timezone.utc),
+            "StartTime": dt.datetime.now(dt.UTC),
         }
         if zone:
             params["AvailabilityZone"] = zone

@@ -27,7 +27,8 @@ from rich.text import Text
 
 from cloudsend_prefect import controller_cli, reporting
 from cloudsend_prefect.config import BatchConfig
-from cloudsend_prefect.loading import ConfigError, load_batch
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import Batch, resolve_batch
 from cloudsend_prefect.results import BatchSummary, JobResult
 from cloudsend_prefect.specs import JobSpec
 
@@ -63,16 +64,23 @@ MAX_ROWS = 50  # rows of a job table in the terminal; the rest is counted, and `
 STATE_STYLE = {"done": "green", "failed": "red", "aborted": "red", "running": "cyan", "queued": "yellow"}
 
 
-def _load(path: Path, allow_exec: bool) -> tuple[BatchConfig, list[JobSpec]]:
-    """The validated config and its jobs, or exit 2 with the error (nothing has been created)."""
+def _resolve(path: Path, allow_exec: bool) -> Batch:
+    """The batch the config file describes, resolved once (``resolve.resolve_batch``), its notes printed; or
+    exit 2 with the error (nothing has been created)."""
     try:
-        config, jobs = load_batch(path, allow_exec=allow_exec)
+        batch = resolve_batch(path, allow_exec=allow_exec)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
-    for note in config.notes:
-        console.print(f"[yellow]note:[/yellow] {escape(config.source)}: {escape(note)}", highlight=False)
-    return config, jobs
+    for note in batch.config.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(batch.config.source)}: {escape(note)}", highlight=False)
+    return batch
+
+
+def _load(path: Path, allow_exec: bool) -> tuple[BatchConfig, list[JobSpec]]:
+    """The validated config and its jobs (see ``_resolve``), for the commands that look at them."""
+    batch = _resolve(path, allow_exec)
+    return batch.config, batch.jobs
 
 
 def _styled(state: str) -> str:
@@ -207,12 +215,21 @@ def run(
 ) -> None:
     """Run a batch through the `cloudsend` Prefect flow, with a progress bar; exit 1 if any job is not done.
     With --remote (or `maestro: remote`): submit it to the controller and return."""
-    cfg, jobs = _load(config, exec_python_config)
+    resolved = _resolve(config, exec_python_config)
+    cfg, jobs = resolved.config, resolved.jobs
     if remote or cfg.maestro == "remote":
         from cloudsend_prefect.controller_cli import run_remote
 
         name = _batch_name(cfg, batch)
-        run_remote(config, name, rerun=rerun, wait=wait, bucket=results_bucket, exec_python_config=exec_python_config)
+        run_remote(
+            config,
+            name,
+            rerun=rerun,
+            wait=wait,
+            bucket=results_bucket,
+            exec_python_config=exec_python_config,
+            resolved=resolved,
+        )
         return
     if not verbose:  # job failures (with their stderr tail) still show; the rest is in the UI
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
@@ -220,7 +237,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its 20 s default start-up limit is too short on a loaded 2-core machine (a raw traceback otherwise).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from cloudsend_prefect.flow import job_listeners, run_batch
+    from cloudsend_prefect.flow import run_batch
 
     columns = (
         TextColumn("{task.description}"),
@@ -242,9 +259,10 @@ def run(
             parts = [f"{failed} not done"] * bool(failed) + [f"{cached} cached"] * bool(cached)
             progress.update(bar, advance=1, description=f"jobs ({', '.join(parts)})" if parts else "jobs")
 
-        job_listeners.append(on_job)
         try:
             summary = run_batch(
+                resolved,  # the flow runs it as it is; its run records the parameters below
+                listeners=[on_job],
                 config=str(config),
                 batch=batch,
                 results_dir=str(results_dir),
@@ -262,8 +280,6 @@ def run(
                 highlight=False,
             )
             raise typer.Exit(130) from None
-        finally:
-            job_listeners.remove(on_job)
     _print_summary(summary, config)
     if not summary.ok:
         raise typer.Exit(1)

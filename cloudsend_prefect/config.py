@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import os
 import posixpath
 import re
@@ -36,6 +37,9 @@ IGNORED_GLOBAL_KEYS = {
     "job_assign": "jobs are always placed online on whichever instance has free CPUs",
     "_maestro_name_proj": "there is no maestro instance: the Prefect flow is the controller",
 }
+# The predecessor's Elastic GPU kind of an instance type: accepted from a config file and ignored with a note.
+RETIRED_INSTANCE_KEY = "gpu"
+RETIRED_INSTANCE_WHY = "AWS retired Elastic GPUs; choose a GPU instance type (g5.xlarge, ...) and give jobs `gpus_req`"
 AWS_ONLY_KEYS = (
     "region",
     "type",
@@ -79,8 +83,21 @@ HOST_KEY_TYPES = (
 
 
 def split_ignored(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Drop the predecessor's global keys that mean nothing here, saying why for each."""
+    """Drop the predecessor's global keys that mean nothing here, saying why for each.
+
+    Args:
+        data: A config's mapping, as read from its file.
+
+    Returns:
+        The mapping without those keys, and a note for each of them, and for each instance type given the
+        retired ``gpu`` (which ``InstanceType`` drops).
+    """
     notes = [f"'{key}' is ignored: {why}" for key, why in IGNORED_GLOBAL_KEYS.items() if key in data]
+    instances = data.get("instances")
+    listed = [instances] if isinstance(instances, dict) else instances if isinstance(instances, list) else []
+    for i, inst in enumerate(listed):
+        if isinstance(inst, dict) and inst.get(RETIRED_INSTANCE_KEY) is not None:
+            notes.append(f"instances[{i}]: '{RETIRED_INSTANCE_KEY}' is ignored: {RETIRED_INSTANCE_WHY}")
     return {k: v for k, v in data.items() if k not in IGNORED_GLOBAL_KEYS}, notes
 
 
@@ -165,6 +182,15 @@ def check_matrix(value: Matrix) -> Matrix:
         if not MATRIX_PARAM.fullmatch(name):
             raise ValueError(f"{name!r}: a parameter name is letters, digits and '_', not starting with a digit")
     return value
+
+
+def matrix_size(matrix: Matrix | None) -> int:
+    """How many points a matrix has (1 for no matrix), counted without expanding it."""
+    if matrix is None:
+        return 1
+    if isinstance(matrix, list):
+        return len(matrix)
+    return math.prod(len(values) for values in matrix.values())
 
 
 def check_no_nul(value: str) -> str:
@@ -253,12 +279,6 @@ class InstanceType(_Strict):
         description="GPUs jobs are packed into (see a job's `gpus_req`). aws: defaults to the type's GPU count; "
         "local and ssh: 0 unless given.",
     )
-    gpu: str | None = Field(
-        None,
-        title="Elastic GPU (ignored)",
-        description="The predecessor's Elastic GPU kind, which AWS has retired: choose a GPU instance type "
-        "(g5.xlarge, p4d.24xlarge...) instead; its GPUs come with it.",
-    )
     img_id: str | None = Field(None, title="Image id", description="aws: AMI id (default: latest Ubuntu LTS).")
     img_username: str | None = Field(
         None,
@@ -312,6 +332,15 @@ class InstanceType(_Strict):
     remote_dir: str | None = Field(
         None, title="Remote base dir", description="Where cloudsend keeps its files on the host."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_key(cls, data: Any) -> Any:
+        """The predecessor's ``gpu`` (an Elastic GPU kind) never did anything: dropped, so that its configs and
+        blocks saved with it still load; a config file's gets a note (``split_ignored``)."""
+        if isinstance(data, dict) and RETIRED_INSTANCE_KEY in data:
+            return {k: v for k, v in data.items() if k != RETIRED_INSTANCE_KEY}
+        return data
 
     @field_validator("eco_life", mode="before")
     @classmethod
@@ -429,12 +458,22 @@ class Job(_Strict):
     args: list[str] = Field(
         default_factory=list, title="Arguments", description="Extra arguments passed literally, one per item."
     )
-    upload_files: list[str] = Field(default_factory=list, title="Files to upload")
-    input_files: list[str] = Field(default_factory=list, title="Input files (uploaded)")
+    upload_files: list[str] = Field(
+        default_factory=list,
+        title="Files to upload",
+        description="Placed in the run directory at their path relative to the config's folder (else by name).",
+    )
+    input_files: list[str] = Field(
+        default_factory=list,
+        title="Input files (uploaded)",
+        description="The predecessor's name for files to upload: placed in the run directory as upload_files are.",
+    )
     output_files: list[str] = Field(
         default_factory=list, title="Output files", description="Must exist when the job ends; fetched back."
     )
-    cpus_req: int = Field(1, ge=1, le=100_000, title="CPUs needed")
+    cpus_req: int = Field(
+        1, ge=1, le=100_000, title="CPUs needed", description="CPU slots the job occupies on its host while it runs."
+    )
     gpus_req: int = Field(
         0,
         ge=0,
@@ -443,7 +482,11 @@ class Job(_Strict):
         description="GPUs the job has to itself: it runs on an instance with that many, and CUDA_VISIBLE_DEVICES "
         "lists the ones it was given.",
     )
-    env_name: str | None = Field(None, title="Environment")
+    env_name: str | None = Field(
+        None,
+        title="Environment",
+        description="The environment the job runs in (by its name); default: the only one, if there is one.",
+    )
     repeat: int = Field(1, ge=1, le=100_000, title="Repeat", description="Run this many copies.")
     matrix: Matrix | None = Field(
         None,
@@ -455,7 +498,13 @@ class Job(_Strict):
             "examples": [{"lr": [0.1, 0.01], "depth": [3, 5]}, [{"lr": 0.1, "depth": 3}, {"lr": 0.01, "depth": 8}]]
         },
     )
-    max_retries: int = Field(0, ge=0, le=100, title="Retries on failure")
+    max_retries: int = Field(
+        0,
+        ge=0,
+        le=100,
+        title="Retries on failure",
+        description="How many more times the job runs when it does not end done (as Prefect task retries).",
+    )
     timeout: float | None = Field(
         None,
         gt=0,
@@ -465,7 +514,12 @@ class Job(_Strict):
         description="Kill the job after this long (at most 30 days).",
     )
     expected_duration: float | None = Field(
-        None, gt=0, le=MAX_SECONDS, allow_inf_nan=False, title="Expected duration (s)"
+        None,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        title="Expected duration (s)",
+        description="How long the job is expected to take: `cloudsend plan` schedules it by this (default 1 s).",
     )
     max_output_mb: float = Field(
         DEFAULT_MAX_OUTPUT_MB,
@@ -523,9 +577,7 @@ class Job(_Strict):
     @property
     def runs(self) -> int:
         """How many job runs this job stands for: its matrix's points times its `repeat`."""
-        from cloudsend_prefect.matrix import size
-
-        return size(self) * self.repeat
+        return matrix_size(self.matrix) * self.repeat
 
     @model_validator(mode="after")
     def _one_of(self) -> Job:
@@ -671,7 +723,11 @@ class BatchConfig(ClusterSettings, _Strict):
         description="'local': this machine's flow run is the controller; 'remote': `cloudsend run` submits the batch "
         "to the controller instance (`cloudsend controller up`) and returns; 'lambda' is not built.",
     )
-    jobs: list[Job] = Field(default_factory=list, title="Jobs")
+    jobs: list[Job] = Field(
+        default_factory=list,
+        title="Jobs",
+        description="Scripts or commands to run, each in a directory of its own on a host with room for it.",
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<config>")
@@ -807,6 +863,7 @@ class BatchConfig(ClusterSettings, _Strict):
 
     @property
     def source(self) -> str:
+        """Where the config came from (its file, or the block), as messages name it."""
         return self._source
 
     @property
@@ -837,11 +894,6 @@ class BatchConfig(ClusterSettings, _Strict):
             unused += [k for k in given if k in SSH_ONLY_KEYS] if provider != "ssh" else []
             if provider != "aws" and inst.explode:
                 unused.append("explode")
-            if inst.gpu is not None:
-                notes.append(
-                    f"instances[{i}]: 'gpu' is ignored: AWS retired Elastic GPUs; choose a GPU instance type "
-                    "(g5.xlarge, ...) and give jobs `gpus_req`"
-                )
             if unused:
                 notes.append(
                     f"instances[{i}]: {', '.join(sorted(unused))} ignored: not used by the {provider} provider"

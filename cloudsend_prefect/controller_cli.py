@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +16,8 @@ from rich.table import Table
 
 from cloudsend_prefect import reporting
 from cloudsend_prefect.controller import ControllerError, load_settings
-from cloudsend_prefect.loading import ConfigError
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import Batch
 from cloudsend_prefect.specs import JobSpec
 
 app = typer.Typer(help="The controller instance: a small EC2 instance whose Prefect worker runs your batches.")
@@ -205,14 +206,22 @@ def fetch(
 
 # -- the --remote forms of run, status, logs and cancel (cli.py hands them over) ------------------------------
 def run_remote(
-    config: Path, batch: str, *, rerun: bool, wait: bool, bucket: str | None, exec_python_config: bool
+    config: Path,
+    batch: str,
+    *,
+    rerun: bool,
+    wait: bool,
+    bucket: str | None,
+    exec_python_config: bool,
+    resolved: Batch | None = None,
 ) -> None:
-    """Submit the batch to the controller's deployment and return (or, with ``wait``, follow it to its end)."""
+    """Submit the batch to the controller's deployment and return (or, with ``wait``, follow it to its end);
+    ``resolved``: the batch ``config`` describes, already resolved by the caller (not read again)."""
     from cloudsend_prefect import controller, remote
     from cloudsend_prefect.bundle import pack
 
     try:
-        bundle = pack(config, allow_exec=exec_python_config)
+        bundle = pack(config, resolved=resolved, allow_exec=exec_python_config)
         settings = load_settings()
         if not any(b.status == "ONLINE" for b in controller.heartbeats(settings.pool)):
             console.print(
@@ -236,7 +245,7 @@ def run_remote(
         state = run.state
         if state and state.name != seen:
             seen = state.name
-            out.print(f"{datetime.now(timezone.utc):%H:%M:%S} {batch}: {state.name}", highlight=False)
+            out.print(f"{datetime.now(UTC):%H:%M:%S} {batch}: {state.name}", highlight=False)
         if state and state.is_final():
             if state.message:
                 out.print(state.message, highlight=False)

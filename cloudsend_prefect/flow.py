@@ -5,6 +5,9 @@
 import re
 import socket
 import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cloudsend_prefect.buckets import upload
 from cloudsend_prefect.bundle import Bundle, unpack
 from cloudsend_prefect.catalog import cost_line, cost_report
-from cloudsend_prefect.config import BatchConfig, Job
+from cloudsend_prefect.config import Job
 from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.fleet import Fleet
 from cloudsend_prefect.joblog import JobLog
-from cloudsend_prefect.loading import ConfigError, load_config, parse_config
 from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.providers import HostInfo, connect
 from cloudsend_prefect.reporting import (
@@ -34,18 +37,48 @@ from cloudsend_prefect.reporting import (
     measure,
     summary_markdown,
 )
+from cloudsend_prefect.resolve import Batch, resolve_batch
 from cloudsend_prefect.results import BatchFailed, BatchSummary, JobResult
 from cloudsend_prefect.running import Listener, cancel_requested, run_coroutine, run_jobs, wait_until_recorded
-from cloudsend_prefect.specs import JobSpec, expand_jobs
 from cloudsend_prefect.tasks import plan_batch, provision, teardown
 
-# Threads for the bootstrap tasks (jobs' task runs are coroutines: they hold no thread while they wait).
+# Threads for the bootstrap tasks (jobs' task runs are coroutines: they hold no thread while they wait); read
+# as each run starts (see BootstrapThreads).
 MAX_WORKERS = 16
 MIN_WINDOW = 64  # job task runs alive at once, at least (else twice the fleet's CPU slots)
 EARLY_TASK_RUNS = 2  # provision and plan: ended before the jobs' task runs start
 
-# Called in the flow's process with each job's result as it ends (the CLI's progress bar listens here).
-job_listeners: list[Listener] = []
+
+class BootstrapThreads(ThreadPoolTaskRunner[Any]):
+    """The flow's task runner: each run gets a pool of ``MAX_WORKERS`` threads, that number read as it starts.
+
+    Prefect duplicates the flow's task runner when a run starts; that copy, not the one made when the module
+    was imported, sets the run's thread count.
+    """
+
+    def duplicate(self) -> "BootstrapThreads":
+        """A fresh runner for one flow run, with the thread count the module says now."""
+        return type(self)(max_workers=MAX_WORKERS)
+
+
+@dataclass(frozen=True)
+class _Given:
+    """What ``run_batch`` hands one call of the flow besides its parameters: objects that do not serialise."""
+
+    batch: Batch | None
+    listeners: tuple[Listener, ...]
+
+
+# Set by run_batch for the duration of one flow call only (a flow run's parameters are recorded by the API and
+# shown in the UI: they keep the config's path, not its thousands of resolved jobs or a callback).
+_given: ContextVar[_Given | None] = ContextVar("cloudsend_given", default=None)
+
+
+def _handed() -> _Given:
+    """What ``run_batch`` handed this call of the flow (nothing when it was not called through it). A function,
+    not the variable in the flow's body: `serve()` cloudpickles the flow function by value, and a ContextVar
+    does not pickle (this function goes by reference)."""
+    return _given.get() or _Given(batch=None, listeners=())
 
 
 def _run_name() -> str:
@@ -65,41 +98,38 @@ def _name_run(name: str) -> None:
 
 
 def batch_slug(name: str) -> str:
+    """A batch's name as its results folder and its runs on the hosts use it: lower case, ``[a-z0-9-]``."""
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "batch"
 
 
-def resolve_config(
+def _resolve(
     config: str | None,
     cluster: str | None,
     jobs: list[Job] | None,
     base_dir: str | None,
     exec_python_config: bool = False,
-) -> tuple[BatchConfig, list[JobSpec]]:
-    """The batch to run, fully validated (files included) before anything is created."""
+) -> Batch:
+    """The batch the flow's parameters name (a config file or a saved cluster block, and jobs), resolved once,
+    fully validated (files included) before anything is created."""
     if not config and not cluster:
         raise ConfigError("nothing to run: give a config file (config) or a saved cluster block (cluster) and jobs")
     if config and cluster:
         raise ConfigError("give either a config file (config) or a saved cluster block (cluster), not both")
     if config:
-        cfg = load_config(config, allow_exec=exec_python_config)
-        if jobs:
-            data = {**cfg.model_dump(exclude_unset=True), "jobs": [j.model_dump(exclude_unset=True) for j in jobs]}
-            cfg = parse_config(data, source=cfg.source, base_dir=cfg.base_dir)
-    else:
-        from cloudsend_prefect.block import CloudSendCluster
+        return resolve_batch(config, jobs or None, allow_exec=exec_python_config)
+    from cloudsend_prefect.block import CloudSendCluster
 
-        if not jobs:
-            raise ConfigError(f"cluster {cluster!r}: give the jobs to run as the `jobs` parameter")
-        block = CloudSendCluster.load(str(cluster))
-        assert isinstance(block, CloudSendCluster)  # the sync API, as this flow is sync
-        cfg = block.to_config(jobs, Path(base_dir or Path.cwd()), source=f"block cloudsend-cluster/{cluster}")
-    return cfg, expand_jobs(cfg, jobs)
+    if not jobs:
+        raise ConfigError(f"cluster {cluster!r}: give the jobs to run as the `jobs` parameter")
+    block = CloudSendCluster.load(str(cluster))
+    assert isinstance(block, CloudSendCluster)  # the sync API, as this flow is sync
+    return resolve_batch(block, jobs, base_dir=Path(base_dir or Path.cwd()), name=f"block cloudsend-cluster/{cluster}")
 
 
 @flow(
     name="cloudsend",
     flow_run_name=_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS),  # type: ignore[arg-type]
+    task_runner=BootstrapThreads(max_workers=MAX_WORKERS),  # type: ignore[arg-type]
     validate_parameters=True,
 )
 def cloudsend(
@@ -127,13 +157,26 @@ def cloudsend(
         exec_python_config: Run a .py config as Python (it may do anything) instead of reading its literal.
         bundle: Instead of `config`, the config and its files as content (`cloudsend run --remote` sends them).
         results_bucket: An S3Bucket block: the results folder is also uploaded there, under `<batch>/`.
+
+    The batch is resolved once, here (``resolve.resolve_batch``), unless ``run_batch`` was handed it resolved.
+
+    Returns:
+        The batch's summary; a run with a job not done ends Failed (``BatchFailed`` carries the summary).
+
+    Raises:
+        ConfigError: The parameters name no valid batch (nothing has been created).
     """
     logger = get_run_logger()
-    if bundle is not None:
-        if config or cluster:
-            raise ConfigError("give either a bundle or a config file or a cluster block, not several")
-        config = str(unpack(bundle, cloudsend_home() / "bundles"))
-    cfg, specs = resolve_config(config, cluster, jobs, base_dir, exec_python_config)
+    given = _handed()
+    if given.batch is not None:  # resolved by the caller (the CLI), from these parameters
+        resolved = given.batch
+    else:
+        if bundle is not None:
+            if config or cluster:
+                raise ConfigError("give either a bundle or a config file or a cluster block, not several")
+            config = str(unpack(bundle, cloudsend_home() / "bundles"))
+        resolved = _resolve(config, cluster, jobs, base_dir, exec_python_config)
+    cfg, specs = resolved.config, resolved.jobs
     for note in cfg.notes:
         logger.warning("%s: %s", cfg.source, note)
     name = batch_slug(batch or cfg.project)
@@ -161,7 +204,7 @@ def cloudsend(
                 dest,
                 refresh=refresh,
                 window=window,
-                listeners=[*job_listeners, fleet.settled, JobLog(name, cfg.project, dest, specs)],
+                listeners=[*given.listeners, fleet.settled, JobLog(name, cfg.project, dest, specs)],
                 ended_before=EARLY_TASK_RUNS,
             )
         )
@@ -214,11 +257,30 @@ def cloudsend(
     return summary
 
 
-def run_batch(**parameters: Any) -> BatchSummary:
-    """Run the ``cloudsend`` flow and return the batch's summary, whether every job was done or not (calling
-    the flow itself raises ``BatchFailed`` when one was not, as its run is Failed). What stops the flow
-    itself (a bad config, no host) is raised."""
-    return summary_of(cloudsend(**parameters, return_state=True))
+def run_batch(resolved: Batch | None = None, *, listeners: Sequence[Listener] = (), **parameters: Any) -> BatchSummary:
+    """Run the ``cloudsend`` flow in this process and return the batch's summary, whether every job was done or
+    not (calling the flow itself raises ``BatchFailed`` when one was not, as its run is Failed).
+
+    Args:
+        resolved: The batch ``parameters`` name, already resolved (``resolve.resolve_batch``): the flow runs it
+            as it is instead of reading the config again. The flow run still records ``parameters`` (the
+            config's path...), which is what its page in the UI shows.
+        listeners: Called in this process with each job's result as it ends, and the number of jobs (the
+            CLI's progress bar).
+        **parameters: The flow's parameters (see ``cloudsend``).
+
+    Returns:
+        The batch's summary.
+
+    Raises:
+        ConfigError: Without ``batch``, the parameters name no valid batch.
+        Exception: Whatever else stops the flow itself (no host, for one).
+    """
+    token = _given.set(_Given(batch=resolved, listeners=tuple(listeners)))
+    try:
+        return summary_of(cloudsend(**parameters, return_state=True))
+    finally:
+        _given.reset(token)
 
 
 def summary_of(state: State[Any]) -> BatchSummary:

@@ -6,22 +6,15 @@ import ast
 import json
 import re
 import runpy
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
 import tomllib
+from pathlib import Path
+from typing import Any
+
 import yaml
 from pydantic import ValidationError
 
-from cloudsend_prefect.config import BatchConfig, split_ignored
-
-if TYPE_CHECKING:
-    from cloudsend_prefect.specs import JobSpec
-
-
-class ConfigError(ValueError):
-    """Bad input: the message names the file and the field; nothing has been created or started."""
-
+from cloudsend_prefect.config import BatchConfig, ClusterSettings, Job, split_ignored
+from cloudsend_prefect.errors import ConfigError
 
 # A batch config is a few levels deep and a few kilobytes; these bounds turn a pathological file (a generated
 # one gone wrong, or a hostile one) into a one-line error instead of a stack overflow or a memory hog.
@@ -29,29 +22,69 @@ MAX_CONFIG_BYTES = 50 * 1024 * 1024
 MAX_NESTING = 64
 
 
-def load_config(path: str | Path, *, allow_exec: bool = False) -> BatchConfig:
-    """Load and validate a config file; relative paths inside it are relative to its directory.
+def read_config(path: str | Path, *, allow_exec: bool = False, jobs: list[Job] | None = None) -> BatchConfig:
+    """Read and validate a config file, once; relative paths inside it are relative to its directory.
 
-    Python files (``config = {...}``) are read with ``ast.literal_eval``, never executed, unless
-    ``allow_exec`` is set: then the file runs as a script, with everything that implies.
+    The files the config names are not looked at here: ``resolve.resolve_batch`` checks them while resolving
+    the jobs (``resolve.load_config`` is both steps).
+
+    Args:
+        path: The config file: .yaml/.yml, .json, .toml, or the predecessor's .py (``config = {...}``).
+        allow_exec: Run a .py file as a script (with everything that implies) instead of reading its
+            ``config = {...}`` with ``ast.literal_eval``.
+        jobs: Jobs (already validated) that replace the file's own; the config is validated with them, so a job
+            asking for more CPUs than any instance has is reported as it would be in the file.
+
+    Returns:
+        The validated config, located at the file (``base_dir``, ``source``) with its load-time notes.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, too large or too deep, not valid in its format, or not a
+            valid config (one line per bad field, naming the file and the field).
     """
-    return load_batch(path, allow_exec=allow_exec)[0]
-
-
-def load_batch(path: str | Path, *, allow_exec: bool = False) -> tuple[BatchConfig, list[JobSpec]]:
-    """``load_config``, with the jobs it resolved (matrices and repeats expanded, files hashed) on the way:
-    a caller that needs both resolves a large sweep once, not twice."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     data = _read_mapping(path, allow_exec)
-    config = parse_config(data, source=str(path), base_dir=path.resolve().parent)
-    from cloudsend_prefect.specs import expand_jobs  # checks every file the config names
+    if jobs is not None and isinstance(data, dict):
+        data = {**data, "jobs": list(jobs)}  # the models themselves: pydantic takes them as they are
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
 
-    return config, expand_jobs(config)
+
+def settings_config(settings: ClusterSettings, jobs: list[Job], *, source: str, base_dir: Path) -> BatchConfig:
+    """A batch from cluster settings (a ``CloudSendCluster`` block's, or another config's) and jobs, validated
+    together.
+
+    Args:
+        settings: Instance types, environments and globals (every key of a config but its jobs); only the keys
+            given to them are carried over.
+        jobs: The jobs to run (already validated models).
+        source: How messages name where the settings came from, e.g. ``block cloudsend-cluster/lab``.
+        base_dir: The directory the jobs' relative paths start from.
+
+    Raises:
+        ConfigError: The jobs do not fit the settings (an unknown environment, more CPUs than any instance...).
+    """
+    keys = (set(type(settings).model_fields) & set(BatchConfig.model_fields)) - {"jobs"}
+    data: dict[str, Any] = settings.model_dump(include=keys, exclude_unset=True)
+    data["jobs"] = list(jobs)
+    return parse_config(data, source=source, base_dir=base_dir)
 
 
 def parse_config(data: Any, *, source: str, base_dir: Path) -> BatchConfig:
+    """Validate a config's mapping (as read from a file, or built from a block and jobs).
+
+    Args:
+        data: The mapping; the predecessor's ignored keys are dropped, each with a note.
+        source: How messages name the config (its file, or the block).
+        base_dir: The directory its relative paths start from.
+
+    Returns:
+        The validated config, located (``base_dir``, ``source``, ``notes``).
+
+    Raises:
+        ConfigError: ``data`` is not a mapping, nests too deep, or fails validation (one line per bad field).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with instances, environments and jobs")
     if _deeper_than(data, MAX_NESTING):

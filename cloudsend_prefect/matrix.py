@@ -17,7 +17,6 @@ argument. Only ``{name}`` for a parameter of the matrix is a placeholder; other 
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import shlex
 from collections.abc import Iterator, Mapping
@@ -33,15 +32,6 @@ def text(value: MatrixValue) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
-
-
-def size(job: Job) -> int:
-    """How many points the job's matrix has (1 without a matrix), without expanding it."""
-    if job.matrix is None:
-        return 1
-    if isinstance(job.matrix, list):
-        return len(job.matrix)
-    return math.prod(len(values) for values in job.matrix.values())
 
 
 def points(job: Job) -> Iterator[dict[str, MatrixValue]]:
@@ -64,6 +54,7 @@ def parameters(job: Job) -> list[str]:
 
 
 def placeholder_pattern(names: list[str]) -> re.Pattern[str]:
+    """What matches ``{name}`` for each parameter name (and no other braces)."""
     return re.compile("|".join(re.escape("{" + name + "}") for name in names))
 
 
@@ -74,8 +65,16 @@ def unused(job: Job) -> list[str]:
 
 
 def expand(job: Job, base_name: str) -> Iterator[Job]:
-    """One job per point, placeholders replaced; ``base_name`` is the name a point's name is built from
-    when the job's own ``name`` has no placeholder (``<base>-lr=0.1,depth=3``)."""
+    """One job per point of the job's matrix, placeholders replaced (the job itself without a matrix).
+
+    Args:
+        job: The job, its matrix checked by the config (``config.check_matrix``).
+        base_name: What a point's name is built from when the job's own ``name`` has no placeholder
+            (``<base>-lr=0.1,depth=3``).
+
+    Yields:
+        Plain jobs (no matrix), in the matrix's order.
+    """
     if job.matrix is None:
         yield job
         return

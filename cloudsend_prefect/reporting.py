@@ -58,7 +58,7 @@ def utc(epoch: float | None) -> str:
     """An epoch time as ``2026-11-29 06:10:03 UTC`` (``-`` when unknown): one zone for every host and reader."""
     if epoch is None:
         return "-"
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def percent(part: float, whole: float) -> str:

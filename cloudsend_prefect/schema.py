@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from cloudsend_prefect.config import IGNORED_GLOBAL_KEYS, BatchConfig
+from cloudsend_prefect.config import IGNORED_GLOBAL_KEYS, RETIRED_INSTANCE_KEY, RETIRED_INSTANCE_WHY, BatchConfig
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 TITLE = "cloudsend batch config"
@@ -68,6 +68,10 @@ def config_schema() -> dict[str, Any]:
             "deprecated": True,
             "description": f"Accepted from the predecessor, ignored: {why}.",
         }
+    defs["InstanceType"]["properties"][RETIRED_INSTANCE_KEY] = {
+        "deprecated": True,
+        "description": f"Accepted from the predecessor, ignored: {RETIRED_INSTANCE_WHY}.",
+    }
     defs["Job"]["examples"] = JOB_EXAMPLES
     schema["title"] = TITLE
     schema["examples"] = [CONFIG_EXAMPLE]
@@ -159,6 +163,7 @@ def starter_config(schema: str) -> str:
 
 
 def render() -> str:
+    """The schema as the committed ``cloudsend.schema.json`` holds it (and ``cloudsend init`` writes it)."""
     return json.dumps(config_schema(), indent=2, ensure_ascii=False) + "\n"
 
 

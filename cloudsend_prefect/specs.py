@@ -12,7 +12,7 @@ import shlex
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from cloudsend_prefect.config import (
     DEFAULT_MAX_OUTPUT_MB,
@@ -23,8 +23,8 @@ from cloudsend_prefect.config import (
     check_job_name,
     unprintable_char,
 )
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.hashing import digest, file_digest
-from cloudsend_prefect.loading import ConfigError
 from cloudsend_prefect.matrix import expand, unused
 
 DEFAULT_MAX_OUTPUT_BYTES = DEFAULT_MAX_OUTPUT_MB * 1024**2
@@ -34,41 +34,46 @@ INTERPRETERS = {".py": "python3", ".jl": "julia", ".sh": "bash"}
 class FileSpec(BaseModel):
     """A local file and where it goes in the job's run directory."""
 
-    local: str
-    rel: str
-    sha256: str
-    executable: bool = False
+    local: str = Field(description="The file on this machine (absolute, links resolved): what is uploaded.")
+    rel: str = Field(description="Its path in the job's run directory (POSIX, relative).")
+    sha256: str = Field(description="SHA-256 of its content: uploaded once per host, and part of the job's hash.")
+    executable: bool = Field(False, description="Made executable on the host (a script run directly).")
 
 
 class EnvSpec(BaseModel):
     """An environment as the host builds it: named by the hash of its full content."""
 
-    name: str
-    hash: str
-    files: dict[str, str]  # file name in the env dir -> text (requirements.txt, setup.sh, apt.txt...)
+    name: str = Field(description="The environment's name in the config (`default` for an unnamed one).")
+    hash: str = Field(description="SHA-256 of its files: hosts build it once and reuse it while it is unchanged.")
+    files: dict[str, str] = Field(
+        description="File name in the environment's directory -> text (requirements.txt, setup.sh, apt.txt...)."
+    )
 
     @property
     def key(self) -> str:
+        """The hash's prefix that names the environment's directory on a host."""
         return self.hash[:16]
 
 
 class JobSpec(BaseModel):
     """One run of one job (a `repeat` makes several)."""
 
-    index: int
-    name: str
-    key: str  # unique per run: hash prefix + occurrence, names its directory on the host
-    hash: str
-    command: str
-    files: list[FileSpec]
-    outputs: list[str]
-    cpus: int
-    gpus: int = 0
-    env: EnvSpec | None
-    max_retries: int = 0
-    timeout: float | None = None
-    expected_duration: float | None = None
-    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES  # the most its outputs (and each log) may hold
+    index: int = Field(description="Its place among the batch's job runs, from 0.")
+    name: str = Field(description="Its task run's and results folder's name, unique in the batch.")
+    key: str = Field(description="Unique per run (hash prefix and occurrence): names its directory on the host.")
+    hash: str = Field(description="SHA-256 of what it runs (command, files, environment, outputs): see hashing.")
+    command: str = Field(description="The bash line run in its run directory.")
+    files: list[FileSpec] = Field(description="The files placed in its run directory.")
+    outputs: list[str] = Field(description="Files it must leave in its run directory; fetched back.")
+    cpus: int = Field(description="CPU slots it occupies.")
+    gpus: int = Field(0, description="GPUs it has to itself.")
+    env: EnvSpec | None = Field(description="The environment it runs in, if any.")
+    max_retries: int = Field(0, description="More runs when it does not end done.")
+    timeout: float | None = Field(None, description="Seconds after which it is killed.")
+    expected_duration: float | None = Field(None, description="Seconds it is expected to take (for planning).")
+    max_output_bytes: int = Field(
+        DEFAULT_MAX_OUTPUT_BYTES, description="The most its outputs together (and each of its logs) may hold."
+    )
 
 
 def _relative(base: Path, path: Path) -> str:
@@ -167,7 +172,16 @@ def _env_file(config: BatchConfig, value: str, where: str) -> tuple[Path, str]:
 
 
 def resolve_env(config: BatchConfig, env: Environment, index: int) -> EnvSpec:
-    """The files the host builds ``env`` from, by their names in its environment directory (see hashing)."""
+    """The files the host builds ``env`` from, by their names in its environment directory (see hashing).
+
+    Args:
+        config: The config ``env`` belongs to (for paths and messages).
+        env: The environment.
+        index: Its place in ``config.environments`` (messages name ``environments[index]``).
+
+    Raises:
+        ConfigError: A file it names is missing, unreadable or not UTF-8 text.
+    """
     field = f"environments[{index}]"
     files: dict[str, str] = {}
 
@@ -246,6 +260,7 @@ class _Files:
         self.known: dict[tuple[str, bool], FileSpec] = {}
 
     def spec(self, value: str, field: str, *, executable: bool = False) -> FileSpec:
+        """The file ``value`` names (``field`` says where, for messages), checked and hashed the first time."""
         key = (value, executable)
         if key not in self.known:
             path = _existing(self.config, value, field)
@@ -403,7 +418,20 @@ def _points(config: BatchConfig, jobs: list[Job]) -> list[tuple[int, Job]]:
 
 
 def expand_jobs(config: BatchConfig, jobs: list[Job] | None = None) -> list[JobSpec]:
-    """Resolve every job (matrix and `repeat` expanded) in order, checking files and computing hashes."""
+    """Resolve every job (matrix and `repeat` expanded) in order, checking files and computing hashes.
+
+    A run calls it once, through ``resolve.resolve_batch``.
+
+    Args:
+        config: The validated config (its ``base_dir`` is where relative paths start).
+        jobs: The jobs to resolve instead of the config's own (they are bounded here, as the config's are).
+
+    Returns:
+        One spec per job run, in the config's order: a matrix's points, then each one's repeats.
+
+    Raises:
+        ConfigError: A file is missing, unreadable or lands on another's name; a name clashes; too many runs.
+    """
     jobs = config.jobs if jobs is None else jobs
     runs = sum(job.runs for job in jobs)
     if runs > MAX_JOB_RUNS:  # (the config checks its own jobs; these may have come separately)

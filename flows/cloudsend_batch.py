@@ -22,6 +22,7 @@ __all__ = ["cloudsend"]
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the flow as the deployment ``cloudsend/batch`` (see the module's docstring for the options)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 

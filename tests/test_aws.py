@@ -31,8 +31,9 @@ from cloudsend_prefect import flow, providers
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import cloudsend
-from cloudsend_prefect.loading import ConfigError, parse_config
+from cloudsend_prefect.loading import parse_config
 from cloudsend_prefect.providers import HostInfo, aws
 from cloudsend_prefect.results import BatchSummary
 from tests.moto_server import LOOPBACK, AwsEnv, ec2, linux_ami

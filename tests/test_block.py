@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import ValidationError
 
 from cloudsend_prefect.block import CloudSendCluster
-from cloudsend_prefect.config import InstanceType, Job
-from cloudsend_prefect.loading import ConfigError, load_config
-from cloudsend_prefect.specs import expand_jobs, resolve_envs
+from cloudsend_prefect.config import BatchConfig, Environment, InstanceType, Job
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import load_config
+from cloudsend_prefect.specs import EnvSpec, FileSpec, JobSpec, expand_jobs, resolve_envs
 
 
 def test_registered_with_prefect_block_register(tmp_path: Path) -> None:
@@ -45,6 +47,22 @@ def test_every_field_is_titled_and_described_for_the_ui() -> None:
     instance = schema["definitions"]["InstanceType"] if "definitions" in schema else schema["$defs"]["InstanceType"]
     for name, prop in instance["properties"].items():
         assert prop.get("title"), name
+    for model in (BatchConfig, InstanceType, Environment, Job, FileSpec, EnvSpec, JobSpec):  # and the JSON Schema
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name}"
+
+
+def test_the_documentation_link_opens_a_heading_of_the_readme() -> None:
+    """The block's page in the UI links to the README section about it: GitHub's anchor of one of its headings
+    (lower case, spaces to '-', punctuation other than '-' and '_' dropped)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    anchors = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in readme.splitlines()
+        if line.startswith("#")
+    }
+    url = str(CloudSendCluster._documentation_url)
+    assert url.split("#")[1] in anchors, url
 
 
 def test_save_and_load_round_trip_from_a_config(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -89,6 +91,35 @@ def test_run_status_and_logs(tmp_path: Path) -> None:
     assert err.exit_code == 0 and err.output == "oops\n"
     unknown = runner.invoke(app, ["logs", str(config), "nope"])
     assert unknown.exit_code == 2 and "no job named nope" in unknown.output
+
+
+def test_run_reads_the_config_once_and_resolves_its_jobs_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cloudsend run` resolves its batch before anything is created and hands it to the flow: the file is read
+    once and its jobs expanded once per run (a large sweep is not resolved again in the flow)."""
+    from cloudsend_prefect import loading, resolve, specs
+
+    calls: Counter[str] = Counter()
+    for module, name in ((loading, "_read_mapping"), (resolve, "expand_jobs"), (specs, "expand_jobs")):
+        real = getattr(module, name)
+
+        def counted(*args: Any, real: Any = real, name: str = name, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    jobs = [{"name": "fit-{lr}", "run_command": "echo {lr}", "matrix": {"lr": [1, 2]}}]
+    config = write(tmp_path, {"project": "once", "instances": [{"cpus": 2}], "jobs": jobs})
+    result = runner.invoke(app, ["run", str(config), "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "2 done" in result.output
+    assert calls == {"_read_mapping": 1, "expand_jobs": 1}
+
+
+def test_the_flows_thread_count_is_read_as_each_run_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudsend_prefect import flow
+
+    monkeypatch.setattr(flow, "MAX_WORKERS", 3)
+    assert flow.cloudsend.task_runner.duplicate()._max_workers == 3  # the copy Prefect makes for a run
 
 
 def test_cancel_a_running_batch(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cloudsend_prefect.config import IGNORED_GLOBAL_KEYS, BatchConfig
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.config import IGNORED_GLOBAL_KEYS, BatchConfig, InstanceType, Job
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import load_config, resolve_batch
 from cloudsend_prefect.specs import expand_jobs
 
 MINIMAL_YAML = """\
@@ -466,6 +467,35 @@ def test_predecessor_global_keys_are_accepted_with_a_note(project: Path, key: st
     assert len(notes) == 1
     assert notes[0].startswith(f"'{key}' is ignored: ")
     assert len(notes[0]) > len(f"'{key}' is ignored: ") + 10  # ...says why
+
+
+def test_the_retired_gpu_key_is_no_field_and_still_loads(project: Path) -> None:
+    """`gpu` did nothing: it is not a field (nor in the block's form), yet a config or a block saved with it
+    loads; the file's gets a note, `gpu: null` none."""
+    assert "gpu" not in InstanceType.model_fields
+    assert "gpu" not in InstanceType.model_validate({"cpus": 1, "gpu": "eg1.medium"}).model_fields_set
+    path = project / "batch.yaml"
+    path.write_text("instances: {cpus: 1, gpu: eg1.medium}\njobs: [{run_command: 'true'}]\n")
+    assert [n for n in load_config(path).notes if "gpu" in n] == [
+        "instances[0]: 'gpu' is ignored: AWS retired Elastic GPUs; choose a GPU instance type (g5.xlarge, ...) and "
+        "give jobs `gpus_req`"
+    ]
+    path.write_text("instances: [{cpus: 1, gpu: null}]\njobs: [{run_command: 'true'}]\n")
+    assert load_config(path).notes == []
+
+
+def test_a_config_in_memory_runs_other_jobs_with_all_its_settings(project: Path) -> None:
+    """resolve_batch(config, jobs): the config's every key but its jobs (`recover` too), the jobs validated
+    against it, relative paths from its folder."""
+    (project / "fit.py").write_text("print(1)\n")
+    config = BatchConfig(recover=False, instances=[{"cpus": 2}], jobs=[Job(run_command="true")]).located(
+        project, "batch.yaml"
+    )
+    batch = resolve_batch(config, [Job(run_script="fit.py {x}", matrix={"x": [1, 2]})])
+    assert not batch.config.recover and batch.config.source == "batch.yaml"
+    assert [job.command for job in batch.jobs] == ["python3 fit.py 1", "python3 fit.py 2"]
+    with pytest.raises(ConfigError, match=r"batch.yaml: jobs\[0\].cpus_req: 3 CPUs fit no instance"):
+        resolve_batch(config, [Job(run_command="true", cpus_req=3)])
 
 
 def test_profile_and_maestro_notes(project: Path) -> None:

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from cloudsend_prefect import controller
 from cloudsend_prefect.bundle import Bundle, pack, unpack
 from cloudsend_prefect.cli import app
-from cloudsend_prefect.loading import ConfigError
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.providers import aws
 from tests.moto_server import LOOPBACK, AwsEnv, LoopbackResolver, ec2, linux_ami
 from tests.sshd import SshdHost, sshd_hosts_running

@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 from rattler.index import index_fs
 
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import run_batch
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import EnvSpec, expand_jobs
 from tests.faults import ssh_instances, write_config

@@ -27,8 +27,8 @@ from prefect.states import Cancelling
 
 from cloudsend_prefect.block import CloudSendCluster
 from cloudsend_prefect.config import Job
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import cloudsend, run_batch, summary_of
-from cloudsend_prefect.loading import ConfigError
 from cloudsend_prefect.results import BatchFailed, BatchSummary
 from tests.faults import write_config
 

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import run_batch
-from cloudsend_prefect.loading import ConfigError, load_config, parse_config
+from cloudsend_prefect.loading import parse_config
 from cloudsend_prefect.planning import plan, planned
 from cloudsend_prefect.providers import aws
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.specs import expand_jobs
 from tests.faults import ssh_instances, write_config
 from tests.moto_server import LOOPBACK, AwsEnv, linux_ami

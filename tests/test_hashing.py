@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cloudsend_prefect.hashing import digest, file_digest
-from cloudsend_prefect.loading import load_config
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 
 CONFIG = """\

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from cloudsend_prefect import runtime as runtime_module
 from cloudsend_prefect.cli import app
+from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import run_batch
-from cloudsend_prefect.loading import ConfigError, load_config
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.results import BatchSummary, tail_lines
 from cloudsend_prefect.runtime import FENCED_PREFIX, HostRuntime
 from cloudsend_prefect.specs import FileSpec, JobSpec, expand_jobs

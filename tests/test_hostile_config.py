@@ -19,7 +19,9 @@ import yaml
 
 from cloudsend_prefect import specs
 from cloudsend_prefect.config import MAX_JOB_RUNS, BatchConfig
-from cloudsend_prefect.loading import MAX_CONFIG_BYTES, MAX_NESTING, ConfigError, load_config
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.loading import MAX_CONFIG_BYTES, MAX_NESTING
+from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.specs import JobSpec, expand_jobs
 
 FILES = {"analyse.py": "print('hi')\n", "data/input.csv": "a,b\n", "requirements.txt": "numpy\n", "setup.sh": "true\n"}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cloudsend_prefect.config import MAX_JOB_RUNS, check_job_name
-from cloudsend_prefect.loading import ConfigError, load_batch, load_config
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.resolve import load_config, resolve_batch
 from cloudsend_prefect.specs import JobSpec
 
 
@@ -22,7 +23,7 @@ def _batch(tmp_path: Path, body: str) -> list[JobSpec]:
         (tmp_path / "data" / f"{name}.csv").write_text(f"{name}\n")
     path = tmp_path / "sweep.yaml"
     path.write_text("instances: [{cpus: 4}]\n" + textwrap.dedent(body))
-    return load_batch(path)[1]
+    return resolve_batch(path).jobs
 
 
 def _error(tmp_path: Path, body: str) -> str:

@@ -483,8 +483,9 @@ def _wanted(inst: InstanceType, index: int, vcpus: int, gpus: int = 0) -> list[_
 
 def cluster_hash(inst: InstanceType, region: str) -> str:
     """What the machine is: instances differing in any of this are never reused for each other."""
-    fields = ("type", "img_id", "disk_size", "disk_type", "eco", "max_bid", "gpu", "cloud_id")
-    return digest({"region": region, **{f: getattr(inst, f) for f in fields}})[:12]
+    fields = ("type", "img_id", "disk_size", "disk_type", "eco", "max_bid", "cloud_id")
+    # "gpu": the retired key, always None now, kept in the digest so that existing hashes are unchanged
+    return digest({"region": region, **{f: getattr(inst, f) for f in fields}, "gpu": None})[:12]
 
 
 DEADMAN = files("cloudsend_prefect.providers").joinpath("deadman.sh").read_text()  # see deadman.sh
