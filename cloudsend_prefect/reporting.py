@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudsend_prefect.catalog import Estimate, usd
 from cloudsend_prefect.planning import Placement
 from cloudsend_prefect.providers.base import HostInfo
+from cloudsend_prefect.providers.costs import Estimate, usd
 from cloudsend_prefect.results import BatchSummary, JobResult, tail_lines
 
 MAX_ROWS = 200  # rows of a table artifact: more is unreadable, and heavy for the server and the UI
