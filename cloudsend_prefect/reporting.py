@@ -239,8 +239,8 @@ def cost_table(usage: Usage, report: Estimate | None, limit: int = MAX_ROWS) -> 
                 ("instance", "type", "market", "billed hours", "usd per hour", "cost", "price from"), "-"
             )
         return {
-            "instance": row.instance_id or "-",
-            "type": row.instance_type or "-",
+            "instance": row.machine_id or "-",
+            "type": row.kind or "-",
             "market": row.market,
             "billed hours": round(row.hours, 4),
             "usd per hour": "-" if row.usd_per_hour is None else row.usd_per_hour,

@@ -51,8 +51,8 @@ class CostRow:
 
     host: str
     provider: str
-    instance_type: str | None
-    instance_id: str | None
+    kind: str | None  # the machine type (an EC2 instance type)
+    machine_id: str | None
     market: str  # "spot", "on-demand" or "own machine"
     hours: float  # billed hours (0 for own machines)
     usd_per_hour: float | None
@@ -86,8 +86,8 @@ def estimate(quotes: Iterable[Quote], seconds: float | Mapping[str, float]) -> E
             CostRow(
                 host=quote.host,
                 provider=quote.provider,
-                instance_type=quote.kind,
-                instance_id=quote.machine_id,
+                kind=quote.kind,
+                machine_id=quote.machine_id,
                 market=quote.market,
                 hours=hours,
                 usd_per_hour=price.usd_per_hour,
@@ -102,7 +102,7 @@ def estimate(quotes: Iterable[Quote], seconds: float | Mapping[str, float]) -> E
 def cost_line(report: Estimate) -> str:
     """One log line: total and per-host cost."""
     hosts = ", ".join(
-        f"{r.host} ({r.instance_id or '-'}, {r.instance_type or '?'} {r.market}, {r.hours:.3f} h: "
+        f"{r.host} ({r.machine_id or '-'}, {r.kind or '?'} {r.market}, {r.hours:.3f} h: "
         f"{usd(r.cost) if r.cost is not None else 'price unknown'})"
         for r in report.billed_rows
     )
