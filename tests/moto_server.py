@@ -68,7 +68,7 @@ class LoopbackResolver:
         return self.hosts[slot]
 
     def __call__(self, instance: dict[str, Any]) -> Any:
-        from cloudsend_prefect.providers.aws import Endpoint
+        from cloudsend_prefect.providers.aws.addresses import Endpoint
 
         rank = next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == RANK_TAG), None)
         if rank is None:

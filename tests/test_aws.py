@@ -709,7 +709,8 @@ def test_profile_credentials_are_used_without_a_block(
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name)
     (host,) = provision(make_config(tmp_path, "profiled", [instance(ami)], profile="batchy"))
-    assert (host.aws_profile, host.region) == ("batchy", "eu-west-1")
+    data = aws_hosts.aws_data(host)
+    assert (data.aws_profile, data.region) == ("batchy", "eu-west-1")
     assert [i["InstanceId"] for i in described("profiled")] == [host.machine_id]
 
 

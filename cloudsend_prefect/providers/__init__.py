@@ -133,10 +133,11 @@ def upkeep(host: HostInfo) -> Upkeep:
 
 def kept_hint(config: BatchConfig, hosts: list[HostInfo]) -> str:
     """How the user removes hosts kept running after the batch (``auto_stop: false``), provider by provider."""
-    return "; ".join(
+    hints = [
         get_provider(name).kept_hint(config, [h for h in hosts if h.provider == name])
         for name in sorted({h.provider for h in hosts})
-    )
+    ]
+    return "; ".join(hint for hint in hints if hint)
 
 
 def quote(hosts: Sequence[HostInfo | PlannedHost], *, live: bool = False) -> tuple[dict[str, Quote], list[str]]:

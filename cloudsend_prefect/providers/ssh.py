@@ -81,6 +81,7 @@ def provision(
 
 
 def _online_cpus(host: HostInfo, connections: Connections) -> int:
+    """The machine's online CPU count, asked over its connection."""
     result = connections.get(host).run("getconf _NPROCESSORS_ONLN 2>/dev/null || nproc")
     try:
         return max(1, int(result.stdout.split()[0]))

@@ -12,16 +12,15 @@ terminated before the error is raised.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from cloudsend_prefect.config import BatchConfig, InstanceType
+from cloudsend_prefect.config import MAX_GPUS, BatchConfig, InstanceType
 from cloudsend_prefect.providers.aws import instances, pricing, provisioning
 from cloudsend_prefect.providers.aws.addresses import ADDRESS_RESOLVERS
 from cloudsend_prefect.providers.aws.hosts import AwsHost, aws_data
 from cloudsend_prefect.providers.aws.launch import wanted
 from cloudsend_prefect.providers.connections import Connections
-from cloudsend_prefect.providers.costs import Quote, billed_hours
+from cloudsend_prefect.providers.costs import Quote
 from cloudsend_prefect.providers.models import HostHealth, HostInfo, PlannedHost, Upkeep
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
 ]
 
 CREATES_HOSTS = True
-MAX_GPUS = 64  # what a type missing from the catalog is taken to have: checked at provisioning
 
 
 def validate(config: BatchConfig, index: int, inst: InstanceType) -> None:
@@ -60,7 +58,7 @@ def shape(config: BatchConfig, inst: InstanceType) -> tuple[int, int]:
     """``cpus`` (else unknown until EC2 is asked) and GPUs: ``gpus``, else the catalog's count for the type (a
     type missing from it is taken to have what a job asks, and checked at provisioning)."""
     info = pricing.instance_info(inst.type)
-    gpus = inst.gpus if inst.gpus is not None else info.gpus if info is not None else MAX_GPUS
+    gpus = inst.gpus if inst.gpus is not None else info.gpus if info is not None else MAX_GPUS  # (unknown type)
     return config.instance_cpus(inst), gpus
 
 
@@ -136,29 +134,7 @@ def places(config: BatchConfig, asked: list[str] | None) -> list[str | None]:
 def machines(config: BatchConfig, asked: list[str] | None) -> list[dict[str, Any]]:
     """The project's instances (found by its tag), with their uptime since their last start and its cost at the
     catalog's us-east-1 on-demand price (an upper bound)."""
-
-    rows: list[dict[str, Any]] = []
-    now = time.time()
-    for view in instances.list_instances(config, instances.regions_of(config, asked)):
-        running = view.state == "running" and view.launched is not None
-        uptime = now - view.launched if running and view.launched is not None else None
-        price = pricing.on_demand_price(view.instance_type)
-        rows.append(
-            {
-                "provider": "aws",
-                "name": f"rank {view.rank}" if view.rank else None,
-                "id": view.instance_id,
-                "type": view.instance_type + (" (spot)" if view.spot else ""),
-                "region": view.region,
-                "state": view.state,
-                "address": view.address,
-                "launched": view.launched,
-                "uptime": uptime,
-                "usd_per_hour": price,
-                "usd_so_far": price * billed_hours(uptime) if price is not None and uptime else None,
-            }
-        )
-    return rows
+    return instances.machine_rows(config, instances.regions_of(config, asked))
 
 
 def set_running(config: BatchConfig, asked: list[str] | None, *, running: bool, ids: list[str] | None) -> list[str]:

@@ -20,6 +20,7 @@ class Endpoint:
 
 
 def _public(instance: dict[str, Any]) -> Endpoint:
+    """The instance's public address: the default, for a client outside the VPC."""
     if not instance.get("PublicIpAddress"):
         raise AwsError(f"{instance['InstanceId']} has no public address: set `address: private` inside the VPC")
     return Endpoint(instance["PublicIpAddress"])

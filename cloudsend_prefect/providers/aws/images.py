@@ -44,12 +44,14 @@ def resolve_image(
 
 
 def _latest_ubuntu(ec2: EC2Client, config: BatchConfig, region: str) -> str:
+    """The newest Ubuntu 24.04 LTS image of the region."""
     return _published_image(
         ec2, config, region, UBUNTU_SSM, CANONICAL, "ubuntu/images/*ubuntu-*-24.04-amd64-server-*", "Ubuntu LTS"
     )
 
 
 def _latest_gpu_ubuntu(ec2: EC2Client, config: BatchConfig, region: str) -> str:
+    """The newest Deep Learning Base GPU image (Ubuntu 24.04, NVIDIA driver and CUDA) of the region."""
     return _published_image(ec2, config, region, GPU_IMAGE_SSM, "amazon", GPU_IMAGE_NAME, "Deep Learning Base GPU")
 
 

@@ -5,15 +5,18 @@ starting behind ``cloudsend instances``, ``stop`` and ``start``."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.providers.aws.hosts import by_region, host_client
 from cloudsend_prefect.providers.aws.keys import key_path
+from cloudsend_prefect.providers.aws.pricing import on_demand_price
 from cloudsend_prefect.providers.aws.session import AwsError, EC2Client, config_client
 from cloudsend_prefect.providers.aws.tags import ALIVE, TAG_PROJECT, TAG_RANK, describe, find, tag
 from cloudsend_prefect.providers.base import HostHealth, HostInfo
+from cloudsend_prefect.providers.costs import billed_hours
 
 log = logging.getLogger("cloudsend.aws")
 
@@ -65,6 +68,8 @@ def teardown(hosts: list[HostInfo], *, terminate: bool = False) -> None:
 
 
 def teardown_region(ec2: EC2Client, ids: list[str], terminate: bool) -> None:
+    """Stop (or terminate) the live ones among ``ids`` in one region; a spot instance is terminated (it cannot
+    stop), a pending one waited for first (EC2 cannot stop it yet)."""
     live = [i for i in describe(ec2, ids) if i["State"]["Name"] in ALIVE]
     # A one-time spot instance cannot be stopped: it is terminated.
     doomed = [i["InstanceId"] for i in live if terminate or i.get("InstanceLifecycle") == "spot"]
@@ -139,6 +144,7 @@ def list_instances(config: BatchConfig, regions: list[str | None]) -> list[Insta
 
 
 def view(instance: dict[str, Any], region: str) -> InstanceView:
+    """An EC2 instance as ``cloudsend instances`` shows it."""
     launched = instance.get("LaunchTime")
     return InstanceView(
         instance_id=instance["InstanceId"],
@@ -168,3 +174,30 @@ def set_running(
             (ec2.start_instances if running else ec2.stop_instances)(InstanceIds=todo)
             changed += todo
     return changed
+
+
+def machine_rows(config: BatchConfig, regions: list[str | None]) -> list[dict[str, Any]]:
+    """The project's instances in these regions as ``cloudsend instances`` lists them: uptime since their last
+    start, and its cost at the catalog's us-east-1 on-demand price (an upper bound)."""
+    rows: list[dict[str, Any]] = []
+    now = time.time()
+    for seen in list_instances(config, regions):
+        running = seen.state == "running" and seen.launched is not None
+        uptime = now - seen.launched if running and seen.launched is not None else None
+        price = on_demand_price(seen.instance_type)
+        rows.append(
+            {
+                "provider": "aws",
+                "name": f"rank {seen.rank}" if seen.rank else None,
+                "id": seen.instance_id,
+                "type": seen.instance_type + (" (spot)" if seen.spot else ""),
+                "region": seen.region,
+                "state": seen.state,
+                "address": seen.address,
+                "launched": seen.launched,
+                "uptime": uptime,
+                "usd_per_hour": price,
+                "usd_so_far": price * billed_hours(uptime) if price is not None and uptime else None,
+            }
+        )
+    return rows

@@ -95,6 +95,8 @@ def _root_volume(mapped: dict[str, Any], size: int | None, volume_type: str | No
 def run_params(
     config: BatchConfig, inst: InstanceType, image: dict[str, Any], key: str, group: str, want: Want, cluster: str
 ) -> dict[str, Any]:
+    """The run_instances parameters of one host of an instance type: image, root volume, key, security group,
+    metadata service (IMDSv2 only), shutdown behaviour, user data, tags and, for spot, the market options."""
     root_name = image.get("RootDeviceName", "/dev/sda1")
     # The image's own root volume (snapshot, size), resized or retyped as asked, on its real device name.
     mappings = image.get("BlockDeviceMappings", [])
