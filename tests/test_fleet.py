@@ -111,7 +111,7 @@ def billed(project: str) -> list[Billed]:
 
 
 def minutes(spans: list[Billed]) -> str:
-    return ", ".join(f"{b.rank} {b.machine_id} {b.state} after {b.seconds / 60:.2f} min" for b in spans)
+    return ", ".join(f"{b.rank} {b.instance_id} {b.state} after {b.seconds / 60:.2f} min" for b in spans)
 
 
 def run_with_fault(config: Path, results: Path, fault: Fault, cleanup: Callable[[], None]) -> BatchSummary:
@@ -189,8 +189,8 @@ def test_a_terminated_instance_is_replaced_and_the_new_one_finishes_the_batch(
     assert [b.rank for b in spans] == ["0.0", "0.1", "0.1"]
     lost, kept, replacement = spans[1], spans[0], spans[2]
     assert (lost.state, kept.state, replacement.state) == ("terminated", "stopped", "stopped")
-    (new,) = [i for i in described(project) if i["InstanceId"] == replacement.machine_id]
-    (old,) = [i for i in described(project) if i["InstanceId"] == lost.machine_id]
+    (new,) = [i for i in described(project) if i["InstanceId"] == replacement.instance_id]
+    (old,) = [i for i in described(project) if i["InstanceId"] == lost.instance_id]
     for key in ("InstanceType", "ImageId", "KeyName"):
         assert new[key] == old[key], key
     assert [g["GroupId"] for g in new["SecurityGroups"]] == [g["GroupId"] for g in old["SecurityGroups"]]
