@@ -58,9 +58,16 @@ class ControllerSettings(BaseModel):
     pass_env: list[str] = Field(default_factory=list, description="This client's variables the worker also gets.")
 
     def batch_config(self) -> BatchConfig:
-        """The controller as the aws provider takes an instance: a project of one instance type."""
+        """The controller as the aws provider takes an instance: a project of one instance type, checked by the
+        provider (an unknown address kind) before anything is created.
+
+        Raises:
+            ValueError: a setting the config or the aws provider refuses.
+        """
+        from cloudsend_prefect.providers.aws import validate
+
         inst = InstanceType(type=self.instance_type, region=self.region, img_id=self.img_id, address=self.address)
-        return BatchConfig(
+        config = BatchConfig(
             project=self.project,
             provider="aws",
             instances=[inst],
@@ -69,6 +76,8 @@ class ControllerSettings(BaseModel):
             aws_credentials=self.aws_credentials,
             profile=self.profile,
         )
+        validate(config, 0, inst)
+        return config
 
 
 def settings_file() -> Path:
