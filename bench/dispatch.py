@@ -313,7 +313,7 @@ def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, pol
     from concurrent.futures import ThreadPoolExecutor
 
     from cloudsend_prefect.dispatch import Dispatcher
-    from cloudsend_prefect.providers import connect, disconnect, provision_all
+    from cloudsend_prefect.providers import Connections, provision_all
     from cloudsend_prefect.resolve import load_config
     from cloudsend_prefect.results import store_dir
     from cloudsend_prefect.specs import expand_jobs
@@ -321,8 +321,9 @@ def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, pol
     config = load_config(write_config(root, name, hosts, slots, poll, wl))
     os.environ["CLOUDSEND_HOME"] = str(root / "cloudsend-home" / name)
     specs = expand_jobs(config)
-    infos = provision_all(config)
-    dispatcher = Dispatcher(name, infos, poll)
+    connections = Connections()
+    infos = provision_all(config, connections)
+    dispatcher = Dispatcher(name, infos, connections, poll)
     reset_peak_rss()
     cpu0 = (self_cpu(), machine_cpu())
     t0 = time.time()
@@ -340,8 +341,8 @@ def run_dispatcher_only(root: Path, name: str, hosts: list[Any], slots: int, pol
             statuses = list(pool.map(one, specs))
     finally:
         dispatcher.stop()
-        trips = sum(connect(h).round_trips for h in infos)
-        disconnect(infos)
+        trips = sum(connections.get(h).round_trips for h in infos)
+        connections.close_all()
     t1 = time.time()
     cpu1 = (self_cpu(), machine_cpu())
     states: dict[str, int] = {}

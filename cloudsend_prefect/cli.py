@@ -25,15 +25,16 @@ from rich.progress import Task as RichTask
 from rich.table import Table
 from rich.text import Text
 
-from cloudsend_prefect import controller_cli, reporting
+from cloudsend_prefect import controller_cli, providers, reporting
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.providers import Connections
 from cloudsend_prefect.resolve import Batch, resolve_batch
 from cloudsend_prefect.results import BatchSummary, JobResult
 from cloudsend_prefect.specs import JobSpec
 
 if TYPE_CHECKING:
-    from cloudsend_prefect.planning import PlannedHost
+    from cloudsend_prefect.providers import PlannedHost
     from cloudsend_prefect.runtime import HostRuntime, JobStatus
 
 app = typer.Typer(help="Run batches of scripts on local, SSH and EC2 hosts through Prefect.", no_args_is_help=True)
@@ -69,6 +70,7 @@ def _resolve(path: Path, allow_exec: bool) -> Batch:
     exit 2 with the error (nothing has been created)."""
     try:
         batch = resolve_batch(path, allow_exec=allow_exec)
+        providers.validate(batch.config)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
@@ -131,22 +133,11 @@ def plan(
 def _plan_cost(cfg: BatchConfig, hosts: list[PlannedHost], seconds: float, live: bool) -> None:
     """The instances table: each instance type's hosts, their price and the cost of keeping them up for the
     simulated makespan (every host lives from provisioning to teardown)."""
-    from cloudsend_prefect import catalog
+    from cloudsend_prefect.providers.costs import billed_hours, estimate, usd
 
-    prices = {h.name: catalog.offline_price(h, h.max_bid) for h in hosts}
-    if live and any(h.spot for h in hosts if h.provider == "aws"):
-        from cloudsend_prefect.providers.aws import ec2_client
-
-        def client(host: PlannedHost) -> object:
-            return ec2_client(host.region, credentials=cfg.aws_credentials, profile=cfg.profile)
-
-        found = catalog.live_spot_prices(hosts, client)
-        missed = sorted({h.instance_type or "?" for h in hosts if h.spot and h.name not in found})
-        if missed:
-            console.print(f"[yellow]note:[/yellow] no spot price from EC2 for {', '.join(missed)}: offline price used")
-        prices.update(found)
-    estimate = catalog.estimate(hosts, seconds, prices)
-    by_name = {row.host: row for row in estimate.rows}
+    quotes, notes = providers.quote(hosts, live=live)
+    report = estimate([quotes[h.name] for h in hosts], seconds)
+    by_name = {row.host: row for row in report.rows}
     table = Table(title=f"instances: estimated cost for {seconds:g} s of jobs")
     for col in ("hosts", "type", "vCPUs", "GiB", "count", "market", "$/h", "est. cost"):
         table.add_column(col, overflow="fold", justify="left" if col in ("hosts", "type", "market") else "right")
@@ -154,47 +145,39 @@ def _plan_cost(cfg: BatchConfig, hosts: list[PlannedHost], seconds: float, live:
     for index in sorted({h.index for h in hosts}):
         group = [h for h in hosts if h.index == index]
         rows = [by_name[h.name] for h in group]
-        first, row = group[0], rows[0]
+        first, row, quote = group[0], rows[0], quotes[group[0].name]
         names = first.name if len(group) == 1 else f"{first.name}..{group[-1].name}"
-        if first.provider != "aws":
+        if not quote.billed:
             table.add_row(names, first.provider, str(first.cpus), "-", str(len(group)), row.market, "-", "$0")
             continue
-        info = catalog.instance_info(first.instance_type)
         costs = [r.cost for r in rows]
         table.add_row(
             names,
-            first.instance_type or "-",
-            str(info.vcpus) if info else "?",
-            f"{info.memory_gib:g}" if info else "?",
+            quote.kind or "-",
+            str(quote.vcpus) if quote.vcpus is not None else "?",
+            f"{quote.memory_gib:g}" if quote.memory_gib is not None else "?",
             str(len(group)),
             row.market,
-            catalog.usd(row.usd_per_hour) if row.usd_per_hour is not None else "?",
-            catalog.usd(sum(c for c in costs if c is not None)) if None not in costs else "?",
+            usd(row.usd_per_hour) if row.usd_per_hour is not None else "?",
+            usd(sum(c for c in costs if c is not None)) if None not in costs else "?",
         )
-        bases.append(f"{first.instance_type}: {row.basis}")
+        bases.append(f"{quote.kind}: {row.basis}")
     out.print(table)
-    if not any(h.provider == "aws" for h in hosts):
+    if not report.billed_rows:
         out.print("cost: $0 (own machines)")
         return
-    unknown = "" if estimate.complete else " (types not in the catalog are not counted)"
+    unknown = "" if report.complete else " (types not in the catalog are not counted)"
     out.print(
-        f"estimated cost: {catalog.usd(estimate.total)}{unknown}: each instance billed for the jobs' makespan "
-        f"({catalog.billed_hours(seconds):.4f} h; per second, 60 s minimum); boot and environment setup time, "
+        f"estimated cost: {usd(report.total)}{unknown}: each instance billed for the jobs' makespan "
+        f"({billed_hours(seconds):.4f} h; per second, 60 s minimum); boot and environment setup time, "
         "EBS disks and data transfer are not counted"
     )
     out.print("prices: " + "; ".join(dict.fromkeys(bases)), highlight=False)
-    others = {h.region for h in hosts if h.provider == "aws"} - {catalog.CATALOG_REGION}
-    if others:
-        out.print(
-            f"note: catalog prices are {catalog.CATALOG_REGION} list prices; "
-            f"{', '.join(sorted(r or 'the default region' for r in others))} may differ",
-            highlight=False,
-        )
+    for note in notes:
+        out.print(f"note: {note}", highlight=False)
     for h in hosts:
         if not h.cpus_known:
-            console.print(
-                f"[yellow]note:[/yellow] {h.name}: type {h.instance_type} is not in the catalog: planned as 1 CPU"
-            )
+            console.print(f"[yellow]note:[/yellow] {h.name}: type {h.kind} is not in the catalog: planned as 1 CPU")
 
 
 @app.command()
@@ -318,16 +301,18 @@ def _print_summary(summary: BatchSummary, config: Path) -> None:
         out.print("logs of jobs not done: stderr.log in their results folder")
 
 
-def _find_jobs(cfg: BatchConfig, batch: str) -> tuple[dict[str, tuple[str, JobStatus]], dict[str, HostRuntime]]:
+def _find_jobs(
+    cfg: BatchConfig, batch: str, connections: Connections
+) -> tuple[dict[str, tuple[str, JobStatus]], dict[str, HostRuntime]]:
     """Every job of the batch the hosts know, by key, with its host; one round trip per host."""
-    from cloudsend_prefect.providers import connect, provision_all
+    from cloudsend_prefect.providers import provision_all
     from cloudsend_prefect.runtime import HostRuntime
     from cloudsend_prefect.transport import TransportError
 
     found: dict[str, tuple[str, JobStatus]] = {}
     runtimes = {}
-    for host in provision_all(cfg, create=False):
-        runtime = HostRuntime(connect(host), host.base_dir, host.cpus, host.gpus)
+    for host in provision_all(cfg, connections, create=False):
+        runtime = HostRuntime(connections.get(host), host.base_dir, host.cpus, host.gpus)
         try:
             states = runtime.status(batch)
         except (TransportError, OSError) as exc:
@@ -379,7 +364,8 @@ def status(
 
         status_remote(config, jobs, name, as_json)
         return
-    found, _ = _find_jobs(cfg, name)
+    with Connections() as connections:
+        found, _ = _find_jobs(cfg, name, connections)
     rows: list[dict[str, Any]] = []
     for job in jobs:
         host_name, st = found.get(job.key, (None, None))
@@ -485,7 +471,21 @@ def logs(
 
         logs_remote(spec, name)
         return
-    found, runtimes = _find_jobs(cfg, name)
+    with Connections() as connections:
+        _print_log(cfg, spec, name, stderr, follow, *_find_jobs(cfg, name, connections))
+
+
+def _print_log(
+    cfg: BatchConfig,
+    spec: JobSpec,
+    name: str,
+    stderr: bool,
+    follow: bool,
+    found: dict[str, tuple[str, JobStatus]],
+    runtimes: dict[str, HostRuntime],
+) -> None:
+    """Print a job's log from the host that has it (``logs``), following it to the job's end when asked."""
+    job = spec.name
     if spec.key not in found:
         console.print(f"[red]error:[/red] job {escape(job)} has not started on any host of batch {name}")
         raise typer.Exit(1)
@@ -517,7 +517,7 @@ def cancel(
 ) -> None:
     """Cancel jobs: queued ones are dropped, running ones have their process group killed. With --remote (or
     `maestro: remote`): the controller's flow run of the batch is cancelled, and with it every job."""
-    from cloudsend_prefect.providers import connect, provision_all
+    from cloudsend_prefect.providers import provision_all
     from cloudsend_prefect.runtime import HostRuntime
 
     cfg, specs = _load(config, exec_python_config)
@@ -529,10 +529,11 @@ def cancel(
     name = "*" if every_batch else _batch_name(cfg, batch)
     keys = [s.key for s in _select(specs, jobs or [])]
     names = {s.key: s.name for s in specs}
-    for host in provision_all(cfg, create=False):
-        cancelled = HostRuntime(connect(host), host.base_dir, host.cpus, host.gpus).cancel(name, keys)
-        for key in cancelled:
-            out.print(f"{host.name}: cancelled {escape(names.get(key, key))}")
+    with Connections() as connections:
+        for host in provision_all(cfg, connections, create=False):
+            cancelled = HostRuntime(connections.get(host), host.base_dir, host.cpus, host.gpus).cancel(name, keys)
+            for key in cancelled:
+                out.print(f"{host.name}: cancelled {escape(names.get(key, key))}")
 
 
 @app.command()
@@ -546,14 +547,12 @@ def down(
     exec_python_config: ExecOpt = False,
 ) -> None:
     """Remove everything a project created on AWS (instances, security group, key pair), found by its tags."""
-    from cloudsend_prefect.providers import aws
-
     cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
-    regions = _aws_regions(cfg, region)
-    where = ", ".join(r or "the default region" for r in regions)
+    names = [p for p in providers.project_providers(cfg, from_file=config is not None) if providers.creates_hosts(p)]
+    where = ", ".join(r or "the default region" for r in providers.places(cfg, names, region))
     if not yes and not typer.confirm(f"Terminate every instance of project {cfg.project} in {where}?"):
         raise typer.Exit(1)
-    removed = aws.down(cfg, regions)
+    removed = providers.down(cfg, names, region)
     for item in removed:
         out.print(f"removed {item}")
     out.print(f"project {cfg.project}: {len(removed)} resource(s) removed" if removed else "nothing to remove")
@@ -576,18 +575,6 @@ def _project_config(
     return cfg.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
-def _aws_regions(cfg: BatchConfig, region: list[str] | None) -> list[str | None]:
-    """The regions to look in: those asked for, else the config's aws instance types' (else the default one)."""
-    if region:
-        return [*region]
-    found: set[str | None] = {i.region for i in cfg.instances if (i.provider or cfg.provider) == "aws"}
-    return sorted(found, key=str) or [None]
-
-
-def _uses_aws(cfg: BatchConfig, config: Path | None) -> bool:
-    return config is None or any((i.provider or cfg.provider) == "aws" for i in cfg.instances)
-
-
 @app.command()
 def instances(
     config: OptionalConfig = None,
@@ -600,22 +587,17 @@ def instances(
 ) -> None:
     """List the project's instances on every provider: state, address, uptime and what they cost so far
     (aws: found by the project's tag, priced from the catalog since their last start; an upper bound)."""
+    from cloudsend_prefect.providers.costs import usd
+
     cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
-    rows: list[dict[str, Any]] = []
-    for i, inst in enumerate(cfg.instances if config else []):
-        provider = inst.provider or cfg.provider
-        if provider == "local":
-            rows.append({"provider": "local", "name": inst.name or f"local-{i}", "state": "this machine"})
-        elif provider == "ssh":
-            where = f"{inst.user + '@' if inst.user else ''}{inst.host}:{inst.port}"
-            rows.append({"provider": "ssh", "name": inst.name or f"ssh-{i}", "state": "own server", "address": where})
-    if _uses_aws(cfg, config):
-        rows += _aws_rows(cfg, _aws_regions(cfg, region))
+    try:
+        rows = providers.machines(cfg, providers.project_providers(cfg, from_file=config is not None), region)
+    except Exception as exc:  # credentials, network, permissions: said in one line, not a traceback
+        console.print(f"[red]error:[/red] aws: {escape(str(exc))}")
+        raise typer.Exit(1) from None
     if as_json:
         _json({"project": cfg.project, "instances": rows})
         return
-    from cloudsend_prefect.catalog import usd
-
     table = Table(title=f"instances of project {cfg.project}")
     for col in ("provider", "name", "id", "type", "region", "state", "address", "uptime", "$/h", "so far"):
         table.add_column(col, justify="right" if col in ("uptime", "$/h", "so far") else "left", no_wrap=col == "id")
@@ -635,41 +617,8 @@ def instances(
         )
     out.print(table)
     total = sum(c for c in (row.get("usd_so_far") for row in rows) if isinstance(c, float))
-    if any(row["provider"] == "aws" for row in rows):
+    if any(providers.creates_hosts(row["provider"]) for row in rows):
         out.print(f"running aws instances so far: about {usd(total)} (catalog list prices since their last start)")
-
-
-def _aws_rows(cfg: BatchConfig, regions: list[str | None]) -> list[dict[str, Any]]:
-    from cloudsend_prefect import catalog
-    from cloudsend_prefect.providers import aws
-
-    rows: list[dict[str, Any]] = []
-    now = time.time()
-    try:
-        views = aws.list_instances(cfg, regions)
-    except Exception as exc:  # credentials, network, permissions: said in one line, not a traceback
-        console.print(f"[red]error:[/red] aws: {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    for view in views:
-        running = view.state == "running" and view.launched is not None
-        uptime = now - view.launched if running and view.launched is not None else None
-        price = catalog.on_demand_price(view.instance_type, view.region)
-        rows.append(
-            {
-                "provider": "aws",
-                "name": f"rank {view.rank}" if view.rank else None,
-                "id": view.instance_id,
-                "type": view.instance_type + (" (spot)" if view.spot else ""),
-                "region": view.region,
-                "state": view.state,
-                "address": view.address,
-                "launched": view.launched,
-                "uptime": uptime,
-                "usd_per_hour": price,
-                "usd_so_far": price * catalog.billed_hours(uptime) if price is not None and uptime else None,
-            }
-        )
-    return rows
 
 
 def _set_running(
@@ -682,14 +631,13 @@ def _set_running(
     profile: str | None,
     exec_python_config: bool,
 ) -> None:
-    from cloudsend_prefect.providers import aws
-
     cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
-    if not _uses_aws(cfg, config):
+    names = [p for p in providers.project_providers(cfg, from_file=config is not None) if providers.creates_hosts(p)]
+    if not names:
         console.print(f"[yellow]note:[/yellow] project {cfg.project} has no aws instance type: nothing to do")
         return
     try:
-        changed = aws.set_running(cfg, _aws_regions(cfg, region), running=running, ids=ids or None)
+        changed = providers.set_running(cfg, names, region, running=running, ids=ids or None)
     except Exception as exc:
         console.print(f"[red]error:[/red] aws: {escape(str(exc))}")
         raise typer.Exit(1) from None
@@ -743,20 +691,36 @@ def prune(
     and, with a config, the records of ended jobs on its hosts. Jobs not ended, and batches running now, are
     never touched; a pruned job runs again at its batch's next run."""
     from cloudsend_prefect import pruning
-    from cloudsend_prefect.providers import provision_all
 
     try:
         age = pruning.parse_age(older_than)
     except ValueError as exc:
         console.print(f"[red]error:[/red] --older-than: {escape(str(exc))}")
         raise typer.Exit(2) from None
+    with Connections() as connections:
+        _prune(config, older_than, age, yes, as_json, exec_python_config, connections)
+
+
+def _prune(
+    config: Path | None,
+    older_than: str,
+    age: float,
+    yes: bool,
+    as_json: bool,
+    exec_python_config: bool,
+    connections: Connections,
+) -> None:
+    """``prune``, with the command's connections to the hosts."""
+    from cloudsend_prefect import pruning
+    from cloudsend_prefect.providers import provision_all
+
     items = pruning.client_items(age)
     hosts = {}
     if config is not None:
         cfg, _ = _load(config, exec_python_config)
-        for host in provision_all(cfg, create=False):
+        for host in provision_all(cfg, connections, create=False):
             try:
-                items += pruning.host_items(host, age)
+                items += pruning.host_items(host, age, connections)
                 hosts[host.name] = host
             except Exception as exc:  # unreachable, stopped: its jobs stay, the rest goes on
                 console.print(f"[yellow]{host.name}: skipped: {escape(str(exc))}[/yellow]")
@@ -777,7 +741,7 @@ def prune(
         if items and not as_json:
             out.print(f"dry run: nothing removed; `--yes` removes these ({_size(total)})")
         return
-    freed = pruning.remove(items, hosts)
+    freed = pruning.remove(items, hosts, connections)
     if not as_json:
         out.print(f"removed {len(items)} item(s), {_size(freed)} freed")
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from cloudsend_prefect.catalog import instance_info
+from cloudsend_prefect.naming import host_names
 
 Provider = Literal["local", "ssh", "aws"]
 MatrixValue = str | int | float | bool
@@ -770,12 +770,20 @@ class BatchConfig(ClusterSettings, _Strict):
                     f"instances[{i}].accept_new_host_key: contradicts host_key (a pinned key is never replaced by "
                     "a new one); remove one of them"
                 )
-            if provider == "aws":
-                self._check_aws(i, inst)
             if provider == "ssh" and inst.number != 1:
                 raise ValueError(f"instances[{i}].number: an ssh host is one machine; list each host once")
-        biggest = max(self.instance_cpus(inst) for inst in self.instances)
-        most_gpus = max(self.instance_gpus(inst) for inst in self.instances)
+        self.check_fit([(self.instance_cpus(inst), self.instance_gpus(inst)) for inst in self.instances])
+        return self
+
+    def check_fit(self, shapes: list[tuple[int, int]]) -> None:
+        """Every job fits one instance of some type, given each type's (CPUs, GPUs): as the config knows them
+        here, and again as their providers know them offline (``providers.validate``: the aws catalog).
+
+        Raises:
+            ValueError: ``jobs[<i>].cpus_req`` (or ``gpus_req``): ... fit no instance.
+        """
+        biggest = max(cpus for cpus, _ in shapes)
+        most_gpus = max(gpus for _, gpus in shapes)
         for i, job in enumerate(self.jobs):
             if job.cpus_req > biggest:
                 raise ValueError(f"jobs[{i}].cpus_req: {job.cpus_req} CPUs fit no instance (the largest has {biggest})")
@@ -784,7 +792,6 @@ class BatchConfig(ClusterSettings, _Strict):
                     f"jobs[{i}].gpus_req: {job.gpus_req} GPUs fit no instance (the most any has is {most_gpus}): "
                     "use a GPU instance type (aws, e.g. g5.12xlarge has 4) or give a local or ssh instance `gpus`"
                 )
-        return self
 
     def _check_jobs(self) -> None:
         """Explicit names are distinct, and the runs are counted before `repeat` expands anything. (A sweep's
@@ -807,30 +814,15 @@ class BatchConfig(ClusterSettings, _Strict):
     def _check_host_names(self) -> None:
         """Two instance types must not name a host alike: the second would be taken for the first.
 
-        This repeats the naming of ``providers.base.host_names`` (``<name or provider-index>[.<copy>]``) and of
-        the aws provider (``<name or aws>-<index>[.<copy>]``; the parts of `explode` are left out, as their number
-        needs the type's vCPUs), because the config layer imports no provider.
+        Names are those of ``naming.host_names``, which every provider uses (the parts of `explode` are left out,
+        as their number needs the type's vCPUs).
         """
         owner: dict[str, int] = {}
         for i, inst in enumerate(self.instances):
-            provider = inst.provider or self.provider
-            stem = f"{inst.name or 'aws'}-{i}" if provider == "aws" else inst.name or f"{provider}-{i}"
-            names = [stem] if inst.number == 1 else [f"{stem}.{copy}" for copy in range(inst.number)]
-            for name in names:
+            for name in host_names(inst.name, inst.provider or self.provider, i, inst.number):
                 if name in owner and owner[name] != i:
                     raise ValueError(f"instances[{i}]: host name {name!r} is also used by instances[{owner[name]}]")
                 owner[name] = i
-
-    @staticmethod
-    def _check_aws(index: int, inst: InstanceType) -> None:
-        """What the aws provider would only find out after creating something."""
-        from cloudsend_prefect.providers.aws import ADDRESS_RESOLVERS  # no SDK: the registry of address kinds
-
-        if not inst.type:
-            raise ValueError(f"instances[{index}].type: required for the aws provider (e.g. c6i.xlarge)")
-        if inst.address not in ADDRESS_RESOLVERS:
-            known = ", ".join(ADDRESS_RESOLVERS)
-            raise ValueError(f"instances[{index}].address: unknown {inst.address!r} (known: {known})")
 
     def instance_cpus(self, inst: InstanceType) -> int:
         """CPUs of one instance of this type, before any cloud lookup."""
@@ -841,14 +833,11 @@ class BatchConfig(ClusterSettings, _Strict):
         return 1 << 30  # unknown until the provider asks the cloud; checked again at provisioning
 
     def instance_gpus(self, inst: InstanceType) -> int:
-        """GPUs of one instance of this type, before any cloud lookup (aws: the catalog's count for the type;
-        a type missing from it is taken to have what a job asks, and checked at provisioning)."""
+        """GPUs of one instance of this type, before any provider lookup (aws: unknown here, taken to be what a
+        job asks; its provider knows the type's count, see ``providers.validate``)."""
         if inst.gpus is not None:
             return inst.gpus
-        if (inst.provider or self.provider) != "aws":
-            return 0
-        info = instance_info(inst.type)
-        return info.gpus if info is not None else MAX_GPUS
+        return MAX_GPUS if (inst.provider or self.provider) == "aws" else 0
 
     def env_for(self, job: Job) -> Environment | None:
         """The job's environment: the named one, or the only one when there is exactly one."""

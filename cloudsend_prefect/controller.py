@@ -25,9 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-import cloudsend_prefect
 from cloudsend_prefect.config import BatchConfig, InstanceType
-from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.providers import Connections, HostInfo
 from cloudsend_prefect.transport import Transport
 
 DEPLOYMENT_FLOW, DEPLOYMENT_NAME = "cloudsend", "batch"  # the deployment cloudsend/batch
@@ -59,9 +58,16 @@ class ControllerSettings(BaseModel):
     pass_env: list[str] = Field(default_factory=list, description="This client's variables the worker also gets.")
 
     def batch_config(self) -> BatchConfig:
-        """The controller as the aws provider takes an instance: a project of one instance type."""
+        """The controller as the aws provider takes an instance: a project of one instance type, checked by the
+        provider (an unknown address kind) before anything is created.
+
+        Raises:
+            ValueError: a setting the config or the aws provider refuses.
+        """
+        from cloudsend_prefect.providers.aws import validate
+
         inst = InstanceType(type=self.instance_type, region=self.region, img_id=self.img_id, address=self.address)
-        return BatchConfig(
+        config = BatchConfig(
             project=self.project,
             provider="aws",
             instances=[inst],
@@ -70,11 +76,13 @@ class ControllerSettings(BaseModel):
             aws_credentials=self.aws_credentials,
             profile=self.profile,
         )
+        validate(config, 0, inst)
+        return config
 
 
 def settings_file() -> Path:
     """Where ``up`` saves the controller's settings: beside the aws keys, private to the user."""
-    from cloudsend_prefect.providers.aws import config_dir
+    from cloudsend_prefect.providers.aws.session import config_dir
 
     return config_dir() / "controller.json"
 
@@ -288,7 +296,7 @@ def build_wheel(out: Path) -> Path | None:
     """This client's own cloudsend as a wheel, built from the source tree it runs from: the exact code the
     client runs, uncommitted changes included, whatever version number it bears. None when it runs from an
     installed package: the controller then installs the same version from PyPI."""
-    source = Path(cloudsend_prefect.__file__).resolve().parents[1]
+    source = Path(__file__).resolve().parents[1]  # (this module is at the package's top level)
     if not (source / "pyproject.toml").is_file():
         return None
     import uv
@@ -407,22 +415,24 @@ class Up:
 
 def up(settings: ControllerSettings, *, passed: dict[str, str]) -> Up:
     """The controller running its worker, created or reused; the deployment pointed at its pool."""
-    from cloudsend_prefect.providers import aws
+    from cloudsend_prefect.providers.aws.boot import idle_seconds
+    from cloudsend_prefect.providers.aws.controller import ensure_controller
 
     api = prefect_api(settings)  # before anything is created: without an API there is nothing to run
     config = settings.batch_config()
-    with tempfile.TemporaryDirectory(prefix="cloudsend-wheel-") as tmp:
+    with Connections() as connections, tempfile.TemporaryDirectory(prefix="cloudsend-wheel-") as tmp:
         wheel = build_wheel(Path(tmp))
-        host, created = aws.ensure_controller(config, BUSY)
-        transport = connect(host)
+        host, created = ensure_controller(config, BUSY, connections)
+        transport = connections.get(host)
         layout = layout_of(transport)
         installed = install(transport, layout, wheel)
-    name = worker_name(host.instance_id or host.name)
-    write_worker_files(transport, layout, env_file_text(api, layout, passed), unit_text(layout, settings.pool, name))
-    # In contact: the dead-man switch counts from now, with the controller's own limit (see deadman.sh).
-    limit = aws.idle_seconds(config)
-    _must(transport, f"mkdir -p .cloudsend && echo {limit} > .cloudsend/contact", "arming the idle guard")
-    register(settings, layout.work)
-    _must(transport, START_WORKER(layout, settings.pool, name), "starting the worker")
+        name = worker_name(host.machine_id or host.name)
+        env_text = env_file_text(api, layout, passed)
+        write_worker_files(transport, layout, env_text, unit_text(layout, settings.pool, name))
+        # In contact: the dead-man switch counts from now, with the controller's own limit (see deadman.sh).
+        limit = idle_seconds(config)
+        _must(transport, f"mkdir -p .cloudsend && echo {limit} > .cloudsend/contact", "arming the idle guard")
+        register(settings, layout.work)
+        _must(transport, START_WORKER(layout, settings.pool, name), "starting the worker")
     save_settings(settings)
     return Up(host, created, installed, layout, name)

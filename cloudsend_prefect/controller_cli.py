@@ -30,7 +30,7 @@ POLL = 2.0  # seconds between two looks at a remote run with --wait
 
 def _errors() -> tuple[type[Exception], ...]:
     """What a controller command explains instead of a traceback (the aws provider's, imported when used)."""
-    from cloudsend_prefect.providers.aws import AwsError
+    from cloudsend_prefect.providers.aws.session import AwsError
 
     return (ControllerError, ConfigError, AwsError, ValueError)
 
@@ -86,10 +86,13 @@ def up(
         result = controller.up(settings, passed={name: os.environ[name] for name in settings.pass_env})
     except _errors() as exc:
         raise _fail(exc) from None
+    from cloudsend_prefect.providers.aws.hosts import aws_data
+
     host = result.host
     how = "created" if result.created else "reused"
     out.print(
-        f"controller {host.instance_id} ({how}, {host.instance_type}) at {host.address}: worker {result.worker} "
+        f"controller {host.machine_id} ({how}, {aws_data(host).instance_type}) at {host.address}: "
+        f"worker {result.worker} "
         f"serves work pool {settings.pool}; cloudsend {'installed' if result.installed else 'already installed'}; "
         f"deployment cloudsend/batch runs there ({time.monotonic() - started:.0f}s)",
         highlight=False,
@@ -120,11 +123,11 @@ def _warn_if_loopback() -> None:
 def status(project: ProjectOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The controller instance (state, address, uptime) and its worker's last heartbeat (from the Prefect API)."""
     from cloudsend_prefect import controller
-    from cloudsend_prefect.providers import aws
+    from cloudsend_prefect.providers.aws.controller import controller_view
 
     settings = load_settings(project=project)
     try:
-        view = aws.controller_view(settings.batch_config())
+        view = controller_view(settings.batch_config())
         beats = controller.heartbeats(settings.pool)
     except _errors() as exc:
         raise _fail(exc) from None
@@ -169,14 +172,14 @@ def down(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Terminate the controller instance (or stop it). Batches it was running keep their jobs on their hosts."""
-    from cloudsend_prefect.providers import aws
+    from cloudsend_prefect.providers.aws.controller import remove_controller
 
     settings = load_settings(project=project)
     what = "Stop" if stop else "Terminate (its results folder with it)"
     if not yes and not typer.confirm(f"{what} the controller of project {settings.project}?"):
         raise typer.Exit(1)
     try:
-        removed = aws.remove_controller(settings.batch_config(), terminate=not stop)
+        removed = remove_controller(settings.batch_config(), terminate=not stop)
     except _errors() as exc:
         raise _fail(exc) from None
     if removed is None:

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cloudsend_prefect import providers
 from cloudsend_prefect.planning import can_host
-from cloudsend_prefect.providers import HostInfo, get_provider
+from cloudsend_prefect.providers import Connections, HostInfo
 from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime, JobStatus
 from cloudsend_prefect.specs import JobSpec
 
@@ -96,6 +97,7 @@ class Dispatcher:
         self,
         batch: str,
         hosts: list[HostInfo],
+        connections: Connections,
         poll_interval: float = 1.0,
         *,
         rerun: bool = False,
@@ -108,7 +110,8 @@ class Dispatcher:
         self.lease = max(1, int(lost_after // 2))
         self.rerun = rerun  # run again jobs that already ended done on a host
         self.poll_interval = poll_interval
-        self.hosts = {h.name: _HostState(h, HostRuntime.for_host(h), window=2 * h.cpus) for h in hosts}
+        self.connections = connections  # the flow run's: one connection per host, shared by every task thread
+        self.hosts = {h.name: _HostState(h, HostRuntime.for_host(h, connections), window=2 * h.cpus) for h in hosts}
         self._pending: deque[_Ticket] = deque()
         self._known: dict[str, tuple[str, JobStatus]] = {}
         self._ended: dict[str, tuple[str, JobStatus]] = {}
@@ -434,16 +437,16 @@ class Dispatcher:
         """The cloud API's word on a host's instance, at most every CLOUD_CHECK seconds: a reason when it is
         stopped or gone; None while it runs, when unknown, and for hosts no cloud made."""
         now = time.monotonic()
-        if state.info.instance_id is None or now < state.next_cloud_check:
+        if not state.info.billed or now < state.next_cloud_check:
             return None
         state.next_cloud_check = now + CLOUD_CHECK
         try:
-            health = get_provider(state.info.provider).status([state.info]).get(state.info.name, "unknown")
+            health = providers.status(state.info, self.connections)
         except Exception as exc:  # the API being unreachable is no evidence either way
-            log.warning("%s: cannot ask the cloud API about %s: %s", state.info.name, state.info.instance_id, exc)
+            log.warning("%s: cannot ask the cloud API about %s: %s", state.info.name, state.info.machine_id, exc)
             return None
         if health in ("stopped", "terminated"):
-            return f"instance {state.info.instance_id} of host {state.info.name} is {health}"
+            return f"instance {state.info.machine_id} of host {state.info.name} is {health}"
         return None
 
     def _failed_tick(self, state: _HostState, exc: Exception) -> None:
@@ -466,7 +469,7 @@ class Dispatcher:
         by then are lost, placed again elsewhere at once. A job that ended done meanwhile keeps its record (its
         outputs are fetched from there): none runs twice."""
         reason = (
-            f"spot instance {state.info.instance_id} of host {state.info.name} is being interrupted by EC2 "
+            f"spot instance {state.info.machine_id} of host {state.info.name} is being interrupted by EC2 "
             f"({state.runtime.interruption})"
         )
         with self._cond:
@@ -528,7 +531,7 @@ class Dispatcher:
     def add_host(self, info: HostInfo) -> None:
         """Make a new host known (its runtime installed), taking no job until ``join``: in between, its
         environments are built through ``runtime(name)``."""
-        state = _HostState(info, HostRuntime.for_host(info), window=2 * info.cpus)
+        state = _HostState(info, HostRuntime.for_host(info, self.connections), window=2 * info.cpus)
         state.runtime.install()
         with self._cond:
             if info.name in self.hosts:
@@ -569,7 +572,7 @@ class Dispatcher:
         ended and not yet fetched) and every job still without a final result is held by another live host,
         so no job waits, and none is between a failure and its retry. A job handed back later (its host lost)
         goes to the hosts still live, or to a replacement. The caller holds the condition."""
-        if self._open is None or not self._open or state.info.instance_id is None or not state.live:
+        if self._open is None or not self._open or not state.info.billed or not state.live:
             return False
         if state.tickets or state.unstaged or state.unclaimed or self._pending:
             return False

@@ -1,12 +1,12 @@
 """The batch's cloud instances while it runs: a lost one is replaced (within a bound), an idle one stopped.
 
 A lost instance (terminated, preempted, stopped or unreachable) is replaced by a new one of the same instance
-type, built like the first ones (its environments bootstrapped) before it joins the running batch and takes
-its waiting jobs. Only providers that create hosts can replace one (those with a ``replace(config, lost,
-name)`` function: aws); a lost ssh or local host is not replaced, its jobs run on the others. A batch
-replaces at most ``replace_lost`` instances (by default ``REPLACEMENTS_PER_INSTANCE`` times as many as it
-started with), so that a capacity problem (instances lost as fast as they come) never loops and bills for
-ever; a loss when every job left is already placed on the other hosts is not replaced at all.
+type, built like the first ones (its environments bootstrapped) before it joins the running batch and takes its
+waiting jobs. Only providers that create hosts can replace one (``providers.creates_hosts``: aws); a lost ssh
+or local host is not replaced, its jobs run on the others. A batch replaces at most ``replace_lost`` instances
+(by default ``REPLACEMENTS_PER_INSTANCE`` times as many as it started with), so that a capacity problem
+(instances lost as fast as they come) never loops and bills for ever; a loss when every job left is already
+placed on the other hosts is not replaced at all.
 
 An instance no work can reach any more (see ``Dispatcher._idle``) is stopped at once, or terminated with
 ``auto_stop: terminate``, instead of at the batch's end; with ``auto_stop: false`` nothing is stopped early.
@@ -19,11 +19,11 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 
+from cloudsend_prefect import providers
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.providers import HostInfo, get_provider
@@ -43,7 +43,7 @@ class Fleet:
         self.hosts = list(hosts)
         self.dispatcher = dispatcher
         self.envs = list({job.env.key: job.env for job in jobs if job.env}.values())
-        instances = sum(1 for host in hosts if host.instance_id)
+        instances = sum(1 for host in hosts if host.billed)
         limit = config.replace_lost
         self.limit = REPLACEMENTS_PER_INSTANCE * instances if limit is None else limit
         self.replaced: dict[str, str] = {}  # replacement's name → the lost host's (every launch attempted)
@@ -91,15 +91,11 @@ class Fleet:
         """Whether the host, were it lost now, would be replaced: its provider can create hosts and the bound
         is not reached (the dispatcher keeps a standby up otherwise, rather than stop every idle host). Called
         under the dispatcher's lock, so it takes none of the fleet's (``lost`` takes them in the other order)."""
-        can_create = getattr(get_provider(host.provider), "replace", None) is not None
-        return can_create and not self._closed and len(self.replaced) < self.limit
+        return providers.creates_hosts(host.provider) and not self._closed and len(self.replaced) < self.limit
 
     def lost(self, host: HostInfo) -> None:
         """Replace a lost host in the background, if its provider can, the bound allows and a job needs it."""
-        replace: Callable[[BatchConfig, HostInfo, str], HostInfo] | None = getattr(
-            get_provider(host.provider), "replace", None
-        )
-        if replace is None:
+        if not providers.creates_hosts(host.provider):
             self.logger.warning("%s is not replaced: the %s provider cannot create hosts", host.name, host.provider)
             return
         with self._lock:
@@ -123,20 +119,20 @@ class Fleet:
             self.replaced[name] = host.name
             thread = threading.Thread(
                 target=self._context.copy().run,
-                args=(self._replace, replace, host, name),
+                args=(self._replace, host, name),
                 name=f"cloudsend-replace-{name}",
                 daemon=True,
             )
             self._threads.append(thread)
             thread.start()
 
-    def _replace(self, replace: Callable[[BatchConfig, HostInfo, str], HostInfo], lost: HostInfo, name: str) -> None:
+    def _replace(self, lost: HostInfo, name: str) -> None:
         started = time.monotonic()
         self.logger.warning("%s was lost: launching %s in its place", lost.name, name)
         with self._lock:
             self.launched[name] = self.gone[lost.name] = time.time()  # replace terminates the lost one first
         try:
-            host = replace(self.config, lost, name)
+            host = providers.replace(self.config, lost, name, self.dispatcher.connections)
         except Exception as exc:
             self.logger.error("could not replace %s: %s; the batch goes on with the other hosts", lost.name, exc)
             return
@@ -151,7 +147,7 @@ class Fleet:
                     return
                 bootstrap.with_options(task_run_name=f"bootstrap-{env.name}-{host.name}")(host, env, self.dispatcher)
         except Exception as exc:
-            self.logger.error("%s (%s), replacing %s, is not usable: %s", host.name, host.instance_id, lost.name, exc)
+            self.logger.error("%s (%s), replacing %s, is not usable: %s", host.name, host.machine_id, lost.name, exc)
             if self.config.auto_stop:
                 self._stop(host, "it is not usable")
             return
@@ -161,7 +157,7 @@ class Fleet:
         self.logger.warning(
             "%s (%s) replaces %s: ready in %.0f s, taking jobs",
             host.name,
-            host.instance_id,
+            host.machine_id,
             lost.name,
             time.monotonic() - started,
         )
@@ -181,7 +177,7 @@ class Fleet:
         with self._lock:
             self.released[host.name] = time.time()
         how = "terminated" if self.config.auto_stop == "terminate" else "stopped"
-        self.logger.info("%s (%s) %s: %s", host.name, host.instance_id, how, why)
+        self.logger.info("%s (%s) %s: %s", host.name, host.machine_id, how, why)
 
     def billed(self, since: float, until: float) -> dict[str, float]:
         """How long each host was up for the batch, in seconds, for its cost: from ``since`` (provisioning; a

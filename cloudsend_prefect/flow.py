@@ -20,14 +20,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cloudsend_prefect.buckets import upload
 from cloudsend_prefect.bundle import Bundle, unpack
-from cloudsend_prefect.catalog import cost_line, cost_report
 from cloudsend_prefect.config import Job
 from cloudsend_prefect.dispatch import Dispatcher
 from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.fleet import Fleet
 from cloudsend_prefect.joblog import JobLog
 from cloudsend_prefect.paths import cloudsend_home
-from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.providers import Connections, HostInfo, cost_report, validate
+from cloudsend_prefect.providers.costs import cost_line
 from cloudsend_prefect.reporting import (
     Usage,
     cost_description,
@@ -177,6 +177,7 @@ def cloudsend(
             config = str(unpack(bundle, cloudsend_home() / "bundles"))
         resolved = _resolve(config, cluster, jobs, base_dir, exec_python_config)
     cfg, specs = resolved.config, resolved.jobs
+    validate(cfg)
     for note in cfg.notes:
         logger.warning("%s: %s", cfg.source, note)
     name = batch_slug(batch or cfg.project)
@@ -184,13 +185,18 @@ def cloudsend(
         _name_run(name)
     dest = Path(results_dir) / name
     provisioning = time.time()  # billed time of every aws host runs from here to teardown (an upper bound)
-    hosts = provision(cfg)
+    connections = Connections()  # the run's: one per host, shared by every task thread, closed as the run ends
+    try:
+        hosts = provision(cfg, connections)
+    except BaseException:
+        connections.close_all()
+        raise
     refresh = rerun or not cfg.recover
     results: dict[str, JobResult] = {}
     dispatcher: Dispatcher | None = None
     fleet: Fleet | None = None
     try:  # from here on, whatever happens, teardown runs
-        dispatcher = Dispatcher(name, hosts, cfg.poll_interval, rerun=refresh, lost_after=cfg.lost_after)
+        dispatcher = Dispatcher(name, hosts, connections, cfg.poll_interval, rerun=refresh, lost_after=cfg.lost_after)
         fleet = Fleet(cfg, hosts, specs, dispatcher)  # replaces lost instances, stops idle ones
         dispatcher.start()
         boots = fleet.bootstrap()
@@ -224,8 +230,9 @@ def cloudsend(
             hosts = fleet.hosts  # replacements included
         if dispatcher is not None:
             dispatcher.stop()
-        trips = {host.name: connect(host).round_trips for host in hosts}
-        teardown(hosts, cfg)
+        trips = {host.name: connections.get(host).round_trips for host in hosts}
+        teardown(hosts, cfg, connections)
+        connections.close_all()
         ended = time.time()
         usage = measure(results.values(), {job.key: job.cpus for job in specs}, hosts, ended - provisioning)
         billed = fleet.billed(provisioning, ended) if fleet is not None else {h.name: usage.seconds for h in hosts}

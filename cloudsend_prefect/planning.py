@@ -9,9 +9,9 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from cloudsend_prefect.catalog import instance_info
-from cloudsend_prefect.config import BatchConfig, InstanceType
-from cloudsend_prefect.providers.base import host_names
+from cloudsend_prefect import providers
+from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.providers import PlannedHost
 from cloudsend_prefect.specs import JobSpec
 
 
@@ -28,62 +28,10 @@ class Placement(BaseModel):
     end: float
 
 
-class PlannedHost(BaseModel):
-    """A host the config asks for, as known before it exists (aws: vCPUs from the instance-type catalog)."""
-
-    name: str
-    provider: str
-    index: int  # of its instance type in the config
-    cpus: int
-    gpus: int = 0
-    cpus_known: bool = True  # False: an aws type missing from the catalog, without `cpus`; counted as 1
-    instance_type: str | None = None
-    spot: bool = False
-    max_bid: float | None = None
-    region: str | None = None
-    instance_id: str | None = None  # never known before provisioning (a cost row shows it)
-
-
 def planned(config: BatchConfig) -> list[PlannedHost]:
-    """The hosts the config asks for, named as their provider will name them, without creating or contacting any.
-
-    aws: ``number`` copies, each split by ``explode`` into instances of at most the type's vCPUs, exactly as
-    the aws provider does it, with the vCPUs taken from the catalog instead of EC2.
-    """
-    hosts = []
-    for i, inst in enumerate(config.instances):
-        provider = inst.provider or config.provider
-        if provider == "aws":
-            hosts += _planned_aws(inst, i)
-        else:
-            hosts += [
-                PlannedHost(name=name, provider=provider, index=i, cpus=config.instance_cpus(inst), gpus=inst.gpus or 0)
-                for name in host_names(inst, i, provider)
-            ]
-    return hosts
-
-
-def _planned_aws(inst: InstanceType, index: int) -> list[PlannedHost]:
-    from cloudsend_prefect.providers.aws import _wanted  # the provider's own split: same ranks, same CPUs
-
-    info = instance_info(inst.type)
-    vcpus = info.vcpus if info else inst.cpus or 1
-    gpus = info.gpus if info else inst.gpus or 0
-    return [
-        PlannedHost(
-            name=f"{inst.name or 'aws'}-{want.rank}",  # as providers/aws.py::_host names it
-            provider="aws",
-            index=index,
-            cpus=want.cpus,
-            gpus=want.gpus,
-            cpus_known=info is not None or inst.cpus is not None,
-            instance_type=inst.type,
-            spot=inst.eco,
-            max_bid=inst.max_bid,
-            region=inst.region,
-        )
-        for want in _wanted(inst, index, vcpus, gpus)
-    ]
+    """The hosts the config asks for, named as their provider will name them, without creating or contacting any
+    (see ``providers.plan``)."""
+    return providers.plan(config)
 
 
 def planned_hosts(config: BatchConfig) -> dict[str, int]:

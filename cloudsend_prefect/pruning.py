@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloudsend_prefect.paths import cloudsend_home
-from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.providers import Connections, HostInfo
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
@@ -94,11 +94,11 @@ rm -f "$now"
 """
 
 
-def host_items(host: HostInfo, older_than: float) -> list[Item]:
+def host_items(host: HostInfo, older_than: float, connections: Connections) -> list[Item]:
     """A host's ended jobs, of batches no client is running, that ended over ``older_than`` seconds ago."""
     minutes = max(0, int(older_than // 60))
     line = f"sh -c {shlex.quote(_LIST)} prune {_q(host.base_dir.rstrip('/'))} {minutes}"
-    result = connect(host).run(line, timeout=300)
+    result = connections.get(host).run(line, timeout=300)
     lines = result.stdout.splitlines()
     if result.exit_code != 0 or not lines:
         raise RuntimeError(f"{host.name}: listing its jobs failed ({result.exit_code}): {result.stderr.strip()}")
@@ -110,7 +110,7 @@ def host_items(host: HostInfo, older_than: float) -> list[Item]:
     return items
 
 
-def remove(items: list[Item], hosts: dict[str, HostInfo]) -> int:
+def remove(items: list[Item], hosts: dict[str, HostInfo], connections: Connections) -> int:
     """Remove the items (a host's job only if it has still ended); returns the bytes freed, as listed."""
     freed = 0
     for item in items:
@@ -136,7 +136,7 @@ def remove(items: list[Item], hosts: dict[str, HostInfo]) -> int:
             steps.append(f"if [ -f {d}/end ]; then rm -rf {d}; fi")
         batches = sorted({job.path.split("/")[0] for job in jobs})
         steps += [f"rmdir {base}/jobs/{shlex.quote(b)} 2>/dev/null" for b in batches]  # (only if now empty)
-        result = connect(host).run("; ".join(steps) + "; true", timeout=600)
+        result = connections.get(host).run("; ".join(steps) + "; true", timeout=600)
         if result.exit_code != 0:
             raise RuntimeError(f"{name}: removing old jobs failed ({result.exit_code}): {result.stderr.strip()}")
         freed += sum(job.size for job in jobs)

@@ -9,7 +9,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cloudsend_prefect.bundle import Bundle
-from cloudsend_prefect.controller import DEPLOYMENT_FLOW, DEPLOYMENT_NAME, ControllerError, ControllerSettings
+from cloudsend_prefect.controller import (
+    DEPLOYMENT_FLOW,
+    DEPLOYMENT_NAME,
+    ControllerError,
+    ControllerSettings,
+    layout_of,
+)
+from cloudsend_prefect.transport import Transport
 
 DEPLOYMENT = f"{DEPLOYMENT_FLOW}/{DEPLOYMENT_NAME}"
 
@@ -104,15 +111,20 @@ def cancel(flow_run_id: Any) -> None:
 def fetch(settings: ControllerSettings, batch: str, dest: Path) -> list[Path]:
     """Copy the batch's results folder from the controller's disk to ``dest/<batch>/`` (over SSH through the
     aws provider); the files copied."""
-    from cloudsend_prefect.controller import layout_of
-    from cloudsend_prefect.providers import aws, connect
+    from cloudsend_prefect.providers import Connections
+    from cloudsend_prefect.providers.aws.controller import controller_host
 
-    host = aws.controller_host(settings.batch_config())
+    host = controller_host(settings.batch_config())
     if host is None:
         raise ControllerError(
             f"controller of {settings.project} is not running: `cloudsend controller up` starts it again"
         )
-    transport = connect(host)
+    with Connections() as connections:
+        return _copy(connections.get(host), batch, dest)
+
+
+def _copy(transport: Transport, batch: str, dest: Path) -> list[Path]:
+    """Copy the batch's results folder from the controller over ``transport``; the files copied."""
     source = layout_of(transport).results(batch)
     listing = transport.run(f"cd {shlex.quote(source)} && find . -type f -print0")
     if listing.exit_code != 0:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloudsend_prefect.catalog import Estimate, usd
 from cloudsend_prefect.planning import Placement
 from cloudsend_prefect.providers.base import HostInfo
+from cloudsend_prefect.providers.costs import Estimate, usd
 from cloudsend_prefect.results import BatchSummary, JobResult, tail_lines
 
 MAX_ROWS = 200  # rows of a table artifact: more is unreadable, and heavy for the server and the UI
@@ -245,8 +245,8 @@ def cost_table(usage: Usage, report: Estimate | None, limit: int = MAX_ROWS) -> 
                 ("instance", "type", "market", "billed hours", "usd per hour", "cost", "price from"), "-"
             )
         return {
-            "instance": row.instance_id or "-",
-            "type": row.instance_type or "-",
+            "instance": row.machine_id or "-",
+            "type": row.kind or "-",
             "market": row.market,
             "billed hours": round(row.hours, 4),
             "usd per hour": "-" if row.usd_per_hour is None else row.usd_per_hour,

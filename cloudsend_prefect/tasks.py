@@ -19,7 +19,7 @@ from prefect.states import Cancelled, Failed, State
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import BatchCancelled, Dispatcher
 from cloudsend_prefect.planning import Placement, plan
-from cloudsend_prefect.providers import HostInfo, provision_all, release
+from cloudsend_prefect.providers import Connections, HostInfo, kept_hint, provision_all, release
 from cloudsend_prefect.reporting import plan_description, plan_table
 from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
 from cloudsend_prefect.runtime import CANCELLED, HostRuntime, JobStatus
@@ -34,12 +34,13 @@ class BootstrapFailed(RuntimeError):
 
 
 @task(name="provision", cache_policy=NO_CACHE)
-def provision(config: BatchConfig) -> list[HostInfo]:
-    """Create, start or reuse the config's hosts (``providers.provision_all``), and log each one as it is.
+def provision(config: BatchConfig, connections: Connections) -> list[HostInfo]:
+    """Create, start or reuse the config's hosts (``providers.provision_all``, through the flow run's
+    connections), and log each one as it is.
 
     Not cached: hosts are looked up again at every run, so a rerun finds what is there now.
     """
-    hosts = provision_all(config)
+    hosts = provision_all(config, connections)
     logger = get_run_logger()
     for host in hosts:
         logger.info("host %s (%s): %d CPUs, runtime in %s", host.name, host.provider, host.cpus, host.base_dir)
@@ -210,14 +211,12 @@ def _fetch(runtime: HostRuntime, batch: str, job: JobSpec, status: JobStatus, ou
 
 
 @task(name="teardown", cache_policy=NO_CACHE)
-def teardown(hosts: list[HostInfo], config: BatchConfig) -> None:
+def teardown(hosts: list[HostInfo], config: BatchConfig, connections: Connections) -> None:
     """Stop or terminate the batch's cloud instances; when asked to keep them, say so and how to remove them."""
-    kept = release(config, hosts)
+    kept = release(config, hosts, connections)
     if kept:
-        regions = " ".join(f"--region {r}" for r in sorted({h.region for h in kept if h.region}))
         get_run_logger().warning(
-            "auto_stop is false: %s kept running (and billing); remove them with `cloudsend down --project %s %s`",
-            ", ".join(f"{h.name} ({h.instance_id})" for h in kept),
-            config.project,
-            regions,
+            "auto_stop is false: %s kept running (and billing); remove them with `%s`",
+            ", ".join(f"{h.name} ({h.machine_id})" for h in kept),
+            kept_hint(config, kept),
         )

@@ -366,15 +366,16 @@ def _main(argv: list[str]) -> None:
         Dispatcher.start = signalled  # type: ignore[method-assign]
     if opts.loopback:
         from cloudsend_prefect.providers import aws
+        from cloudsend_prefect.providers.aws import addresses as aws_addresses
 
         spec = json.loads(opts.loopback)
 
-        def resolve(instance: dict[str, Any]) -> aws.Endpoint:
+        def resolve(instance: dict[str, Any]) -> aws_addresses.Endpoint:
             rank = next(t["Value"] for t in instance.get("Tags", []) if t["Key"] == "cloudsend:rank")
             if opts.hang_in_provisioning:
                 Path(opts.hang_in_provisioning).touch()
                 time.sleep(3600)
-            return aws.Endpoint("127.0.0.1", spec["ranks"][rank], spec["user"], spec["key_file"])
+            return aws_addresses.Endpoint("127.0.0.1", spec["ranks"][rank], spec["user"], spec["key_file"])
 
         aws.ADDRESS_RESOLVERS["loopback"] = resolve
     from cloudsend_prefect.flow import run_batch

@@ -20,9 +20,13 @@ from typing import Any
 
 import pytest
 
+from cloudsend_prefect.providers import Connections
 from tests.sshd import SshdHost
 
 REGION = "eu-west-1"
+# The host connections of tests that call the aws provider directly (a flow run has its own): closed by
+# ``aws_env`` after each test.
+CONNECTIONS = Connections()
 LOOPBACK = "loopback"
 RANK_TAG = "cloudsend:rank"
 
@@ -64,7 +68,7 @@ class LoopbackResolver:
         return self.hosts[slot]
 
     def __call__(self, instance: dict[str, Any]) -> Any:
-        from cloudsend_prefect.providers.aws import Endpoint
+        from cloudsend_prefect.providers.aws.addresses import Endpoint
 
         rank = next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == RANK_TAG), None)
         if rank is None:
@@ -97,8 +101,8 @@ def aws_env(
     moto_ec2: str, sshd_hosts: list[SshdHost], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[AwsEnv]:
     """AWS is the moto server, with fake credentials and a clean state; instances resolve to loopback sshd."""
-    from cloudsend_prefect import providers
     from cloudsend_prefect.providers import aws
+    from cloudsend_prefect.providers.aws import network as aws_network
 
     reset_moto(moto_ec2)
     config_home = tmp_path / "xdg-config"
@@ -115,18 +119,13 @@ def aws_env(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # the credential chain must not probe 169.254.169.254
     monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
-    monkeypatch.setattr(aws.urllib.request, "urlopen", _loopback_only(urllib.request.urlopen))
+    monkeypatch.setattr(aws_network.urllib.request, "urlopen", _loopback_only(urllib.request.urlopen))
     resolver = LoopbackResolver(sshd_hosts)
     monkeypatch.setitem(aws.ADDRESS_RESOLVERS, LOOPBACK, resolver)
-    cached = set(providers._transports)
     try:
         yield AwsEnv(moto_ec2, REGION, config_home, resolver)
     finally:
-        # Transports are cached by host name for the process: drop this test's, whatever it left behind.
-        with providers._lock:
-            leftovers = [providers._transports.pop(n) for n in list(providers._transports) if n not in cached]
-        for transport in leftovers:
-            transport.close()
+        CONNECTIONS.close_all()  # what this test's direct provider calls opened
 
 
 def ec2(region: str = REGION) -> Any:

@@ -27,7 +27,7 @@ from botocore.awsrequest import AWSResponse
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
-from cloudsend_prefect import flow, providers
+from cloudsend_prefect import flow
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import Dispatcher
@@ -35,8 +35,14 @@ from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import cloudsend
 from cloudsend_prefect.loading import parse_config
 from cloudsend_prefect.providers import HostInfo, aws
+from cloudsend_prefect.providers.aws import addresses as aws_addresses
+from cloudsend_prefect.providers.aws import hosts as aws_hosts
+from cloudsend_prefect.providers.aws import keys as aws_keys
+from cloudsend_prefect.providers.aws import launch as aws_launch
+from cloudsend_prefect.providers.aws import network as aws_network
+from cloudsend_prefect.providers.aws import session as aws_session
 from cloudsend_prefect.results import BatchSummary
-from tests.moto_server import LOOPBACK, AwsEnv, ec2, linux_ami
+from tests.moto_server import CONNECTIONS, LOOPBACK, AwsEnv, ec2, linux_ami
 from tests.sshd import SshdHost
 
 CIDR = "203.0.113.5/32"  # TEST-NET-3: documentation addresses, never routed
@@ -59,7 +65,7 @@ def make_config(tmp_path: Path, project: str, instances: list[dict[str, Any]], *
 
 
 def provision(config: BatchConfig) -> list[HostInfo]:
-    return aws.provision(config, list(enumerate(config.instances)))
+    return aws.provision(config, list(enumerate(config.instances)), CONNECTIONS)
 
 
 def described(project: str, region: str = "eu-west-1") -> list[dict[str, Any]]:
@@ -125,7 +131,7 @@ class Wire:
 def wire(aws_env: AwsEnv, monkeypatch: pytest.MonkeyPatch) -> Wire:
     """Record (and optionally answer) every EC2 call the provider makes."""
     recorder = Wire()
-    real = aws.ec2_client
+    real = aws_session.ec2_client
 
     def client(*args: Any, **kwargs: Any) -> Any:
         made = real(*args, **kwargs)
@@ -133,7 +139,7 @@ def wire(aws_env: AwsEnv, monkeypatch: pytest.MonkeyPatch) -> Wire:
         made.meta.events.register("after-call.ec2", recorder.after)
         return made
 
-    monkeypatch.setattr(aws, "ec2_client", client)
+    monkeypatch.setattr(aws_session, "ec2_client", client)
     return recorder
 
 
@@ -236,7 +242,7 @@ def test_without_ssh_from_only_this_machines_public_address_is_let_in(
         asked.append(url)
         return io.BytesIO(b"198.51.100.7\n")
 
-    monkeypatch.setattr(aws.urllib.request, "urlopen", checkip)
+    monkeypatch.setattr(aws_network.urllib.request, "urlopen", checkip)
     config = parse_config(
         {"project": "myip", "provider": "aws", "instances": [instance(ami)]}, source="x", base_dir=tmp_path
     )
@@ -342,14 +348,14 @@ def test_key_path_refuses_a_project_or_region_that_is_not_one_file_name(
     tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any], wire: Wire
 ) -> None:
     config = make_config(tmp_path, "safe", [instance(ami)])
-    assert aws.key_path(config, "eu-west-1") == aws_env.config_home / "cloudsend" / "keys" / "safe-eu-west-1.pem"
+    assert aws_keys.key_path(config, "eu-west-1") == aws_env.config_home / "cloudsend" / "keys" / "safe-eu-west-1.pem"
     for project in ("../../x", "a/b", "a\\b", "..", ".", ".hidden", "", "a\0b", "a\nb"):
         # Built past the config's own checks: key_path must hold on its own.
         bad = config.model_copy(update={"project": project})
         with pytest.raises(ValueError, match=r"project .* cannot name a key file"):
-            aws.key_path(bad, "eu-west-1")
+            aws_keys.key_path(bad, "eu-west-1")
     with pytest.raises(ValueError, match=r"region .* cannot name a key file"):
-        aws.key_path(config, "../eu-west-1")
+        aws_keys.key_path(config, "../eu-west-1")
 
     escaping = config.model_copy(update={"project": "../../x"})
     with pytest.raises(ValueError, match="cannot name a key file"):
@@ -361,7 +367,7 @@ def test_key_path_refuses_a_project_or_region_that_is_not_one_file_name(
     keys.mkdir(parents=True)
     (keys / "planted-eu-west-1.pem").symlink_to(tmp_path / "elsewhere.pem")
     with pytest.raises(ValueError, match="resolves outside"):
-        aws.key_path(config.model_copy(update={"project": "planted"}), "eu-west-1")
+        aws_keys.key_path(config.model_copy(update={"project": "planted"}), "eu-west-1")
     assert not (tmp_path / "elsewhere.pem").exists()
 
 
@@ -369,11 +375,11 @@ def test_key_file_and_directory_are_made_private_even_when_they_were_not(
     tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any]
 ) -> None:
     config = make_config(tmp_path, "loose", [instance(ami)])
-    key_file = aws.key_path(config, "eu-west-1")
-    aws.ensure_key(ec2(), config, "eu-west-1")
+    key_file = aws_keys.key_path(config, "eu-west-1")
+    aws_keys.ensure_key(ec2(), config, "eu-west-1")
     key_file.chmod(0o644)  # e.g. copied from another machine with a loose umask
     key_file.parent.chmod(0o755)
-    aws.ensure_key(ec2(), config, "eu-west-1")
+    aws_keys.ensure_key(ec2(), config, "eu-west-1")
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
 
@@ -445,7 +451,8 @@ def test_io_volume_types_get_the_iops_ec2_requires() -> None:
         "RootDeviceName": "/dev/xvda",
         "BlockDeviceMappings": [{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-1", "VolumeType": "gp2"}}],
     }
-    params = aws._run_params(config, config.instances[0], image, "k", "sg-1", aws._Want("0", 2), "c")
+    want = aws_launch.Want("0", 2, 0, "aws-0")
+    params = aws_launch.run_params(config, config.instances[0], image, "k", "sg-1", want, "c")
     (mapping,) = params["BlockDeviceMappings"]
     assert mapping["DeviceName"] == "/dev/xvda"
     assert mapping["Ebs"] == {
@@ -467,7 +474,7 @@ def test_second_run_reuses_instances_by_tags_and_creates_none(
     created = len(wire.sent("RunInstances"))
     assert created == 2
     second = provision(config)
-    assert [h.instance_id for h in second] == [h.instance_id for h in first]
+    assert [h.machine_id for h in second] == [h.machine_id for h in first]
     assert not any(h.created for h in second)  # reused: not this run's to remove
     assert len(wire.sent("RunInstances")) == created
     assert len(described("reuse")) == 2
@@ -475,7 +482,7 @@ def test_second_run_reuses_instances_by_tags_and_creates_none(
     # What the machine is changed (another disk size): never reused for it, a new one is made.
     bigger = make_config(tmp_path, "reuse", [instance(ami, number=2, disk_size=30)])
     third = provision(bigger)
-    assert not {h.instance_id for h in third} & {h.instance_id for h in first}
+    assert not {h.machine_id for h in third} & {h.machine_id for h in first}
     assert len(described("reuse")) == 4
 
 
@@ -484,11 +491,11 @@ def test_stopped_instances_are_started_again_on_reuse(tmp_path: Path, aws_env: A
     hosts = provision(config)
     aws.teardown(hosts)
     assert set(states("restart").values()) == {"stopped"}
-    assert set(aws.status(hosts).values()) == {"stopped"}
+    assert set(aws.status(hosts, CONNECTIONS).values()) == {"stopped"}
     again = provision(config)
-    assert [h.instance_id for h in again] == [h.instance_id for h in hosts]
+    assert [h.machine_id for h in again] == [h.machine_id for h in hosts]
     assert set(states("restart").values()) == {"running"}
-    assert set(aws.status(again).values()) == {"running"}
+    assert set(aws.status(again, CONNECTIONS).values()) == {"running"}
 
 
 def test_number_and_explode_decide_instances_and_their_cpus(
@@ -530,7 +537,7 @@ def test_invalid_image_lists_usable_images_and_creates_nothing(
 ) -> None:
     bad = instance(ami)
     bad["img_id"] = "ami-0123456789abcdef0"
-    with pytest.raises(aws.AwsError, match="ami-0123456789abcdef0 does not exist in eu-west-1") as err:
+    with pytest.raises(aws_session.AwsError, match="ami-0123456789abcdef0 does not exist in eu-west-1") as err:
         provision(make_config(tmp_path, "badimg", [bad]))
     listed = [line.split()[0] for line in str(err.value).splitlines()[1:]]
     assert listed, str(err.value)
@@ -552,7 +559,7 @@ def test_no_capacity_tries_the_fallback_types_in_order(
     (host,) = provision(config)
     assert [b["InstanceType"] for b in wire.sent("RunInstances")] == ["c5.xlarge", "m5.xlarge", "t3.large"]
     (launched,) = described("fallback")
-    assert launched["InstanceType"] == "t3.large" == host.instance_type
+    assert launched["InstanceType"] == "t3.large" == aws_hosts.aws_data(host).instance_type
     assert host.cpus == 2  # the CPUs of what was launched (t3.large), not of the type asked for (4)
     assert "no capacity for c5.xlarge" in caplog.text and "no capacity for m5.xlarge" in caplog.text
 
@@ -572,7 +579,7 @@ def test_no_capacity_anywhere_is_a_clear_error_and_leaves_nothing(
 ) -> None:
     wire.faults.append(no_capacity("c5.xlarge", "t3.large"))
     config = make_config(tmp_path, "nocap", [instance(ami, type="c5.xlarge", fallback_types=["t3.large"], number=2)])
-    with pytest.raises(aws.AwsError) as err:
+    with pytest.raises(aws_session.AwsError) as err:
         provision(config)
     message = str(err.value)
     assert "no capacity or quota left" in message and "fallback_types" in message
@@ -615,7 +622,7 @@ def test_failure_after_a_first_type_is_up_terminates_it_but_not_reused_instances
     config = make_config(tmp_path, "later", [instance(ami), instance(ami, type="c5.xlarge", number=2)])
     resolve = aws.ADDRESS_RESOLVERS[LOOPBACK]
 
-    def broken(inst: dict[str, Any]) -> aws.Endpoint:
+    def broken(inst: dict[str, Any]) -> aws_addresses.Endpoint:
         if tag(inst, "cloudsend:rank") == "1.1":
             raise RuntimeError("resolver exploded")
         return resolve(inst)
@@ -625,9 +632,9 @@ def test_failure_after_a_first_type_is_up_terminates_it_but_not_reused_instances
         provision(config)
     by_rank = {tag(i, "cloudsend:rank"): i["State"]["Name"] for i in described("later")}
     assert by_rank == {"0": "running", "1.0": "terminated", "1.1": "terminated"}
-    assert states("later")[kept[0].instance_id or ""] == "running"
+    assert states("later")[kept[0].machine_id or ""] == "running"
     # No connection of the failed call stays cached for the next run's host of the same name.
-    assert not {"aws-0", "aws-1.0"} & set(providers._transports)
+    assert not {"aws-0", "aws-1.0"} & CONNECTIONS.names()
 
 
 # -- teardown and down ----------------------------------------------------------------------------------
@@ -637,26 +644,28 @@ def test_teardown_stops_on_demand_and_terminates_spot_or_everything_when_asked(
     config = make_config(tmp_path, "teardown", [instance(ami), instance(ami, eco=True)])
     hosts = provision(config)
     aws.teardown(hosts)
-    assert aws.status(hosts) == {"aws-0": "stopped", "aws-1": "terminated"}  # a one-time spot cannot stop
+    # a one-time spot cannot stop
+    assert aws.status(hosts, CONNECTIONS) == {"aws-0": "stopped", "aws-1": "terminated"}
     hosts = provision(config)
     aws.teardown(hosts, terminate=True)
     assert set(states("teardown").values()) == {"terminated"}
-    assert set(aws.status(hosts).values()) == {"terminated"}
+    assert set(aws.status(hosts, CONNECTIONS).values()) == {"terminated"}
 
 
 def test_teardown_and_status_take_instances_already_gone_in_their_stride(
     tmp_path: Path, aws_env: AwsEnv, ami: dict[str, Any]
 ) -> None:
     hosts = provision(make_config(tmp_path, "gone-already", [instance(ami, number=3)]))
-    ec2().terminate_instances(InstanceIds=[hosts[0].instance_id or ""])  # e.g. by its idle timer
-    forgotten = hosts[1].model_copy(update={"instance_id": "i-0123456789abcdef0"})  # EC2 no longer knows it
+    ec2().terminate_instances(InstanceIds=[hosts[0].machine_id or ""])  # e.g. by its idle timer
+    forgotten = hosts[1].model_copy(update={"machine_id": "i-0123456789abcdef0"})  # EC2 no longer knows it
     hosts = [hosts[0], forgotten, hosts[2]]
     aws.teardown(hosts)
-    assert aws.status(hosts) == {"aws-0.0": "terminated", "aws-0.1": "terminated", "aws-0.2": "stopped"}
-    assert states("gone-already")[hosts[0].instance_id or ""] == "terminated"  # not brought back as stopped
+    health = aws.status(hosts, CONNECTIONS)
+    assert health == {"aws-0.0": "terminated", "aws-0.1": "terminated", "aws-0.2": "stopped"}
+    assert states("gone-already")[hosts[0].machine_id or ""] == "terminated"  # not brought back as stopped
     aws.teardown(hosts)  # a second teardown (everything already stopped or gone) is a no-op
     aws.teardown(hosts, terminate=True)
-    assert set(aws.status(hosts).values()) == {"terminated"}
+    assert set(aws.status(hosts, CONNECTIONS).values()) == {"terminated"}
 
 
 def test_cloudsend_down_removes_instances_group_and_key_of_the_project_only(
@@ -701,8 +710,9 @@ def test_profile_credentials_are_used_without_a_block(
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name)
     (host,) = provision(make_config(tmp_path, "profiled", [instance(ami)], profile="batchy"))
-    assert (host.aws_profile, host.region) == ("batchy", "eu-west-1")
-    assert [i["InstanceId"] for i in described("profiled")] == [host.instance_id]
+    data = aws_hosts.aws_data(host)
+    assert (data.aws_profile, data.region) == ("batchy", "eu-west-1")
+    assert [i["InstanceId"] for i in described("profiled")] == [host.machine_id]
 
 
 # -- whole batches --------------------------------------------------------------------------------------

@@ -14,12 +14,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cloudsend_prefect import catalog
-from cloudsend_prefect.catalog import Price, billed_hours, estimate, instance_info, on_demand_price, spot_price
+from cloudsend_prefect import providers
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.planning import planned, planned_hosts
+from cloudsend_prefect.providers.aws import pricing
+from cloudsend_prefect.providers.aws.hosts import AwsHost
+from cloudsend_prefect.providers.aws.pricing import instance_info, on_demand_price, spot_price
 from cloudsend_prefect.providers.base import HostInfo
+from cloudsend_prefect.providers.costs import Estimate, billed_hours, cost_line, estimate
 
 runner = CliRunner()
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, every call fails at once
@@ -41,22 +44,28 @@ def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
 
 
-def aws_host(name: str, instance_type: str | None, *, spot: bool = False, region: str = "us-east-1") -> HostInfo:
+def aws_host(
+    name: str, instance_type: str | None, *, spot: bool = False, region: str = "us-east-1", max_bid: float | None = None
+) -> HostInfo:
     return HostInfo(
         name=name,
         provider="aws",
         cpus=2,
         base_dir=".cloudsend",
-        instance_id=f"i-{name}",
-        instance_type=instance_type,
-        spot=spot,
-        region=region,
+        machine_id=f"i-{name}",
+        provider_data=AwsHost(instance_type=instance_type, spot=spot, region=region, max_bid=max_bid).model_dump(),
     )
+
+
+def priced(hosts: list[HostInfo], seconds: float | dict[str, float]) -> Estimate:
+    """What the hosts cost for ``seconds``, at their providers' offline prices."""
+    quotes, _ = providers.quote(hosts)
+    return estimate([quotes[h.name] for h in hosts], seconds)
 
 
 # -- the catalog --------------------------------------------------------------------------------------------
 def test_catalog_knows_common_types_and_not_others() -> None:
-    assert len(catalog.catalog()) >= 60
+    assert len(pricing.catalog()) >= 60
     c5 = instance_info("c5.xlarge")
     assert c5 is not None and (c5.vcpus, c5.memory_gib, c5.gpus) == (4, 8, 0)
     m5 = instance_info("m5.large")
@@ -66,13 +75,15 @@ def test_catalog_knows_common_types_and_not_others() -> None:
     g4 = instance_info("g4dn.12xlarge")
     assert g4 is not None and (g4.vcpus, g4.gpus) == (48, 4)
     assert on_demand_price("t3.large") == pytest.approx(0.0832)
-    assert on_demand_price("t3.large", "eu-west-1") == on_demand_price("t3.large")  # us-east-1's, as documented
+    # the catalog has us-east-1 prices only: a host elsewhere is priced at them, and says so
+    elsewhere = pricing.offline_price(AwsHost(instance_type="t3.large", region="eu-west-1"))
+    assert elsewhere.usd_per_hour == on_demand_price("t3.large") and "us-east-1 price" in elsewhere.basis
     assert instance_info("z9.mega") is None and on_demand_price("z9.mega") is None and instance_info(None) is None
 
 
 def test_catalog_prices_grow_with_size_within_a_family() -> None:
-    families: dict[str, list[catalog.InstanceInfo]] = {}
-    for info in catalog.catalog().values():
+    families: dict[str, list[pricing.InstanceInfo]] = {}
+    for info in pricing.catalog().values():
         families.setdefault(info.type.split(".")[0], []).append(info)
     for name, infos in families.items():
         if name in ("g4dn", "g5", "g6"):  # GPU count, not vCPUs, drives those prices
@@ -94,11 +105,10 @@ def test_estimate_prices_on_demand_spot_own_machines_and_unknown_types() -> None
     hosts = [
         aws_host("od", "c5.xlarge"),
         aws_host("sp", "c5.xlarge", spot=True),
-        aws_host("bid", "c5.xlarge", spot=True),
+        aws_host("bid", "c5.xlarge", spot=True, max_bid=0.05),
         HostInfo(name="laptop", provider="local", cpus=8, base_dir="/tmp/x"),
     ]
-    prices = {"bid": Price(0.05, "spot: max_bid (upper bound)")}
-    result = estimate(hosts, 1800, prices)
+    result = priced(hosts, 1800)
     rows = {r.host: r for r in result.rows}
     assert rows["od"].market == "on-demand" and rows["od"].cost == pytest.approx(0.17 / 2)
     # a spot host with no known spot price: the on-demand price as an upper bound, said so
@@ -108,10 +118,10 @@ def test_estimate_prices_on_demand_spot_own_machines_and_unknown_types() -> None
     assert rows["laptop"].market == "own machine" and rows["laptop"].cost == 0
     assert result.total == pytest.approx(0.17 + 0.025) and result.complete
 
-    short = estimate([aws_host("od", "c5.xlarge")], 5)  # a 5 s instance is billed a minute
+    short = priced([aws_host("od", "c5.xlarge")], 5)  # a 5 s instance is billed a minute
     assert short.total == pytest.approx(0.17 / 60)
 
-    unknown = estimate([aws_host("od", "c5.xlarge"), aws_host("odd", "z9.mega")], 3600)
+    unknown = priced([aws_host("od", "c5.xlarge"), aws_host("odd", "z9.mega")], 3600)
     assert unknown.total == pytest.approx(0.17) and not unknown.complete
     assert unknown.rows[1].cost is None and "not in the catalog" in unknown.rows[1].basis
 
@@ -136,23 +146,23 @@ def test_cost_report_of_hosts_uses_live_spot_prices_else_the_catalog(
         aws_host("aws-1", "m5.large", spot=True),
         HostInfo(name="laptop", provider="local", cpus=8, base_dir="/tmp/x"),
     ]
-    assert catalog.cost_report(hosts[2:], 3600) is None  # no aws host, no report
+    assert providers.cost_report(hosts[2:], 3600) is None  # no aws host, no report
 
-    offline = catalog.cost_report(hosts, 3600)  # EC2 unreachable: spot falls back to on-demand
+    offline = providers.cost_report(hosts, 3600)  # EC2 unreachable: spot falls back to on-demand
     assert offline is not None
     assert [r.host for r in offline.rows] == ["aws-0", "aws-1"]
     assert offline.total == pytest.approx(0.17 + 0.096)
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_ec2)
-    live = catalog.cost_report(hosts, 7200)
+    live = providers.cost_report(hosts, 7200)
     assert live is not None
     spot = live.rows[1]
     assert spot.usd_per_hour == pytest.approx(0.00001) and "from EC2" in spot.basis
     assert live.total == pytest.approx(2 * 0.17 + 2 * 0.00001)
     first = live.rows[0]
-    assert (first.instance_id, first.market, first.hours, first.usd_per_hour) == ("i-aws-0", "on-demand", 2.0, 0.17)
+    assert (first.machine_id, first.market, first.hours, first.usd_per_hour) == ("i-aws-0", "on-demand", 2.0, 0.17)
     assert first.cost == pytest.approx(0.34) and first.basis == "on-demand (catalog)"
-    line = catalog.cost_line(live)
+    line = cost_line(live)
     assert "aws-0 (i-aws-0, c5.xlarge on-demand, 2.000 h: $0.3400)" in line and "upper bound" in line
 
 
@@ -220,14 +230,15 @@ def test_planned_hosts_match_the_aws_provider_names_and_explode_with_catalog_vcp
     assert planned_hosts(config) == {
         "aws-0.0": 4,
         "aws-0.1": 4,
-        "big-1.0": 2,  # 5 CPUs of m5.large (2 vCPUs): 3 instances
-        "big-1.1": 2,
-        "big-1.2": 1,
+        "big.0": 2,  # 5 CPUs of m5.large (2 vCPUs): 3 instances
+        "big.1": 2,
+        "big.2": 1,
         "aws-2": 2,
         "here": 2,
     }
     hosts = {h.name: h for h in planned(config)}
-    assert hosts["big-1.0"].spot and hosts["aws-2"].max_bid == 0.05 and hosts["here"].provider == "local"
+    assert hosts["big.0"].provider_data["spot"] and hosts["aws-2"].provider_data["max_bid"] == 0.05
+    assert hosts["here"].provider == "local"
     unknown = BatchConfig.model_validate({"provider": "aws", "instances": [{"type": "z9.mega"}]})
     (host,) = planned(unknown)
     assert host.cpus == 1 and not host.cpus_known
@@ -256,12 +267,12 @@ def test_plan_shows_instances_and_estimated_cost_offline(
     result = runner.invoke(app, ["plan", str(write(tmp_path, AWS_CONFIG))], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     out = result.output
-    for host in ("aws-0.0", "aws-0.1", "big-1.0", "big-1.2", "aws-2", "here"):
+    for host in ("aws-0.0", "aws-0.1", "big.0", "big.2", "aws-2", "here"):
         assert host in out
     # the instance table: type, vCPUs, memory, count, market, $/h, cost for the 1800 s makespan
     rows = table_rows(out)
     assert ["aws-0.0..aws-0.1", "c5.xlarge", "4", "8", "2", "on-demand", "$0.1700", "$0.1700"] in rows
-    assert ["big-1.0..big-1.2", "m5.large", "2", "8", "3", "spot", "$0.0960", "$0.1440"] in rows
+    assert ["big.0..big.2", "m5.large", "2", "8", "3", "spot", "$0.0960", "$0.1440"] in rows
     assert ["aws-2", "r5.large", "2", "16", "1", "spot", "$0.0500", "$0.0250"] in rows
     assert ["here", "local", "2", "-", "1", "own machine", "-", "$0"] in rows
     assert "estimated cost: $0.3390" in out
@@ -289,6 +300,6 @@ def test_plan_asks_ec2_for_spot_prices_only_when_told(
 def test_each_host_is_billed_for_its_own_up_time() -> None:
     """An instance stopped early, or launched late as a replacement, costs its own time, not the batch's."""
     hosts = [aws_host("kept", "c5.xlarge"), aws_host("stopped-early", "c5.xlarge")]
-    result = estimate(hosts, {"kept": 7200, "stopped-early": 1800})
+    result = priced(hosts, {"kept": 7200, "stopped-early": 1800})
     assert [row.hours for row in result.rows] == [2.0, 0.5]
     assert result.total == pytest.approx(2.5 * 0.17)

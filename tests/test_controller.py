@@ -32,6 +32,8 @@ from cloudsend_prefect.bundle import Bundle, pack, unpack
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.providers import aws
+from cloudsend_prefect.providers.aws import boot as aws_boot
+from cloudsend_prefect.providers.aws import controller as aws_controller
 from tests.moto_server import LOOPBACK, AwsEnv, LoopbackResolver, ec2, linux_ami
 from tests.sshd import SshdHost, sshd_hosts_running
 from tests.test_deployment import Processes, start_server
@@ -126,7 +128,7 @@ def test_up_needs_a_prefect_api_the_instance_can_reach() -> None:
 
 
 def test_the_controller_user_data_counts_running_flow_runs_as_use() -> None:
-    user_data = aws._user_data(controller.ControllerSettings(idle_minutes=5).batch_config(), controller.BUSY)
+    user_data = aws_boot.user_data(controller.ControllerSettings(idle_minutes=5).batch_config(), controller.BUSY)
     unit = yaml.safe_load(user_data)["write_files"][1]["content"]
     assert "Environment=\"CLOUDSEND_DEADMAN_BUSY=pgrep -f '[p]refect[.]engine' >/dev/null\"" in unit
     assert "ExecStart=/usr/local/bin/cloudsend-deadman 300" in unit
@@ -135,7 +137,7 @@ def test_the_controller_user_data_counts_running_flow_runs_as_use() -> None:
 def test_the_busy_check_keeps_the_switch_from_powering_off(tmp_path: Path) -> None:
     """deadman.sh with CLOUDSEND_DEADMAN_BUSY: no power-off while the check succeeds, then one once it fails."""
     script = tmp_path / "deadman.sh"
-    script.write_text(aws.DEADMAN)
+    script.write_text(aws_boot.DEADMAN)
     flag, marker = tmp_path / "busy", tmp_path / "off"
     flag.touch()
     env = {
@@ -469,6 +471,6 @@ def test_a_batch_runs_on_the_controller_with_the_client_gone(
         with _api(api):
             gone = runner.invoke(app, ["controller", "down", "--yes"])
         assert gone.exit_code == 0 and "terminated controller" in gone.output
-        assert aws.controller_view(controller.load_settings().batch_config()) is None
+        assert aws_controller.controller_view(controller.load_settings().batch_config()) is None
     finally:
         _stop_worker(instance_host)

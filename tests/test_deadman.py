@@ -27,15 +27,17 @@ import pytest
 import yaml
 
 from cloudsend_prefect.config import BatchConfig
-from cloudsend_prefect.providers import aws
+from cloudsend_prefect.providers import Upkeep, aws
+from cloudsend_prefect.providers.aws import boot as aws_boot
+from cloudsend_prefect.providers.aws import hosts as aws_hosts
 from cloudsend_prefect.runtime import HostRuntime
 from tests.host_runtime import job
-from tests.moto_server import AwsEnv, ec2
+from tests.moto_server import CONNECTIONS, AwsEnv, ec2
 from tests.sshd import SshdHost
 from tests.test_aws import ami, instance, make_config, provision  # noqa: F401  (ami: a fixture)
 
 SCRIPT = "/usr/local/bin/cloudsend-deadman"
-UNIT = f"/etc/systemd/system/{aws.DEADMAN_UNIT}"
+UNIT = f"/etc/systemd/system/{aws_boot.DEADMAN_UNIT}"
 
 
 def installed(user_data: str) -> dict[str, str]:
@@ -69,7 +71,7 @@ class Switch:
 @contextlib.contextmanager
 def switch(tmp_path: Path, watched: Path, idle_minutes: float) -> Iterator[Switch]:
     """Install the switch from the user data of an instance made with ``idle_minutes`` and start it (its boot)."""
-    files = installed(aws._user_data(BatchConfig(idle_minutes=idle_minutes)))
+    files = installed(aws_boot.user_data(BatchConfig(idle_minutes=idle_minutes)))
     script = tmp_path / "cloudsend-deadman"
     script.write_text(files[SCRIPT])
     command = exec_start(files[UNIT])
@@ -104,15 +106,15 @@ def host_runtime(sshd_hosts: list[SshdHost]) -> Iterator[tuple[SshdHost, str]]:
 
 
 def test_user_data_installs_the_switch_as_a_service_enabled_for_every_boot() -> None:
-    user_data = aws._user_data(BatchConfig(idle_minutes=7))
+    user_data = aws_boot.user_data(BatchConfig(idle_minutes=7))
     files = installed(user_data)
-    assert files[SCRIPT] == aws.DEADMAN
+    assert files[SCRIPT] == aws_boot.DEADMAN
     unit = files[UNIT]
     assert exec_start(unit) == [SCRIPT, "420"]
     assert "Restart=always" in unit
     assert "[Install]\nWantedBy=multi-user.target" in unit  # started at every boot once enabled
     runcmd = yaml.safe_load(user_data)["runcmd"]
-    assert ["systemctl", "enable", "--now", "--no-block", aws.DEADMAN_UNIT] in runcmd
+    assert ["systemctl", "enable", "--now", "--no-block", aws_boot.DEADMAN_UNIT] in runcmd
 
 
 def test_an_idle_instance_powers_off_and_each_client_contact_rearms_it(
@@ -184,19 +186,19 @@ def test_a_stopped_and_started_instance_still_carries_its_switch_and_is_rearmed(
     (first,) = provision(config)
     aws.teardown([first])  # auto_stop: the batch's end stops it
     (host,) = provision(config.model_copy(update={"idle_minutes": 5}))  # the next run starts it again
-    assert host.instance_id == first.instance_id
-    (described,) = ec2().describe_instances(InstanceIds=[host.instance_id or ""])["Reservations"][0]["Instances"]
+    assert host.machine_id == first.machine_id
+    (described,) = ec2().describe_instances(InstanceIds=[host.machine_id or ""])["Reservations"][0]["Instances"]
     assert described["State"]["Name"] == "running"
-    attribute = ec2().describe_instance_attribute(InstanceId=host.instance_id or "", Attribute="userData")
+    attribute = ec2().describe_instance_attribute(InstanceId=host.machine_id or "", Attribute="userData")
     user_data = base64.b64decode(attribute["UserData"]["Value"]).decode()
-    assert user_data == aws._user_data(BatchConfig(idle_minutes=7))  # still the enabled unit of its launch
+    assert user_data == aws_boot.user_data(BatchConfig(idle_minutes=7))  # still the enabled unit of its launch
     assert exec_start(installed(user_data)[UNIT]) == [SCRIPT, "420"]
     # The client re-arms it as it connects, with the limit of its own config.
-    assert host.idle_seconds == 300 and host.imds is None  # on demand: no spot notices to read
+    assert aws.upkeep(host) == Upkeep(idle_seconds=300, notices=None)  # on demand: no spot notices to read
     sshd = aws_env.resolver.host_for("0")
-    contact = sshd.home / aws.REMOTE_DIR / "contact"
+    contact = sshd.home / aws_hosts.REMOTE_DIR / "contact"
     contact.unlink(missing_ok=True)
     before = time.time()
-    HostRuntime.for_host(host).install()
+    HostRuntime.for_host(host, CONNECTIONS).install()
     assert contact.read_text() == "300\n"
     assert contact.stat().st_mtime >= before - 1

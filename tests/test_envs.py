@@ -32,6 +32,7 @@ from rattler.index import index_fs
 
 from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import run_batch
+from cloudsend_prefect.providers.aws import images as aws_images
 from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import EnvSpec, expand_jobs
@@ -456,7 +457,6 @@ def test_a_folder_without_the_file_is_refused_before_anything_runs(tmp_path: Pat
 # -- the aws provider's login user, per image -------------------------------------------------------------------
 def test_img_username_defaults_to_the_images_own_user(aws_env, tmp_path: Path) -> None:
     """Ubuntu images log in as ubuntu, Debian's as admin, Amazon Linux's as ec2-user; `img_username` overrides."""
-    from cloudsend_prefect.providers import aws
     from tests.moto_server import ec2, linux_ami
 
     client = ec2()
@@ -470,11 +470,12 @@ def test_img_username_defaults_to_the_images_own_user(aws_env, tmp_path: Path) -
     )
     config = load_config(path)
     inst = config.instances[0]
-    users = {image: aws._image_user(config, inst, aws_env.region, image) for image in (ubuntu, debian)}
-    users[amazon["Images"][0]["ImageId"]] = aws._image_user(
+    users = {image: aws_images.image_user(config, inst, aws_env.region, image) for image in (ubuntu, debian)}
+    users[amazon["Images"][0]["ImageId"]] = aws_images.image_user(
         config, inst, aws_env.region, amazon["Images"][0]["ImageId"]
     )
     assert sorted(users.values()) == ["admin", "ec2-user", "ubuntu"]
     assert users[ubuntu] == "ubuntu" and users[debian] == "admin"
-    assert aws.login_user({"Name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Amazon Linux 2023)"}) == "ec2-user"
-    assert aws.login_user({"Name": "my-own-image"}) == aws.DEFAULT_USER == "ubuntu"
+    amazon_gpu = {"Name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Amazon Linux 2023)"}
+    assert aws_images.login_user(amazon_gpu) == "ec2-user"
+    assert aws_images.login_user({"Name": "my-own-image"}) == aws_images.DEFAULT_USER == "ubuntu"

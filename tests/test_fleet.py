@@ -23,6 +23,7 @@ import pytest
 from cloudsend_prefect import dispatch, flow
 from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.providers import aws
+from cloudsend_prefect.providers.aws import addresses as aws_addresses
 from cloudsend_prefect.results import BatchSummary
 from cloudsend_prefect.runtime import FINAL_STATES
 from tests.faults import (
@@ -35,7 +36,7 @@ from tests.faults import (
     wait_for,
     write_config,
 )
-from tests.moto_server import LOOPBACK, AwsEnv, ec2
+from tests.moto_server import CONNECTIONS, LOOPBACK, AwsEnv, ec2
 from tests.sshd import SshdHost
 from tests.test_aws import (  # noqa: F401  (ami, wire: fixtures)
     Wire,
@@ -64,11 +65,11 @@ class ByInstance:
     slots: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __call__(self, inst: dict[str, Any]) -> aws.Endpoint:
+    def __call__(self, inst: dict[str, Any]) -> aws_addresses.Endpoint:
         with self.lock:
             slot = self.slots.setdefault(inst["InstanceId"], len(self.slots))
         host = self.hosts[slot]
-        return aws.Endpoint("127.0.0.1", host.port, host.user, str(host.key_file))
+        return aws_addresses.Endpoint("127.0.0.1", host.port, host.user, str(host.key_file))
 
 
 def _moment(text: str) -> dt.datetime:
@@ -359,17 +360,17 @@ def test_a_replacement_takes_the_lost_instances_rank_and_a_later_run_reuses_it(
     terminated, the new one carries its tags, rank included, and the next run finds it instead of creating."""
     config = make_config(tmp_path, "stand-in", [instance(ami, number=2, cpus=2, disk_size=12)])
     first, lost = provision(config)
-    ec2().stop_instances(InstanceIds=[lost.instance_id or ""])
-    new = aws.replace(config, lost, "aws-0.1-r1")
+    ec2().stop_instances(InstanceIds=[lost.machine_id or ""])
+    new = aws.replace(config, lost, "aws-0.1-r1", CONNECTIONS)
     assert (new.name, new.cpus, new.created) == ("aws-0.1-r1", 2, True)
     by_id = {i["InstanceId"]: i for i in described("stand-in")}
-    assert by_id[lost.instance_id or ""]["State"]["Name"] == "terminated"
-    old, made = by_id[lost.instance_id or ""], by_id[new.instance_id or ""]
+    assert by_id[lost.machine_id or ""]["State"]["Name"] == "terminated"
+    old, made = by_id[lost.machine_id or ""], by_id[new.machine_id or ""]
     assert made["State"]["Name"] == "running"
     assert {t["Key"]: t["Value"] for t in made["Tags"]} == {t["Key"]: t["Value"] for t in old["Tags"]}
     assert wire.sent("RunInstances")[-1]["BlockDeviceMapping.1.Ebs.VolumeSize"] == 12
 
     again = provision(config)  # the next run: both ranks found, nothing created
-    assert [(h.name, h.instance_id) for h in again] == [(first.name, first.instance_id), ("aws-0.1", new.instance_id)]
+    assert [(h.name, h.machine_id) for h in again] == [(first.name, first.machine_id), ("aws-0.1", new.machine_id)]
     assert len(wire.sent("RunInstances")) == 3
     aws.teardown(again, terminate=True)

@@ -12,16 +12,18 @@ from typing import Any
 
 import pytest
 
+from cloudsend_prefect import providers
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.flow import run_batch
 from cloudsend_prefect.loading import parse_config
 from cloudsend_prefect.planning import plan, planned
 from cloudsend_prefect.providers import aws
+from cloudsend_prefect.providers.aws import session as aws_session
 from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.specs import expand_jobs
 from tests.faults import ssh_instances, write_config
-from tests.moto_server import LOOPBACK, AwsEnv, linux_ami
+from tests.moto_server import CONNECTIONS, LOOPBACK, AwsEnv, linux_ami
 from tests.sshd import SshdHost
 
 # Each job writes where it ran, the devices it was given and when, then holds them a moment.
@@ -33,8 +35,11 @@ RECORD = (
 
 
 def _config(tmp_path: Path, instances: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> BatchConfig:
+    """The config as a run loads it: read, then checked by its providers (the aws catalog's GPU counts)."""
     path = write_config(tmp_path / "proj", {"project": "gpus", "instances": instances, "jobs": jobs})
-    return load_config(path)
+    config = load_config(path)
+    providers.validate(config)
+    return config
 
 
 def test_gpu_jobs_get_their_own_devices_and_run_only_where_gpus_are(tmp_path: Path, sshd_hosts: list[SshdHost]) -> None:
@@ -143,10 +148,11 @@ def test_aws_hosts_of_a_gpu_type_carry_its_gpus_and_boot_the_gpu_image_by_defaul
         {"type": "g5.xlarge", "img_id": ami["ImageId"], "address": LOOPBACK},  # 4 vCPUs, 1 GPU (EC2's type data)
         {"name": "cpu-only", "type": "g5.xlarge", "img_id": ami["ImageId"], "address": LOOPBACK, "gpus": 0},
     )
-    hosts = aws.provision(given, list(enumerate(given.instances)))
-    assert [(h.name, h.cpus, h.gpus) for h in hosts] == [("aws-0", 4, 1), ("cpu-only-1", 4, 0)]
+    hosts = aws.provision(given, list(enumerate(given.instances)), CONNECTIONS)
+    assert [(h.name, h.cpus, h.gpus) for h in hosts] == [("aws-0", 4, 1), ("cpu-only", 4, 0)]
     # Without img_id a GPU type boots AWS's Deep Learning Base image (NVIDIA driver, CUDA), never plain Ubuntu
     # without a driver; moto publishes no such image, which shows as a clear error.
     default = config({"type": "g5.xlarge", "address": LOOPBACK})
-    with pytest.raises(aws.AwsError, match=r"cannot find the latest Deep Learning Base GPU image in \S+: set `img_id`"):
-        aws.provision(default, list(enumerate(default.instances)))
+    missing = r"cannot find the latest Deep Learning Base GPU image in \S+: set `img_id`"
+    with pytest.raises(aws_session.AwsError, match=missing):
+        aws.provision(default, list(enumerate(default.instances)), CONNECTIONS)

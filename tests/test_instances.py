@@ -10,11 +10,11 @@ from typing import Any
 import yaml
 from typer.testing import CliRunner
 
-from cloudsend_prefect import catalog
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.loading import parse_config
 from cloudsend_prefect.providers import aws
-from tests.moto_server import LOOPBACK, REGION, AwsEnv, ec2, linux_ami
+from cloudsend_prefect.providers.aws import pricing
+from tests.moto_server import CONNECTIONS, LOOPBACK, REGION, AwsEnv, ec2, linux_ami
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def provision(tmp_path: Path, project: str, number: int) -> list[str]:
         "instances": [{"type": "t3.micro", "img_id": image, "address": LOOPBACK, "number": number}],
     }
     config = parse_config(data, source=str(tmp_path / "batch.yaml"), base_dir=tmp_path)
-    return [h.instance_id or "" for h in aws.provision(config, list(enumerate(config.instances)))]
+    return [h.machine_id or "" for h in aws.provision(config, list(enumerate(config.instances)), CONNECTIONS)]
 
 
 def states(ids: list[str]) -> dict[str, str]:
@@ -48,7 +48,7 @@ def test_instances_stop_and_start_act_on_the_project_only(tmp_path: Path, aws_en
 
     rows = listed("--project", "fleet", "--region", REGION)["instances"]
     assert sorted(row["id"] for row in rows) == sorted(ids)
-    price = catalog.on_demand_price("t3.micro")
+    price = pricing.on_demand_price("t3.micro")
     assert price is not None
     for row in rows:
         assert (row["provider"], row["state"], row["region"], row["type"]) == ("aws", "running", REGION, "t3.micro")

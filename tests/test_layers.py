@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "matrix",
             "errors",
             "hashing",
+            "naming",
             "paths",
             "buckets",
             "bundle",

@@ -11,10 +11,10 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-from cloudsend_prefect.catalog import estimate
 from cloudsend_prefect.flow import cloudsend
 from cloudsend_prefect.planning import Placement
-from cloudsend_prefect.providers.base import HostInfo
+from cloudsend_prefect.providers import HostInfo, quote
+from cloudsend_prefect.providers.costs import Estimate, estimate
 from cloudsend_prefect.reporting import (
     cost_table,
     human_duration,
@@ -36,6 +36,12 @@ T0 = 1795932603.0  # 2026-11-29 06:10:03 UTC
 
 def host(name: str, cpus: int, provider: str = "local", **kw: Any) -> HostInfo:
     return HostInfo(name=name, provider=provider, cpus=cpus, base_dir="/tmp/x", **kw)
+
+
+def priced(hosts: list[HostInfo], seconds: float) -> Estimate:
+    """What the hosts cost for ``seconds``, at their providers' offline prices."""
+    quotes, _ = quote(hosts)
+    return estimate([quotes[h.name] for h in hosts], seconds)
 
 
 def job(name: str, state: str = "done", duration: float | None = 1.0, **kw: Any) -> JobResult:
@@ -115,7 +121,7 @@ def test_jobs_table_is_readable_and_bounded_at_scale() -> None:
 
 
 def test_cpu_time_used_against_available_and_the_cost() -> None:
-    hosts = [host("laptop", 4), host("aws-0", 2, "aws", instance_type="c5.xlarge", instance_id="i-0")]
+    hosts = [host("laptop", 4), host("aws-0", 2, "aws", machine_id="i-0", provider_data={"instance_type": "c5.xlarge"})]
     jobs = [
         job("a", duration=1800, host="laptop"),
         job("b", duration=900, host="aws-0"),
@@ -135,7 +141,7 @@ def test_cpu_time_used_against_available_and_the_cost() -> None:
          "CPU time available": "4 h 0 min", "utilisation": "25.0 %"},
     ]  # fmt: skip
 
-    rows = cost_table(usage, estimate(hosts[1:], 3600))
+    rows = cost_table(usage, priced(hosts[1:], 3600))
     assert rows[0]["cost"] == "-" and rows[0]["utilisation"] == "25.0 %"  # a local host costs nothing
     assert rows[1] | {"price from": "?"} == {
         "host": "aws-0", "provider": "aws", "CPUs": 2, "CPU time used": "15 min 0 s",
@@ -143,7 +149,7 @@ def test_cpu_time_used_against_available_and_the_cost() -> None:
         "market": "on-demand", "billed hours": 1.0, "usd per hour": 0.17, "cost": "$0.1700", "price from": "?",
     }  # fmt: skip
     assert rows[-1]["cost"] == "$0.1700" and rows[-1]["utilisation"] == "20.8 %"
-    unknown = estimate([host("aws-9", 2, "aws", instance_type="z9.mega")], 3600)
+    unknown = priced([host("aws-9", 2, "aws", machine_id="i-9", provider_data={"instance_type": "z9.mega"})], 3600)
     assert cost_table(measure([], {}, hosts[1:], 3600), unknown)[-1]["cost"].endswith("unknown price not counted)")
 
 

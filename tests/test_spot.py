@@ -24,6 +24,8 @@ import pytest
 
 from cloudsend_prefect import runtime
 from cloudsend_prefect.providers import aws
+from cloudsend_prefect.providers.aws import hosts as aws_hosts
+from cloudsend_prefect.providers.aws import spot as aws_spot
 from cloudsend_prefect.runtime import FINAL_STATES
 from tests.faults import Fault, assert_done_once, counted_jobs, forget_batch, host_statuses, wait_for, write_config
 from tests.moto_server import AwsEnv
@@ -99,7 +101,7 @@ def imds(monkeypatch: pytest.MonkeyPatch) -> Iterator[Imds]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     service.url = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(aws, "IMDS", service.url)
+    monkeypatch.setattr(aws_spot, "IMDS", service.url)
     try:
         yield service
     finally:
@@ -115,8 +117,10 @@ def test_only_spot_instances_have_their_notices_read(
 ) -> None:
     config = make_config(tmp_path, "notices", [instance(ami, eco=True), instance(ami)])
     spot, on_demand = provision(config)
-    assert (spot.spot, spot.imds) == (True, imds.url)
-    assert (on_demand.spot, on_demand.imds) == (False, None)
+    spot_data, on_demand_data = aws_hosts.aws_data(spot), aws_hosts.aws_data(on_demand)
+    assert (spot_data.spot, spot_data.imds) == (True, imds.url)
+    assert (on_demand_data.spot, on_demand_data.imds) == (False, None)
+    assert aws.upkeep(spot).notices == imds.url and aws.upkeep(on_demand).notices is None
     aws.teardown([spot, on_demand], terminate=True)
 
 
@@ -139,7 +143,7 @@ def test_a_spot_notice_moves_the_hosts_jobs_to_the_other_at_once(
     )
     aws_env.resolver.slots.update({"0.0": 0, "0.1": 1})
     monkeypatch.setattr(runtime, "SPOT_CHECK", 0.5)  # read every 0.5 s (5 s by default): a shorter test
-    jobs_dirs = {f"aws-0.{i}": sshd_hosts[i].home / aws.REMOTE_DIR / "jobs" / project for i in range(2)}
+    jobs_dirs = {f"aws-0.{i}": sshd_hosts[i].home / aws_hosts.REMOTE_DIR / "jobs" / project for i in range(2)}
     at_notice: dict[str, dict[str, Any]] = {}
 
     def first_wave_running() -> bool:
@@ -160,7 +164,7 @@ def test_a_spot_notice_moves_the_hosts_jobs_to_the_other_at_once(
 
     def cleanup() -> None:
         for host in sshd_hosts[:2]:
-            forget_batch(host.home / aws.REMOTE_DIR, project)
+            forget_batch(host.home / aws_hosts.REMOTE_DIR, project)
 
     summary = run_with_fault(config, results, Fault(announce), cleanup)
     assert_done_once(summary, counters, results / project, 12)

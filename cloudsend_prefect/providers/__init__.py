@@ -1,16 +1,50 @@
-"""Providers: ``local`` (this machine), ``ssh`` (existing hosts), ``aws`` (EC2). See ``base`` for the interface."""
+"""Providers: ``local`` (this machine), ``ssh`` (existing hosts), ``aws`` (EC2). See ``base`` for the interface.
+
+Each function here routes one request to the provider of each instance type (or host) and gathers the answers,
+so that nothing above this layer names a provider or reads what a provider keeps of its hosts.
+"""
 
 from __future__ import annotations
 
 import importlib
-import threading
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args
 
 from cloudsend_prefect.config import BatchConfig, InstanceType
-from cloudsend_prefect.providers.base import HostHealth, HostInfo, Provider
-from cloudsend_prefect.transport import Transport
+from cloudsend_prefect.config import Provider as ProviderName
+from cloudsend_prefect.errors import ConfigError
+from cloudsend_prefect.providers.base import Provider
+from cloudsend_prefect.providers.connections import Connections
+from cloudsend_prefect.providers.costs import Estimate, Quote, estimate
+from cloudsend_prefect.providers.models import HostHealth, HostInfo, PlannedHost, Upkeep
 
-__all__ = ["HostHealth", "HostInfo", "Provider", "connect", "disconnect", "get_provider", "provision_all", "release"]
+__all__ = [
+    "Connections",
+    "HostHealth",
+    "HostInfo",
+    "PlannedHost",
+    "Provider",
+    "Upkeep",
+    "cost_report",
+    "creates_hosts",
+    "down",
+    "get_provider",
+    "kept_hint",
+    "machines",
+    "places",
+    "plan",
+    "project_providers",
+    "provider_of",
+    "provision_all",
+    "quote",
+    "release",
+    "replace",
+    "set_running",
+    "status",
+    "upkeep",
+    "validate",
+]
 
 
 def get_provider(name: str) -> Provider:
@@ -19,74 +53,151 @@ def get_provider(name: str) -> Provider:
     return module
 
 
-def provision_all(config: BatchConfig, *, create: bool = True) -> list[HostInfo]:
+def provider_of(config: BatchConfig, inst: InstanceType) -> str:
+    """The provider of an instance type: its own, else the config's."""
+    return inst.provider or config.provider
+
+
+def validate(config: BatchConfig) -> None:
+    """The checks only providers can make of a loaded config, run where the batch is loaded, before anything is
+    created: each instance type's own (aws: a type, a known address kind), then that every job fits an instance
+    as its provider knows it offline (aws: the catalog's GPU count).
+
+    Raises:
+        ConfigError: ``<source>: instances[<i>].<field>: ...`` or ``<source>: jobs[<i>]...: fit no instance``.
+    """
+    try:
+        for index, inst in enumerate(config.instances):
+            get_provider(provider_of(config, inst)).validate(config, index, inst)
+        config.check_fit([get_provider(provider_of(config, inst)).shape(config, inst) for inst in config.instances])
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def plan(config: BatchConfig) -> list[PlannedHost]:
+    """The hosts the config asks for, named as their provider will name them, without creating or contacting
+    any (aws: ``number`` copies, split by ``explode``, with the catalog's vCPUs instead of EC2's)."""
+    return [
+        host
+        for index, inst in enumerate(config.instances)
+        for host in get_provider(provider_of(config, inst)).plan(config, index, inst)
+    ]
+
+
+def provision_all(config: BatchConfig, connections: Connections, *, create: bool = True) -> list[HostInfo]:
     """Hosts of every instance type; if one provider fails, what the others provided is released first."""
     by_provider: dict[str, list[tuple[int, InstanceType]]] = defaultdict(list)
     for index, inst in enumerate(config.instances):
-        by_provider[inst.provider or config.provider].append((index, inst))
+        by_provider[provider_of(config, inst)].append((index, inst))
     hosts: list[HostInfo] = []
     try:
         for name, insts in by_provider.items():
-            hosts += get_provider(name).provision(config, insts, create=create)
+            hosts += get_provider(name).provision(config, insts, connections, create=create)
     except BaseException:
         if create and hosts:
-            release(config, hosts)
+            release(config, hosts, connections)
         raise
     return hosts
 
 
-def release(config: BatchConfig, hosts: list[HostInfo]) -> list[HostInfo]:
-    """Apply ``auto_stop`` to the hosts and drop their connections; returns the billed hosts kept running."""
+def release(config: BatchConfig, hosts: list[HostInfo], connections: Connections) -> list[HostInfo]:
+    """Apply ``auto_stop`` to the hosts and close their connections; returns the billed hosts kept running."""
     try:
         if not config.auto_stop:
-            return [h for h in hosts if h.instance_id]
+            return [h for h in hosts if h.billed]
         for name in sorted({h.provider for h in hosts}):
             mine = [h for h in hosts if h.provider == name]
             get_provider(name).teardown(mine, terminate=config.auto_stop == "terminate")
         return []
     finally:
-        disconnect(hosts)
+        connections.close(hosts)
 
 
-_transports: dict[tuple[str, str | None, int, str | None, str | None], Transport] = {}
-_lock = threading.Lock()
+def status(host: HostInfo, connections: Connections) -> HostHealth:
+    """The host's state from its provider's own evidence (the cloud API, reachability)."""
+    return get_provider(host.provider).status([host], connections).get(host.name, "unknown")
 
 
-def connect(host: HostInfo) -> Transport:
-    """The process-wide transport of a host: one connection per host, shared by every task thread."""
-    key = _key(host)
-    with _lock:
-        transport = _transports.get(key)
-        if transport is None:
-            if host.provider == "local":
-                from cloudsend_prefect.transport.local import LocalTransport
-
-                transport = LocalTransport(host.name, host.pass_env)
-            else:
-                from cloudsend_prefect.transport.ssh import SSHTransport
-
-                transport = SSHTransport(
-                    host.address or "127.0.0.1",
-                    port=host.port,
-                    user=host.user,
-                    key_file=host.key_file,
-                    name=host.name,
-                    known_hosts=host.known_hosts,
-                    host_key=host.host_key,
-                    accept_new_host_key=host.accept_new_host_key,
-                )
-            _transports[key] = transport
-        return transport
+def creates_hosts(provider: str) -> bool:
+    """Whether the provider makes (and bills) machines, so it can replace, stop, start and remove them."""
+    return get_provider(provider).CREATES_HOSTS
 
 
-def _key(host: HostInfo) -> tuple[str, str | None, int, str | None, str | None]:
-    """A host's connection is reused only for the same name, address, port, user and key."""
-    return (host.name, host.address, host.port, host.user, host.key_file)
+def replace(config: BatchConfig, lost: HostInfo, name: str, connections: Connections) -> HostInfo:
+    """A new host ``name`` in place of a lost one, by the provider that made it (see ``creates_hosts``)."""
+    return get_provider(lost.provider).replace(config, lost, name, connections)
 
 
-def disconnect(hosts: list[HostInfo]) -> None:
-    with _lock:
-        for host in hosts:
-            transport = _transports.pop(_key(host), None)
-            if transport is not None:
-                transport.close()
+def upkeep(host: HostInfo) -> Upkeep:
+    """What the host runtime does for the host beside running jobs (dead-man switch, interruption notices)."""
+    return get_provider(host.provider).upkeep(host)
+
+
+def kept_hint(config: BatchConfig, hosts: list[HostInfo]) -> str:
+    """How the user removes hosts kept running after the batch (``auto_stop: false``), provider by provider."""
+    hints = [
+        get_provider(name).kept_hint(config, [h for h in hosts if h.provider == name])
+        for name in sorted({h.provider for h in hosts})
+    ]
+    return "; ".join(hint for hint in hints if hint)
+
+
+def quote(hosts: Sequence[HostInfo | PlannedHost], *, live: bool = False) -> tuple[dict[str, Quote], list[str]]:
+    """Each host's price by name (its provider's), and the providers' notes on them; the cloud is asked for
+    current prices only when ``live``."""
+    quotes: dict[str, Quote] = {}
+    notes: list[str] = []
+    for name in dict.fromkeys(h.provider for h in hosts):
+        found, said = get_provider(name).quote([h for h in hosts if h.provider == name], live=live)
+        quotes |= found
+        notes += said
+    return quotes, notes
+
+
+def cost_report(hosts: Sequence[HostInfo], seconds: float | Mapping[str, float]) -> Estimate | None:
+    """The flow's end-of-batch report: what the batch's billed hosts cost while the batch had them up.
+
+    ``seconds``: how long each host was up for the batch, by name (or one figure for all): from provisioning
+    (a replacement: from its launch) to its stop, early or at teardown; an upper bound, as a cloud starts
+    billing once a machine runs. Spot hosts are priced at the cloud's current price when it answers, else at
+    the on-demand price. None when no host is billed.
+    """
+    billed = [h for h in hosts if h.billed]
+    if not billed:
+        return None
+    quotes, _ = quote(billed, live=True)
+    return estimate([quotes[h.name] for h in billed], seconds)
+
+
+def project_providers(config: BatchConfig, *, from_file: bool) -> list[str]:
+    """The providers a project's fleet commands ask: a config file's own; a bare project name (no file) may
+    have machines with every provider that creates them."""
+    if from_file:
+        return list(dict.fromkeys(provider_of(config, inst) for inst in config.instances))
+    return [name for name in get_args(ProviderName) if creates_hosts(name)]
+
+
+def places(config: BatchConfig, providers: list[str], asked: list[str] | None) -> list[str | None]:
+    """Where the providers look for the project's machines (aws: regions), ``asked`` else the config's."""
+    return list(dict.fromkeys(p for name in providers for p in get_provider(name).places(config, asked)))
+
+
+def machines(config: BatchConfig, providers: list[str], asked: list[str] | None) -> list[dict[str, Any]]:
+    """The project's machines on these providers, as ``cloudsend instances`` lists them."""
+    return [row for name in providers for row in get_provider(name).machines(config, asked)]
+
+
+def set_running(
+    config: BatchConfig, providers: list[str], asked: list[str] | None, *, running: bool, ids: list[str] | None
+) -> list[str]:
+    """Start (``running``) or stop the project's machines on these providers; the ids asked to change."""
+    return [
+        changed
+        for name in providers
+        for changed in get_provider(name).set_running(config, asked, running=running, ids=ids)
+    ]
+
+
+def down(config: BatchConfig, providers: list[str], asked: list[str] | None) -> list[str]:
+    """Remove everything the project created with these providers; what was removed."""
+    return [removed for name in providers for removed in get_provider(name).down(config, asked)]

@@ -1,71 +1,95 @@
-"""The provider interface: turn instance types into reachable hosts, report on them, remove them.
+"""The provider interface: what every provider module (``local``, ``ssh``, ``aws``) exposes. ``providers/__init__.py``
+routes each call to the provider of each instance type or host; the models crossing the interface are in
+``providers.models``.
 
-A provider module (``local``, ``ssh``, ``aws``) exposes three functions and nothing else; cloud SDKs are
-imported inside them so that using one provider never imports another's dependencies.
+A provider module exposes the functions of ``Provider`` and nothing else; cloud SDKs are imported inside them,
+so that using one provider never imports another's dependencies. What only a provider reads of a host (aws:
+region, credentials, market) is kept in the host's ``provider_data``, opaque to the rest of the package.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
-
-from pydantic import BaseModel, Field
+from typing import Any, Protocol
 
 from cloudsend_prefect.config import BatchConfig, InstanceType
+from cloudsend_prefect.providers.connections import Connections
+from cloudsend_prefect.providers.costs import Quote
+from cloudsend_prefect.providers.models import HostHealth, HostInfo, PlannedHost, Upkeep
 
-HostHealth = Literal["running", "stopped", "terminated", "unreachable", "unknown"]
-
-
-class HostInfo(BaseModel):
-    """Everything needed to reach one host and run jobs on it (serialisable: it is a task result)."""
-
-    name: str
-    provider: str
-    cpus: int = Field(ge=1)
-    gpus: int = Field(0, ge=0, description="GPUs jobs are packed into; a job sees its own in CUDA_VISIBLE_DEVICES.")
-    base_dir: str = Field(description="Where the host runtime keeps files on the host (absolute or ~-relative).")
-    address: str | None = None
-    port: int = 22
-    user: str | None = None
-    key_file: str | None = None
-    host_key: str | None = None
-    known_hosts: str | None = None
-    accept_new_host_key: bool = False
-    instance_id: str | None = None
-    region: str | None = None
-    aws_credentials: str | None = Field(None, description="AwsCredentials block name the instance was made with.")
-    aws_profile: str | None = None
-    instance_type: str | None = None
-    spot: bool = False
-    idle_seconds: int | None = Field(
-        None, description="aws: the instance's dead-man switch limit, re-armed by the batch's client as it connects."
-    )
-    imds: str | None = Field(
-        None, description="aws spot: the instance's metadata service, where EC2 announces an interruption."
-    )
-    created: bool = Field(False, description="This run created the host, so teardown may remove it.")
-    pass_env: list[str] = Field(
-        default_factory=list, description="local: the client's variables (names, patterns) its jobs also get."
-    )
-
-
-def host_names(inst: InstanceType, index: int, provider: str) -> list[str]:
-    """Stable names of the ``number`` hosts of the instance type at ``index`` in the config."""
-    stem = inst.name or f"{provider}-{index}"
-    return [stem] if inst.number == 1 else [f"{stem}.{copy}" for copy in range(inst.number)]
+__all__ = ["HostHealth", "HostInfo", "PlannedHost", "Provider", "Upkeep"]
 
 
 class Provider(Protocol):
+    """A provider module. ``connections`` is the run's pool of host connections (``Connections``)."""
+
+    CREATES_HOSTS: bool  # it makes (and bills) machines: it can replace, stop, start and remove them
+
+    def validate(self, config: BatchConfig, index: int, inst: InstanceType) -> None:
+        """Raise ``ValueError`` (``instances[<index>].<field>: ...``) for what the provider would only find out
+        after creating something."""
+        ...
+
+    def shape(self, config: BatchConfig, inst: InstanceType) -> tuple[int, int]:
+        """CPUs and GPUs of one instance of this type as known offline, which jobs are checked against when the
+        batch is loaded (unknown: more than any job asks; checked again at provisioning)."""
+        ...
+
+    def plan(self, config: BatchConfig, index: int, inst: InstanceType) -> list[PlannedHost]:
+        """The hosts an instance type will give, named as ``provision`` names them, without creating or
+        contacting anything."""
+        ...
+
     def provision(
-        self, config: BatchConfig, instances: list[tuple[int, InstanceType]], *, create: bool = True
+        self,
+        config: BatchConfig,
+        instances: list[tuple[int, InstanceType]],
+        connections: Connections,
+        *,
+        create: bool = True,
     ) -> list[HostInfo]:
         """Hosts for these instance types (with their index in the config, which names them), reusing existing
         ones; with ``create=False`` only the existing ones, creating nothing."""
         ...
 
-    def status(self, hosts: list[HostInfo]) -> dict[str, HostHealth]:
+    def status(self, hosts: list[HostInfo], connections: Connections) -> dict[str, HostHealth]:
         """Each host's state by name, from the provider's own evidence (cloud API, reachability)."""
         ...
 
     def teardown(self, hosts: list[HostInfo], *, terminate: bool = False) -> None:
         """Stop (or terminate) the hosts this provider created; leave users' own machines alone."""
+        ...
+
+    def replace(self, config: BatchConfig, lost: HostInfo, name: str, connections: Connections) -> HostInfo:
+        """A new host ``name`` in place of a lost one (only when ``CREATES_HOSTS``)."""
+        ...
+
+    def quote(self, hosts: list[Any], *, live: bool) -> tuple[dict[str, Quote], list[str]]:
+        """Each host's (``HostInfo`` or ``PlannedHost``) price by name, and notes on them for the user; asking
+        the cloud for current prices only when ``live``."""
+        ...
+
+    def upkeep(self, host: HostInfo) -> Upkeep:
+        """What the host runtime must do for the host beside running jobs."""
+        ...
+
+    def places(self, config: BatchConfig, asked: list[str] | None) -> list[str | None]:
+        """Where a project's machines are looked for (aws: regions): ``asked``, else the config's."""
+        ...
+
+    def machines(self, config: BatchConfig, asked: list[str] | None) -> list[dict[str, Any]]:
+        """The project's machines as ``cloudsend instances`` lists them (JSON-ready rows)."""
+        ...
+
+    def set_running(
+        self, config: BatchConfig, asked: list[str] | None, *, running: bool, ids: list[str] | None
+    ) -> list[str]:
+        """Start (``running``) or stop the project's machines (all, or only ``ids``); the ids asked to change."""
+        ...
+
+    def down(self, config: BatchConfig, asked: list[str] | None) -> list[str]:
+        """Remove everything the project created with this provider; what was removed."""
+        ...
+
+    def kept_hint(self, config: BatchConfig, hosts: list[HostInfo]) -> str:
+        """How the user removes hosts kept running (``auto_stop: false``)."""
         ...

@@ -22,7 +22,7 @@ from typing import Literal
 import uv
 from pydantic import BaseModel
 
-from cloudsend_prefect.providers import HostInfo, connect
+from cloudsend_prefect.providers import Connections, HostInfo, upkeep
 from cloudsend_prefect.specs import DEFAULT_MAX_OUTPUT_BYTES, EnvSpec, FileSpec, JobSpec
 from cloudsend_prefect.transport import CommandResult, Transport
 
@@ -100,11 +100,14 @@ class HostRuntime:
         self._sizes: dict[str, int] = {}
 
     @classmethod
-    def for_host(cls, info: HostInfo) -> HostRuntime:
+    def for_host(cls, info: HostInfo, connections: Connections) -> HostRuntime:
         """The runtime of a batch's host, as its provider describes it: a cloud instance's dead-man switch is
         re-armed at each install, and a spot instance's interruption notice read every ``SPOT_CHECK`` seconds
-        of ticks. (Someone merely looking at a host, as ``cloudsend status`` does, makes a plain one.)"""
-        return cls(connect(info), info.base_dir, info.cpus, info.gpus, idle=info.idle_seconds, imds=info.imds)
+        of ticks. (Someone merely looking at a host, as ``cloudsend status`` does, makes a plain one.) Its
+        connection is the run's, from ``connections``."""
+        care = upkeep(info)
+        transport = connections.get(info)
+        return cls(transport, info.base_dir, info.cpus, info.gpus, idle=care.idle_seconds, imds=care.notices)
 
     def _q(self, path: str) -> str:
         return shlex.quote(path) if not path.startswith("~/") else "~/" + shlex.quote(path[2:])
