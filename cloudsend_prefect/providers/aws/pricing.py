@@ -108,11 +108,19 @@ class Priced(Protocol):
     """What pricing needs of a host: a provisioned ``HostInfo`` or a ``PlannedHost``."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The host's name: quotes are keyed by it."""
+        ...
+
     @property
-    def machine_id(self) -> str | None: ...
+    def machine_id(self) -> str | None:
+        """The instance's id once it exists (``None`` for a planned host)."""
+        ...
+
     @property
-    def provider_data(self) -> dict[str, Any]: ...
+    def provider_data(self) -> dict[str, Any]:
+        """The aws facts pricing reads: type, region, spot, ``max_bid``."""
+        ...
 
 
 def quote(hosts: Sequence[Priced], *, live: bool) -> tuple[dict[str, Quote], list[str]]:
