@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cloudsend_prefect.planning import can_host
+from cloudsend_prefect.protocol import RERUN_ANY, RERUN_FAILED, JobStatus
 from cloudsend_prefect.providers import HostInfo, get_provider
-from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime, JobStatus
+from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import JobSpec
 
 log = logging.getLogger("cloudsend.dispatch")

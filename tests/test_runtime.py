@@ -7,7 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime
+from cloudsend_prefect.protocol import RERUN_ANY, RERUN_FAILED
+from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import EnvSpec
 from cloudsend_prefect.transport.local import LocalTransport
 from tests.host_runtime import job, wait_final
