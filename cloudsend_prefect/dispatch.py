@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cloudsend_prefect.planning import can_host
+from cloudsend_prefect.placement import Amount, can_host, fits
 from cloudsend_prefect.protocol import RERUN_ANY, RERUN_FAILED, JobStatus
 from cloudsend_prefect.providers import HostInfo, get_provider
 from cloudsend_prefect.runtime import HostRuntime
@@ -261,12 +261,11 @@ class Dispatcher:
         return ticket.host, ticket.status
 
     def _fits(self, state: _HostState, ticket: _Ticket) -> bool:
+        """Whether the job may be taken by this host now: one it can run, that fits its window (its CPUs plus
+        a prefetch, and twice its GPUs) beside what it holds."""
         job = ticket.job
-        if job.gpus and (
-            not can_host(state.info.gpus, job.gpus) or state.gpus_committed + job.gpus > 2 * state.info.gpus
-        ):
-            return False
-        return state.committed + job.cpus <= state.window or state.committed == 0
+        window = Amount(state.window, 2 * state.info.gpus)
+        return can_host(state.info, job) and fits(job, Amount(state.committed, state.gpus_committed), window)
 
     def _can_take(self, state: _HostState) -> bool:
         """Whether a waiting job fits this host's window now (the caller holds the condition)."""

@@ -5,12 +5,12 @@ Nothing is started."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from pydantic import BaseModel
 
 from cloudsend_prefect.catalog import instance_info
 from cloudsend_prefect.config import BatchConfig, InstanceType
+from cloudsend_prefect.placement import Amount, Slots, can_host, fits
 from cloudsend_prefect.providers.base import host_names
 from cloudsend_prefect.specs import JobSpec
 
@@ -87,23 +87,6 @@ def planned_hosts(config: BatchConfig) -> dict[str, int]:
     return {host.name: host.cpus for host in planned(config)}
 
 
-class Slots(Protocol):
-    """A host as placement sees it (a planned host, or a provisioned one)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def cpus(self) -> int: ...
-    @property
-    def gpus(self) -> int: ...
-
-
-def can_host(host_gpus: int, job_gpus: int) -> bool:
-    """Whether a host can ever run a job: CPUs never stop one (a job bigger than the host runs there alone),
-    GPUs do (a job gets the GPUs it asks for to itself, or does not run there)."""
-    return job_gpus <= host_gpus
-
-
 def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
     """Simulate jobs in order, each on the host where its CPUs and GPUs free up first, among those with as many
     GPUs as it needs. Starts never go back in time (like the hosts' queues, served in order), except that a job
@@ -116,7 +99,7 @@ def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
         start, name = min(
             (_earliest([r for r in running[h.name] if r[0] > now], h, job, now), h.name)
             for h in hosts
-            if can_host(h.gpus, job.gpus)
+            if can_host(h, job)
         )
         floor[job.gpus > 0] = start
         oldest = min(floor.values())
@@ -129,14 +112,13 @@ def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
 
 
 def _earliest(running: list[tuple[float, int, int]], host: Slots, job: JobSpec, now: float) -> float:
-    """When the job's CPUs and GPUs are free on a host (a job with more CPUs than the host waits until it
-    is empty)."""
-    cpus = host.cpus - sum(c for _, c, _ in running)
-    gpus = host.gpus - sum(g for _, _, g in running)
+    """When the job fits the host (``placement.fits``), as its running jobs end."""
+    cpus = sum(c for _, c, _ in running)
+    gpus = sum(g for _, _, g in running)
     at = now
     for end, used, held in sorted(running):
-        if cpus >= min(job.cpus, host.cpus) and (not job.gpus or gpus >= job.gpus):
+        if fits(job, Amount(cpus, gpus), host):
             break
-        cpus, gpus = cpus + used, gpus + held
+        cpus, gpus = cpus - used, gpus - held
         at = max(now, end)
     return at

@@ -226,7 +226,8 @@ write_status() {
     [ "$ws_to" = "$1/status" ] || mv -f "$1/status.tmp" "$1/status"
 }
 
-# Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone.
+# Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone (the rules of
+# cloudsend_prefect/placement.py; tests/test_host_sh.py checks this pass against them).
 #
 # Any process may ask for a dispatch (a job ended, jobs were staged, an environment got ready) and none
 # waits for another's: it raises the flag BASE/dispatch.wanted, then runs dispatch passes while it can take
@@ -345,7 +346,9 @@ dispatch_pass() {
                 ;;
             esac
         fi
-        if [ $((used + c)) -le "$cap" ] || [ "$used" -eq 0 ]; then
+        claim=$c # placement.py's rule: a job asking more CPUs than the host claims all of them (and runs alone)
+        [ "$c" -gt "$cap" ] && claim=$cap
+        if [ $((used + claim)) -le "$cap" ]; then
             devs=-
             if [ "$g" -gt 0 ]; then
                 free_gpus "$g" || continue # its GPUs are busy: a later job may fit
