@@ -30,16 +30,21 @@ from cloudsend_prefect.specs import JobSpec
 JobState = Literal["queued", "waiting", "running", "done", "failed", "aborted"]
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 FINAL_STATES: tuple[JobState, ...] = ("done", "failed", "aborted")  # a record in these never changes again
-UNSUCCESSFUL: tuple[JobState, ...] = ("failed", "aborted")  # ended other than done: a retry may replace it
 
 # Why a job ended, where the client acts on it: ``fenced``, not started because its batch's lease expired (the
 # client queues it again); ``cancelled`` on the host (its task ends Cancelled, never retried); ``environment``,
 # its environment failed to build (the build's log is shown).
 Cause = Literal["fenced", "cancelled", "environment"]
 CAUSES: tuple[Cause, ...] = get_args(Cause)
+FENCED: Cause = "fenced"
+CANCELLED: Cause = "cancelled"
+ENV_FAILED: Cause = "environment"
 
 EnvState = Literal["absent", "building", "ready", "failed"]  # absent: no state file (never asked for)
 ENV_STATES: tuple[EnvState, ...] = get_args(EnvState)
+BUILDING: EnvState = "building"
+READY: EnvState = "ready"
+BUILD_FAILED: EnvState = "failed"
 NEEDS_UV = "needs-uv"  # ``host.sh env``'s answer when the build needs Python tools the host lacks
 NO_UV = "nouv"  # ``host.sh env KEY nouv``: build without them (the client could not send its uv)
 
@@ -73,8 +78,8 @@ LOG_FLAGS = {STDOUT: "o", STDERR: "e"}  # JobStatus.logs: which logs held someth
 
 def _shell_names() -> dict[str, str]:
     names: dict[str, str] = {f"S_{state.upper()}": state for state in JOB_STATES}
-    names |= {"C_FENCED": "fenced", "C_CANCELLED": "cancelled", "C_ENV": "environment"}
-    names |= {"E_BUILDING": "building", "E_READY": "ready", "E_FAILED": "failed", "NEEDS_UV": NEEDS_UV, "NO_UV": NO_UV}
+    names |= {"C_FENCED": FENCED, "C_CANCELLED": CANCELLED, "C_ENV": ENV_FAILED}
+    names |= {"E_BUILDING": BUILDING, "E_READY": READY, "E_FAILED": BUILD_FAILED, "NEEDS_UV": NEEDS_UV, "NO_UV": NO_UV}
     names |= {"D_FILES": FILES, "D_INCOMING": INCOMING, "D_ENVS": ENVS, "D_JOBS": JOBS, "D_QUEUE": QUEUE}
     names |= {"D_RUNNING": RUNNING, "D_LEASES": LEASES, "D_TOOLS": TOOLS, "D_BIN": BIN, "F_CONTACT": CONTACT}
     names |= {"RERUN_ANY": str(RERUN_ANY), "RUN_SEP": RUN_SEP}
@@ -127,17 +132,17 @@ class JobStatus(BaseModel):
     @property
     def fenced(self) -> bool:
         """Not started because its batch's lease expired: not the job's doing; it can be queued again."""
-        return self.state == "aborted" and self.cause == "fenced"
+        return self.state == "aborted" and self.cause == FENCED
 
     @property
     def cancelled(self) -> bool:
         """Cancelled on its host (queued or running), by the batch's cancellation or ``cloudsend cancel``."""
-        return self.state == "aborted" and self.cause == "cancelled"
+        return self.state == "aborted" and self.cause == CANCELLED
 
     @property
     def env_failed(self) -> bool:
         """Not started because its environment failed to build: the build's log says why."""
-        return self.state == "aborted" and self.cause == "environment"
+        return self.state == "aborted" and self.cause == ENV_FAILED
 
     @property
     def duration(self) -> float | None:

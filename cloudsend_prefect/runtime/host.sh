@@ -19,8 +19,9 @@
 # A job's record (jobs/<batch>/<key>/status) is one JSON line, the JobStatus of cloudsend_prefect/protocol.py:
 # {"key","state","pid","start","end","exit","logs","cause","reason"}, every string escaped by json_str.
 #
-# Layout under BASE (its names, the states and the causes come from protocol.py: the <protocol> block below): files/<sha256> (uploads by content), envs/<key>/ (one per environment hash), tools/ (what
-# environment builds share: rattler, the conda package cache, a Julia the runtime installed), bin/ (this script),
+# Layout under BASE (its names, like the states and causes, come from protocol.py: the <protocol> block below):
+# files/<sha256> (uploads by content), envs/<key>/ (one per environment hash), tools/ (what environment builds
+# share: rattler, the conda package cache, a Julia the runtime installed), bin/ (this script),
 # jobs/<batch>/<key>/ (the runtime's record of a job: cmd.sh, status, pid, stdout, stderr, outputs...) and
 # jobs/<batch>/<key>/work/ (the job's working directory: private copies of its uploads, and what it writes;
 # nothing of the runtime's), queue/ and running/ (host-wide CPU and GPU accounting shared by all batches: a
@@ -30,7 +31,7 @@
 # Fencing: a queued job starts only while its batch's lease runs. The client renews it at every poll, for
 # less time than it waits before declaring a silent host lost, so a host that is cut off, or that comes back
 # after being declared lost (its jobs handed to other hosts), starts none of its queued jobs: they end
-# aborted with FENCED as their reason. A job already running goes on to its end.
+# aborted with FENCED as their reason and fenced as their cause. A job already running goes on to its end.
 #
 # Everything here is private to the login user (umask 077); jobs inherit that umask.
 #
