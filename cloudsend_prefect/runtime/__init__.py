@@ -91,9 +91,9 @@ class HostRuntime:
 
     def install(self) -> None:
         """Ship this version of host.sh unless the host already has it (one round trip when it does)."""
-        base = self._q(self.base)
+        base, script = self._q(self.base), self._q(self.script)
         check = self.transport.run(  # the base is private to the login user, whoever made it
-            f"umask 077 && mkdir -p {base}/bin && chmod 700 {base} && test -f {self._q(self.script)} && echo present"
+            f"umask 077 && mkdir -p {base}/{protocol.BIN} && chmod 700 {base} && test -f {script} && echo present"
         )
         if "present" in check.stdout:
             self.arm()
