@@ -265,7 +265,7 @@ class Dispatcher:
         a prefetch, and twice its GPUs) beside what it holds."""
         job = ticket.job
         window = Amount(state.window, 2 * state.info.gpus)
-        return can_host(state.info, job) and fits(job, Amount(state.committed, state.gpus_committed), window)
+        return can_host(state.info, job) and fits(job, window, state.committed, state.gpus_committed)
 
     def _can_take(self, state: _HostState) -> bool:
         """Whether a waiting job fits this host's window now (the caller holds the condition)."""

@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 
 class Needs(Protocol):
-    """CPUs and GPUs: what a job asks for, what a host has, or what is in use on it."""
+    """CPUs and GPUs: what a job asks for, or what a host has."""
 
     @property
     def cpus(self) -> int: ...
@@ -36,7 +36,7 @@ class Slots(Needs, Protocol):
 
 
 class Amount(NamedTuple):
-    """CPUs and GPUs counted together: in use on a host, or its capacity."""
+    """CPUs and GPUs counted together: a host's capacity, or a window of it."""
 
     cpus: int
     gpus: int
@@ -58,17 +58,18 @@ def claim(cpus: int, capacity: int) -> int:
     return min(cpus, capacity)
 
 
-def fits(job: Needs, used: Needs, capacity: Needs) -> bool:
+def fits(job: Needs, capacity: Needs, used_cpus: int, used_gpus: int) -> bool:
     """Whether the job starts now: its claim fits the CPUs not in use, and its GPUs (if any) those not in use.
 
-    A job bigger than the host fits only when nothing is in use. ``capacity`` is the host's, or a window of
-    it (the dispatcher keeps more jobs queued on a host than it has CPUs).
+    A job bigger than the host fits only when nothing is in use.
 
     Args:
         job: what the job asks for.
-        used: what the host's running (or committed) jobs hold.
-        capacity: what the host (or its window) holds at most.
+        capacity: what the host holds at most, or a window of it (the dispatcher keeps more jobs queued on a
+            host than it has CPUs).
+        used_cpus: the CPUs its running (or committed) jobs hold.
+        used_gpus: and their GPUs.
     """
-    if used.cpus + claim(job.cpus, capacity.cpus) > capacity.cpus:
+    if used_cpus + claim(job.cpus, capacity.cpus) > capacity.cpus:
         return False
-    return job.gpus == 0 or used.gpus + job.gpus <= capacity.gpus
+    return job.gpus == 0 or used_gpus + job.gpus <= capacity.gpus

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from cloudsend_prefect.catalog import instance_info
 from cloudsend_prefect.config import BatchConfig, InstanceType
-from cloudsend_prefect.placement import Amount, Slots, can_host, fits
+from cloudsend_prefect.placement import Slots, can_host, fits
 from cloudsend_prefect.providers.base import host_names
 from cloudsend_prefect.specs import JobSpec
 
@@ -113,12 +113,13 @@ def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
 
 def _earliest(running: list[tuple[float, int, int]], host: Slots, job: JobSpec, now: float) -> float:
     """When the job fits the host (``placement.fits``), as its running jobs end."""
-    cpus = sum(c for _, c, _ in running)
-    gpus = sum(g for _, _, g in running)
+    busy_cpus = busy_gpus = 0
+    for _, used, held in running:
+        busy_cpus, busy_gpus = busy_cpus + used, busy_gpus + held
     at = now
     for end, used, held in sorted(running):
-        if fits(job, Amount(cpus, gpus), host):
+        if fits(job, host, busy_cpus, busy_gpus):
             break
-        cpus, gpus = cpus - used, gpus - held
+        busy_cpus, busy_gpus = busy_cpus - used, busy_gpus - held
         at = max(now, end)
     return at

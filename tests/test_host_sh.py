@@ -305,7 +305,7 @@ def test_the_host_starts_a_job_exactly_when_placement_says_it_fits(
         devices = ",".join(str(i) for i in range(used_gpus)) or "-"
         (tmp_path / protocol.RUNNING / f"b{protocol.RUN_SEP}busy").write_text(f"{used_cpus} {devices}\n")
     _queue(tmp_path, "job", cpus, gpus, 1)
-    expected = fits(Amount(cpus, gpus), Amount(used_cpus, used_gpus), Amount(4, 2))
+    expected = fits(Amount(cpus, gpus), Amount(4, 2), used_cpus, used_gpus)
     assert _pass(tmp_path) == (["job"] if expected else [])
     if expected:
         entry = (tmp_path / protocol.RUNNING / f"b{protocol.RUN_SEP}job").read_text().split()
