@@ -260,25 +260,29 @@ class Dispatcher:
             raise RuntimeError(f"{ticket.job.name}: the batch stopped before the job was placed on a host")
         return ticket.host, ticket.status
 
-    def _fits(self, state: _HostState, ticket: _Ticket) -> bool:
-        """Whether the job may be taken by this host now: one it can run, that fits its window (its CPUs plus
-        a prefetch, and twice its GPUs) beside what it holds."""
-        job = ticket.job
-        window = Amount(state.window, 2 * state.info.gpus)
+    def _fits(self, state: _HostState, job: JobSpec, window: Amount) -> bool:
+        """Whether the job may be taken by this host now: one it can run, that fits its ``window`` (its CPUs
+        plus a prefetch, and twice its GPUs) beside what it holds."""
         return can_host(state.info, job) and fits(job, window, state.committed, state.gpus_committed)
+
+    def _window(self, state: _HostState) -> Amount:
+        """What the host may hold queued and running at once: ``state.window`` CPUs and twice its GPUs."""
+        return Amount(state.window, 2 * state.info.gpus)
 
     def _can_take(self, state: _HostState) -> bool:
         """Whether a waiting job fits this host's window now (the caller holds the condition)."""
         if state.committed >= state.window:
             return False
-        return any(self._fits(state, ticket) for ticket in self._pending)
+        window = self._window(state)
+        return any(self._fits(state, ticket.job, window) for ticket in self._pending)
 
     def _take(self, state: _HostState) -> None:
         """Waiting jobs this host should take now: first fit, in submission order, within its window."""
+        window = self._window(state)
         for ticket in list(self._pending):
             if state.committed >= state.window:
                 break
-            if self._fits(state, ticket):
+            if self._fits(state, ticket.job, window):
                 self._pending.remove(ticket)
                 ticket.host = state.info.name
                 state.tickets[ticket.job.key] = ticket
