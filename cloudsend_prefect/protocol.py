@@ -18,6 +18,7 @@ block the test prints).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -162,10 +163,16 @@ def parse_records(out: str) -> dict[str, JobStatus]:
 
 
 def parse_interruption(out: str) -> str | None:
-    """EC2's spot interruption notice a tick printed (``"no details"`` when empty); None when it printed none."""
+    """EC2's spot interruption notice a tick printed, as text (``action: terminate, time: ...`` for its JSON,
+    ``no details`` when empty); None when it printed none."""
     for line in out.splitlines():
         if line.startswith(INTERRUPTION_PREFIX):
-            return str(json.loads(line)["interruption"]) or "no details"
+            notice = str(json.loads(line)["interruption"])
+            with contextlib.suppress(ValueError):
+                fields = json.loads(notice)
+                if isinstance(fields, dict) and fields:
+                    return ", ".join(f"{name}: {value}" for name, value in fields.items())
+            return notice or "no details"
     return None
 
 

@@ -395,3 +395,16 @@ def test_sourcing_runs_nothing_and_an_unknown_command_is_refused(tmp_path: Path)
     assert sh(tmp_path, ":") == ""
     proc = subprocess.run(["sh", str(HOST_SH), "nope", str(tmp_path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "unknown command nope" in proc.stderr
+
+
+def test_a_spot_interruption_notice_is_printed_as_json_and_read_as_text(tmp_path: Path) -> None:
+    """EC2's notice (JSON itself) comes back whole inside the tick's line; the client shows its fields."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "curl").write_text('#!/bin/sh\necho \'{"action": "terminate", "time": "2026-01-01T00:00:00Z"}\'\n')
+    (bin_dir / "curl").chmod(0o755)
+    out = sh(tmp_path / "base", 'PATH="$1:$PATH" notice http://imds', str(bin_dir))
+    assert json.loads(out) == {"interruption": '{"action": "terminate", "time": "2026-01-01T00:00:00Z"}'}
+    assert protocol.parse_interruption(f"{out}\n") == "action: terminate, time: 2026-01-01T00:00:00Z"
+    assert protocol.parse_interruption('{"interruption":""}\n') == "no details"
+    assert protocol.parse_interruption('{"key":"a","state":"done"}\n') is None
