@@ -36,7 +36,7 @@ class Slots(Needs, Protocol):
 
 
 class Amount(NamedTuple):
-    """CPUs and GPUs counted together: a host's capacity, or a window of it."""
+    """CPUs and GPUs counted together: a window of a host (the dispatcher's), or what a job asks for."""
 
     cpus: int
     gpus: int

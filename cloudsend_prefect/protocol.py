@@ -85,6 +85,7 @@ def _shell_names() -> dict[str, str]:
     names |= {"D_RUNNING": RUNNING, "D_LEASES": LEASES, "D_TOOLS": TOOLS, "D_BIN": BIN, "F_CONTACT": CONTACT}
     names |= {"RERUN_ANY": str(RERUN_ANY), "RUN_SEP": RUN_SEP}
     names |= {"J_WORK": WORK, "J_STDOUT": STDOUT, "J_STDERR": STDERR, "J_PID": PID, "J_END": END}
+    names |= {"L_STDOUT": LOG_FLAGS[STDOUT], "L_STDERR": LOG_FLAGS[STDERR]}
     names |= {"V_STATE": ENV_STATE, "V_LOG": ENV_LOG}
     return names
 

@@ -78,6 +78,8 @@ J_PID='pid'
 J_END='end'
 V_STATE='state'
 V_LOG='bootstrap.log'
+L_STDOUT='o'
+L_STDERR='e'
 # </protocol>
 FENCED="not started: its batch's lease expired (the client stopped watching this host; a rerun queues it again)"
 JOB_SHELL=bash
@@ -214,8 +216,8 @@ write_status() {
     case $ws_start in '' | *[!0-9.]* | *.*.* | .*) ws_start=null ;; esac
     case $ws_end in '' | *[!0-9.]* | *.*.* | .*) ws_end=null ;; esac
     ws_logs= # which logs hold something (o: stdout, e: stderr): the client fetches no empty one
-    [ -s "$1/$J_STDOUT" ] && ws_logs=o
-    [ -s "$1/$J_STDERR" ] && ws_logs=${ws_logs}e
+    [ -s "$1/$J_STDOUT" ] && ws_logs=$L_STDOUT
+    [ -s "$1/$J_STDERR" ] && ws_logs=$ws_logs$L_STDERR
     ws_cause=null
     [ -z "${4:-}" ] || ws_cause="\"$4\""
     json_str "${1##*/}"
