@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cloudsend_prefect import providers
-from cloudsend_prefect.planning import can_host
+from cloudsend_prefect.placement import Amount, can_host, fits
+from cloudsend_prefect.protocol import RERUN_ANY, RERUN_FAILED, JobStatus
 from cloudsend_prefect.providers import Connections, HostInfo
-from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime, JobStatus
+from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import JobSpec
 
 log = logging.getLogger("cloudsend.dispatch")
@@ -264,26 +265,29 @@ class Dispatcher:
             raise RuntimeError(f"{ticket.job.name}: the batch stopped before the job was placed on a host")
         return ticket.host, ticket.status
 
-    def _fits(self, state: _HostState, ticket: _Ticket) -> bool:
-        job = ticket.job
-        if job.gpus and (
-            not can_host(state.info.gpus, job.gpus) or state.gpus_committed + job.gpus > 2 * state.info.gpus
-        ):
-            return False
-        return state.committed + job.cpus <= state.window or state.committed == 0
+    def _fits(self, state: _HostState, job: JobSpec, window: Amount) -> bool:
+        """Whether the job may be taken by this host now: one it can run, that fits its ``window`` (its CPUs
+        plus a prefetch, and twice its GPUs) beside what it holds."""
+        return can_host(state.info, job) and fits(job, window, state.committed, state.gpus_committed)
+
+    def _window(self, state: _HostState) -> Amount:
+        """What the host may hold queued and running at once: ``state.window`` CPUs and twice its GPUs."""
+        return Amount(state.window, 2 * state.info.gpus)
 
     def _can_take(self, state: _HostState) -> bool:
         """Whether a waiting job fits this host's window now (the caller holds the condition)."""
         if state.committed >= state.window:
             return False
-        return any(self._fits(state, ticket) for ticket in self._pending)
+        window = self._window(state)
+        return any(self._fits(state, ticket.job, window) for ticket in self._pending)
 
     def _take(self, state: _HostState) -> None:
         """Waiting jobs this host should take now: first fit, in submission order, within its window."""
+        window = self._window(state)
         for ticket in list(self._pending):
             if state.committed >= state.window:
                 break
-            if self._fits(state, ticket):
+            if self._fits(state, ticket.job, window):
                 self._pending.remove(ticket)
                 ticket.host = state.info.name
                 state.tickets[ticket.job.key] = ticket

@@ -5,12 +5,12 @@ Nothing is started."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from pydantic import BaseModel
 
 from cloudsend_prefect import providers
 from cloudsend_prefect.config import BatchConfig
+from cloudsend_prefect.placement import Slots, can_host, fits
 from cloudsend_prefect.providers import PlannedHost
 from cloudsend_prefect.specs import JobSpec
 
@@ -39,31 +39,6 @@ def planned_hosts(config: BatchConfig) -> dict[str, int]:
     return {host.name: host.cpus for host in planned(config)}
 
 
-class Slots(Protocol):
-    """A host as placement sees it (a planned host, or a provisioned one)."""
-
-    @property
-    def name(self) -> str:
-        """The host's name, as its provider names it."""
-        ...
-
-    @property
-    def cpus(self) -> int:
-        """The CPU slots jobs are packed into."""
-        ...
-
-    @property
-    def gpus(self) -> int:
-        """The GPUs a job may take to itself (0: the host runs no GPU job)."""
-        ...
-
-
-def can_host(host_gpus: int, job_gpus: int) -> bool:
-    """Whether a host can ever run a job: CPUs never stop one (a job bigger than the host runs there alone),
-    GPUs do (a job gets the GPUs it asks for to itself, or does not run there)."""
-    return job_gpus <= host_gpus
-
-
 def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
     """Simulate jobs in order, each on the host where its CPUs and GPUs free up first, among those with as many
     GPUs as it needs. Starts never go back in time (like the hosts' queues, served in order), except that a job
@@ -76,7 +51,7 @@ def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
         start, name = min(
             (_earliest([r for r in running[h.name] if r[0] > now], h, job, now), h.name)
             for h in hosts
-            if can_host(h.gpus, job.gpus)
+            if can_host(h, job)
         )
         floor[job.gpus > 0] = start
         oldest = min(floor.values())
@@ -89,14 +64,14 @@ def plan(jobs: list[JobSpec], hosts: Sequence[Slots]) -> list[Placement]:
 
 
 def _earliest(running: list[tuple[float, int, int]], host: Slots, job: JobSpec, now: float) -> float:
-    """When the job's CPUs and GPUs are free on a host (a job with more CPUs than the host waits until it
-    is empty)."""
-    cpus = host.cpus - sum(c for _, c, _ in running)
-    gpus = host.gpus - sum(g for _, _, g in running)
+    """When the job fits the host (``placement.fits``), as its running jobs end."""
+    busy_cpus = busy_gpus = 0
+    for _, used, held in running:
+        busy_cpus, busy_gpus = busy_cpus + used, busy_gpus + held
     at = now
     for end, used, held in sorted(running):
-        if cpus >= min(job.cpus, host.cpus) and (not job.gpus or gpus >= job.gpus):
+        if fits(job, host, busy_cpus, busy_gpus):
             break
-        cpus, gpus = cpus + used, gpus + held
+        busy_cpus, busy_gpus = busy_cpus - used, busy_gpus - held
         at = max(now, end)
     return at

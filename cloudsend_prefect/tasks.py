@@ -22,7 +22,7 @@ from cloudsend_prefect.planning import Placement, plan
 from cloudsend_prefect.providers import Connections, HostInfo, kept_hint, provision_all, release
 from cloudsend_prefect.reporting import plan_description, plan_table
 from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
-from cloudsend_prefect.runtime import CANCELLED, HostRuntime, JobStatus
+from cloudsend_prefect.runtime import HostRuntime, JobStatus
 from cloudsend_prefect.specs import EnvSpec, JobSpec
 from cloudsend_prefect.transport import FileRefused, TransportError
 
@@ -155,10 +155,10 @@ async def run_job(job: JobSpec, batch: str, dispatcher: Dispatcher) -> JobResult
     )
     if status.state != "done":
         detail = tail_lines(store / "stderr.log")
-        if "environment" in status.reason and job.env is not None:
+        if status.env_failed and job.env is not None:
             detail = (await asyncio.to_thread(runtime.env_log_tail, job.env)).splitlines()
         logger.error("%s on %s: %s\n%s", status.state, host, status.reason, "\n".join(detail))
-        if status.reason == CANCELLED:  # by the batch's cancellation or `cloudsend cancel`: not to be retried
+        if status.cancelled:  # by the batch's cancellation or `cloudsend cancel`: not to be retried
             return Cancelled(message=f"{status.state}: {status.reason}", data=result)
         # A returned Failed state (not an exception): retried per max_retries, never cached, no traceback.
         return Failed(message=f"{status.state}: {status.reason}", data=result)

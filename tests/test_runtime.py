@@ -7,7 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from cloudsend_prefect.runtime import RERUN_ANY, RERUN_FAILED, HostRuntime
+from cloudsend_prefect.protocol import RERUN_ANY, RERUN_FAILED
+from cloudsend_prefect.runtime import HostRuntime
 from cloudsend_prefect.specs import EnvSpec
 from cloudsend_prefect.transport.local import LocalTransport
 from tests.host_runtime import job, wait_final
@@ -57,6 +58,7 @@ def test_cancel_kills_the_whole_process_group(runtime: HostRuntime, tmp_path: Pa
     states = runtime.status("b")
     assert (states["long"].state, states["long"].reason) == ("aborted", "cancelled")
     assert (states["queued"].state, states["queued"].reason) == ("aborted", "cancelled")
+    assert states["long"].cancelled and states["queued"].cancelled
     time.sleep(3.5)
     assert not marker.exists()
 
@@ -118,3 +120,20 @@ def test_a_poll_is_one_round_trip_and_empty_logs_cost_none(runtime: HostRuntime,
     assert (tmp_path / "got" / "stderr.log").read_bytes() == b""
     assert runtime.stage("b", [], watch=["second"])["second"].state in ("queued", "running")
     runtime.cancel("b", ["second"])
+
+
+def test_a_reason_naming_quotes_and_backslashes_comes_back_whole(runtime: HostRuntime) -> None:
+    """host.sh escapes every string of a record: a missing output's name is reported as it is."""
+    name = 'we"ird\\name \x01.txt'
+    runtime.stage("b", [job("odd", "true", outputs=[name])])
+    state = wait_final(runtime, "b", ["odd"])["odd"]
+    assert (state.state, state.reason, state.cause) == ("aborted", f"missing output file: {name}", None)
+
+
+def test_a_job_whose_environment_failed_says_so_in_its_cause(runtime: HostRuntime) -> None:
+    env = EnvSpec(name="broken", hash="f" * 64, files={"setup.sh": "echo cannot; exit 3\n"})
+    runtime.stage("b", [job("needs-env", "true", env=env)])
+    runtime.ensure_env(env)
+    state = wait_final(runtime, "b", ["needs-env"])["needs-env"]
+    assert state.state == "aborted" and state.env_failed and not state.cancelled, state
+    assert runtime.env_state(env) == "failed" and "cannot" in runtime.env_log_tail(env)

@@ -20,6 +20,14 @@
 # For tests only (systemd passes none of these): CLOUDSEND_DEADMAN_DIRS (the runtime directories to watch),
 # CLOUDSEND_DEADMAN_PERIOD (seconds between two looks), CLOUDSEND_POWEROFF (the command that powers off).
 set -u
+# <protocol> generated from cloudsend_prefect/protocol.py (shell_block): edit names there
+D_JOBS='jobs'
+D_RUNNING='running'
+D_LEASES='leases'
+F_CONTACT='contact'
+RUN_SEP='__'
+J_PID='pid'
+# </protocol>
 limit=$1
 dirs=${CLOUDSEND_DEADMAN_DIRS:-/root/.cloudsend /home/*/.cloudsend}
 period=${CLOUDSEND_DEADMAN_PERIOD:-30}
@@ -36,13 +44,13 @@ while sleep "$period"; do
     # shellcheck disable=SC2086 # the directories' patterns are expanded here
     for d in $dirs; do
         [ -d "$d" ] || continue
-        if [ -f "$d/contact" ]; then
-            c=$(date -r "$d/contact" +%s)
+        if [ -f "$d/$F_CONTACT" ]; then
+            c=$(date -r "$d/$F_CONTACT" +%s)
             if [ "$c" -gt "$contacted" ]; then
                 contacted=$c
                 [ "$c" -gt "$busy" ] && busy=$c
                 l=
-                read -r l <"$d/contact"
+                read -r l <"$d/$F_CONTACT"
                 case $l in '' | *[!0-9]*) ;; *)
                     [ "$l" = "$limit" ] || echo "client contact: powers off after ${l}s idle from now on"
                     limit=$l
@@ -50,15 +58,15 @@ while sleep "$period"; do
                 esac
             fi
         fi
-        for l in "$d"/leases/*; do
+        for l in "$d/$D_LEASES"/*; do
             # shellcheck disable=SC3013 # -nt: in dash, bash, ksh and busybox alike
             [ "$l" -nt "$now" ] && busy=$t
         done
-        for r in "$d"/running/*; do
+        for r in "$d/$D_RUNNING"/*; do
             [ -f "$r" ] || continue
             n=${r##*/}
             p=
-            read -r p <"$d/jobs/${n%%__*}/${n#*__}/pid" 2>/dev/null
+            read -r p <"$d/$D_JOBS/${n%%"$RUN_SEP"*}/${n#*"$RUN_SEP"}/$J_PID" 2>/dev/null
             [ -n "$p" ] && kill -0 "$p" 2>/dev/null && busy=$t
         done
     done

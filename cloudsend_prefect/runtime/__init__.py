@@ -7,8 +7,6 @@ the number of jobs: staging sends a manifest of many jobs on stdin, status retur
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import platform
 import secrets
 import shlex
@@ -17,11 +15,12 @@ import time
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
 
 import uv
-from pydantic import BaseModel
 
+from cloudsend_prefect import protocol
+from cloudsend_prefect.protocol import FINAL_STATES as FINAL_STATES  # re-exported: what tests import from here
+from cloudsend_prefect.protocol import EnvState, JobStatus
 from cloudsend_prefect.providers import Connections, HostInfo, upkeep
 from cloudsend_prefect.specs import DEFAULT_MAX_OUTPUT_BYTES, EnvSpec, FileSpec, JobSpec
 from cloudsend_prefect.transport import CommandResult, Transport
@@ -30,13 +29,6 @@ SCRIPT = files("cloudsend_prefect.runtime").joinpath("host.sh").read_bytes()
 CONDA_SCRIPT = files("cloudsend_prefect.runtime").joinpath("host_conda.py").read_bytes()  # see host_conda.py
 VERSION = hashlib.sha256(SCRIPT + CONDA_SCRIPT).hexdigest()[:12]
 
-JobState = Literal["queued", "waiting", "running", "done", "failed", "aborted"]
-FINAL_STATES = ("done", "failed", "aborted")
-# host.sh's reason for a queued job it did not start because its batch's lease had run out (see host.sh).
-FENCED_PREFIX = "not started: its batch's lease expired"
-CANCELLED = "cancelled"  # host.sh's reason for a job cancelled on the host (queued or running)
-RERUN_FAILED = 1  # stage: replace the job's record if it ended other than done (a retry, a fenced job)
-RERUN_ANY = 2  # stage: replace it even if it ended done (an explicit rerun of the batch)
 LOG_TAIL_BYTES = 64 * 1024  # at most this much of a log's end is read for its last lines
 SHARE_ABOVE = 16 * 1024**2  # uploads larger than this are shared read-only by the jobs of a host, not copied
 DEFAULT_LEASE = 60.0  # seconds a staging lets the batch's queued jobs start, unless renewed
@@ -45,33 +37,6 @@ SPOT_CHECK = 5.0  # seconds between two reads of a spot instance's interruption 
 
 class HostCommandError(RuntimeError):
     """A runtime command failed on the host for a reason other than the job itself."""
-
-
-class JobStatus(BaseModel):
-    """A job's record on its host, as ``host.sh status`` reports it."""
-
-    key: str
-    state: JobState
-    pid: int | None = None
-    start: float | None = None
-    end: float | None = None
-    exit: int | None = None
-    reason: str = ""
-    logs: str | None = None  # which logs held something when this record was written: o stdout, e stderr
-    lost: bool = False  # aborted because its host was lost, not for anything the job did: worth retrying
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def fenced(self) -> bool:
-        """Not started because its batch's lease expired: not the job's doing; it can be queued again."""
-        return self.state == "aborted" and self.reason.startswith(FENCED_PREFIX)
-
-    @property
-    def duration(self) -> float | None:
-        return self.end - self.start if self.start is not None and self.end is not None else None
 
 
 class HostRuntime:
@@ -95,7 +60,7 @@ class HostRuntime:
         self.imds = imds  # a spot instance's metadata service: its interruption notice is read by ticks
         self.interruption: str | None = None  # EC2's spot interruption notice, once a tick has read one
         self._next_notice = 0.0  # monotonic time of the next read
-        self.script = f"{self.base}/bin/host-{VERSION}.sh"
+        self.script = protocol.script_path(self.base, VERSION)
         self._verified: set[str] = set()  # store files checked (or sent) by this client: not hashed again
         self._sizes: dict[str, int] = {}
 
@@ -129,9 +94,9 @@ class HostRuntime:
 
     def install(self) -> None:
         """Ship this version of host.sh unless the host already has it (one round trip when it does)."""
-        base = self._q(self.base)
+        base, script = self._q(self.base), self._q(self.script)
         check = self.transport.run(  # the base is private to the login user, whoever made it
-            f"umask 077 && mkdir -p {base}/bin && chmod 700 {base} && test -f {self._q(self.script)} && echo present"
+            f"umask 077 && mkdir -p {base}/{protocol.BIN} && chmod 700 {base} && test -f {script} && echo present"
         )
         if "present" in check.stdout:
             self.arm()
@@ -152,15 +117,17 @@ class HostRuntime:
             self.call("arm", str(self.idle))
 
     # -- environments -------------------------------------------------------------------------------
-    def env_state(self, env: EnvSpec) -> str:
-        """``ready``, ``building``, ``failed`` or ``absent``."""
-        state = self.transport.run(f"cat {self._q(self.env_dir(env))}/state 2>/dev/null || echo absent")
-        return state.stdout.strip() or "absent"
+    def env_state(self, env: EnvSpec) -> EnvState:
+        """``ready``, ``building``, ``failed`` or ``absent`` (anything else the host says counts as absent)."""
+        path = f"{self._q(self.env_dir(env))}/{protocol.ENV_STATE}"
+        state = self.transport.run(f"cat {path} 2>/dev/null").stdout.strip()
+        return protocol.parse_env_state(state)
 
     def env_dir(self, env: EnvSpec) -> str:
-        return f"{self.base}/envs/{env.key}"
+        """The environment's directory on the host."""
+        return protocol.env_dir(self.base, env.key)
 
-    def ensure_env(self, env: EnvSpec) -> str:
+    def ensure_env(self, env: EnvSpec) -> EnvState:
         """Start building the environment in the background unless it is ready or being built.
 
         A host with no Python tools for a pip or conda environment (no uv, and a python3 that cannot make a venv,
@@ -176,11 +143,11 @@ class HostRuntime:
                 local = Path(tmp) / name
                 local.write_text(text)
                 self.transport.put(local, f"{self.env_dir(env)}/{name}")
-        state = self.call("env", env.key).stdout.strip()
-        if state.startswith("needs-uv"):
-            sent = self._send_uv(state.split()[1:])
-            state = self.call("env", env.key, *([] if sent else ["nouv"])).stdout.strip()
-        return state
+        answer = self.call("env", env.key).stdout.split()
+        if answer[:1] == [protocol.NEEDS_UV]:
+            sent = self._send_uv(answer[1:])
+            answer = self.call("env", env.key, *([] if sent else [protocol.NO_UV])).stdout.split()
+        return protocol.parse_env_state(answer[0] if answer else "")
 
     def _send_uv(self, host_platform: list[str]) -> bool:
         """Put this client's uv at ``<base>/bin/uv`` if it runs on the host's ``uname -s``/``uname -m``; whether
@@ -188,7 +155,7 @@ class HostRuntime:
         binary = client_uv(host_platform)
         if binary is None:
             return False
-        final = f"{self.base}/bin/uv"
+        final = f"{self.base}/{protocol.BIN}/uv"
         # Under a name of its own, then moved into place whole: a build never runs a binary still being written
         # (two environments of a host may ask for uv at once).
         incoming = f"{final}.{secrets.token_hex(8)}"
@@ -201,7 +168,8 @@ class HostRuntime:
         return moved.exit_code == 0
 
     def env_log_tail(self, env: EnvSpec, lines: int = 30) -> str:
-        log = f"{self._q(self.env_dir(env))}/bootstrap.log"
+        """The end of an environment's build log: what a user needs to see why its build failed."""
+        log = f"{self._q(self.env_dir(env))}/{protocol.ENV_LOG}"
         return self.transport.run(f"tail -c {LOG_TAIL_BYTES} {log} 2>/dev/null | tail -n {int(lines)}").stdout
 
     # -- jobs -----------------------------------------------------------------------------------------
@@ -213,7 +181,7 @@ class HostRuntime:
             return 0
         missing = self.call("missing", stdin="\n".join(by_sha) + "\n").stdout.split()
         for sha in missing:
-            self.transport.put(Path(by_sha[sha].local), f"{self.base}/files/.incoming/{sha}")
+            self.transport.put(Path(by_sha[sha].local), f"{self.base}/{protocol.INCOMING}/{sha}")
         self._verified.update(by_sha)
         return len(missing)
 
@@ -233,55 +201,46 @@ class HostRuntime:
         ``RERUN_FAILED`` replaces a record that ended other than done, ``RERUN_ANY`` even a done one.
         """
         self.upload([f for job in jobs for f in job.files])
-        lines = []
-        for job in jobs:
-            env = job.env.key if job.env else "-"
-            timeout = f"{job.timeout:g}" if job.timeout else "-"
-            again = (rerun or {}).get(job.key, 0)
-            lines.append(f"J {batch} {job.key} {job.cpus} {env} {timeout} {again} {job.max_output_bytes} {job.gpus}")
-            lines += [f"F {f.sha256} {self._flags(f)} {_line(f.rel)}" for f in job.files]
-            lines += [f"O {_line(out)}" for out in job.outputs]
-            lines += [f"C {_no_nul(text)}" for text in job.command.split("\n")]
-            lines.append("E")
-        manifest = "".join(line + "\n" for line in lines)
+        flags = {f.sha256: self._flags(f) for job in jobs for f in job.files}
+        manifest = "".join(protocol.manifest_job(batch, job, (rerun or {}).get(job.key, 0), flags) for job in jobs)
         ask = {}  # a spot instance's interruption notice, every SPOT_CHECK seconds
         if self.imds is not None and time.monotonic() >= self._next_notice:
             self._next_notice = time.monotonic() + SPOT_CHECK
             ask["CLOUDSEND_IMDS"] = self.imds
-        slots = f"{self.capacity}:{self.gpus}"
-        out = self.call("tick", slots, _seconds(lease), batch, *watch, stdin=manifest, env=ask).stdout
-        for line in out.splitlines():
-            if line.startswith('{"interruption"'):
-                self.interruption = json.loads(line)["interruption"] or "no details"
-        return _records(out)
+        slots = protocol.slots_arg(self.capacity, self.gpus)
+        out = self.call("tick", slots, protocol.lease_arg(lease), batch, *watch, stdin=manifest, env=ask).stdout
+        self.interruption = protocol.parse_interruption(out) or self.interruption
+        return protocol.parse_records(out)
 
     def _flags(self, spec: FileSpec) -> str:
         """An upload's manifest flags: ``x`` executable, ``l`` large (shared read-only, not copied per job)."""
         size = self._sizes.get(spec.sha256)
         if size is None:
             size = self._sizes[spec.sha256] = Path(spec.local).stat().st_size
-        flags = ("x" if spec.executable else "") + ("l" if size > SHARE_ABOVE else "")
-        return flags or "-"
+        return protocol.file_flags(spec.executable, size > SHARE_ABOVE)
 
     def status(self, batch: str, keys: list[str] | None = None, lease: float = 0) -> dict[str, JobStatus]:
         """The records of the batch's jobs (or of ``keys`` only), in one round trip; with ``lease``, the
         batch's queued jobs may start on this host for that many seconds more (only the batch's own client
         should renew it: someone merely looking must not keep a dead client's queue alive)."""
-        return _records(self.call("status", batch, _seconds(lease), *(keys or [])).stdout)
+        return protocol.parse_records(self.call("status", batch, protocol.lease_arg(lease), *(keys or [])).stdout)
 
     def renew(self, batch: str, lease: float) -> None:
         """Renew the batch's lease on this host without asking about any job."""
-        self.call("lease", batch, _seconds(lease))
+        self.call("lease", batch, protocol.lease_arg(lease))
 
     def cancel(self, batch: str, keys: list[str] | None = None) -> list[str]:
+        """Cancel the batch's jobs (or ``keys`` only) on the host: queued ones never start, running ones are
+        killed with their process group; their records end aborted, cancelled. Returns the keys cancelled."""
         return self.call("cancel", batch, *(keys or [])).stdout.split()
 
     def job_dir(self, batch: str, key: str) -> str:
-        return f"{self.base}/jobs/{batch}/{key}"
+        """The job's record on the host (its status, logs...), out of the job's way."""
+        return protocol.job_dir(self.base, batch, key)
 
     def work_dir(self, batch: str, key: str) -> str:
         """The job's working directory: its uploads and what it writes (outputs are relative to it)."""
-        return f"{self.job_dir(batch, key)}/work"
+        return f"{self.job_dir(batch, key)}/{protocol.WORK}"
 
     def fetch(
         self,
@@ -305,7 +264,7 @@ class HostRuntime:
         for rel in outputs:
             budget -= self.transport.get(f"{self.work_dir(batch, key)}/{rel}", dest / rel, max_bytes=budget)
             got.append(dest / rel)
-        for stream, flag in (("stdout", "o"), ("stderr", "e")):  # absent when the job never started
+        for stream, flag in protocol.LOG_FLAGS.items():  # absent when the job never started
             if logs is not None and flag not in logs:
                 dest.mkdir(parents=True, exist_ok=True)
                 (dest / f"{stream}.log").touch()
@@ -339,29 +298,3 @@ def client_uv(host_platform: Sequence[str]) -> Path | None:
         return Path(uv.find_uv_bin())
     except FileNotFoundError:
         return None
-
-
-def _records(out: str) -> dict[str, JobStatus]:
-    """Job records as host.sh prints them (one JSON line each), by key; other lines (a tick's spot interruption
-    notice) are not records."""
-    lines = (line for line in out.splitlines() if line.startswith('{"key"'))
-    return {s.key: s for s in (JobStatus.model_validate(json.loads(line)) for line in lines)}
-
-
-def _seconds(lease: float) -> str:
-    """A lease as host.sh takes it: whole seconds, rounded up (0: no renewal)."""
-    return str(math.ceil(lease)) if lease > 0 else "0"
-
-
-def _line(text: str) -> str:
-    """A manifest field: one line, as the config's checks guarantee; refused here too, since a line break
-    would let a name or command add lines of its own to the manifest."""
-    if "\n" in text or "\r" in text or "\0" in text:
-        raise ValueError(f"line break or NUL in a manifest field: {text!r}")
-    return text
-
-
-def _no_nul(text: str) -> str:
-    if "\0" in text:
-        raise ValueError(f"NUL in a command: {text!r}")
-    return text

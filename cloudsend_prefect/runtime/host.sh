@@ -16,8 +16,12 @@
 #   host.sh arm      BASE SECONDS                 a client's contact: re-arms an instance's dead-man switch
 #   host.sh run|bootstrap|dispatch ...            internal: started by the commands above
 #
-# Layout under BASE: files/<sha256> (uploads by content), envs/<key>/ (one per environment hash), tools/ (what
-# environment builds share: rattler, the conda package cache, a Julia the runtime installed), bin/ (this script),
+# A job's record (jobs/<batch>/<key>/status) is one JSON line, the JobStatus of cloudsend_prefect/protocol.py:
+# {"key","state","pid","start","end","exit","logs","cause","reason"}, every string escaped by json_str.
+#
+# Layout under BASE (its names, like the states and causes, come from protocol.py: the <protocol> block below):
+# files/<sha256> (uploads by content), envs/<key>/ (one per environment hash), tools/ (what environment builds
+# share: rattler, the conda package cache, a Julia the runtime installed), bin/ (this script),
 # jobs/<batch>/<key>/ (the runtime's record of a job: cmd.sh, status, pid, stdout, stderr, outputs...) and
 # jobs/<batch>/<key>/work/ (the job's working directory: private copies of its uploads, and what it writes;
 # nothing of the runtime's), queue/ and running/ (host-wide CPU and GPU accounting shared by all batches: a
@@ -27,28 +31,69 @@
 # Fencing: a queued job starts only while its batch's lease runs. The client renews it at every poll, for
 # less time than it waits before declaring a silent host lost, so a host that is cut off, or that comes back
 # after being declared lost (its jobs handed to other hosts), starts none of its queued jobs: they end
-# aborted with FENCED as their reason. A job already running goes on to its end.
+# aborted with FENCED as their reason and fenced as their cause. A job already running goes on to its end.
 #
 # Everything here is private to the login user (umask 077); jobs inherit that umask.
 #
 # Short jobs make this script's own cost matter: every job is started and ended by it, so the per-job path
 # (stage, dispatch, run) avoids forks wherever a builtin does (each fork+exec is about a millisecond, much
 # more on a busy host), and finishing jobs never wait for each other's dispatch (see dispatch below).
+#
+# Sourced with HOST_SH_LIBRARY set, it only defines its functions (tests call them one by one): main runs
+# nothing.
 set -u
 umask 077
 
-cmd=$1
-BASE=$2
-shift 2
-case $0 in /*) SELF=$0 ;; *) SELF=$PWD/$0 ;; esac
-for dir in files/.incoming envs jobs queue running leases; do # tests are builtins: no fork on the per-job path
-    [ -d "$BASE/$dir" ] || mkdir -p "$BASE/files/.incoming" "$BASE/envs" "$BASE/jobs" "$BASE/queue" "$BASE/running" \
-        "$BASE/leases" || exit 3
-done
-case $BASE in /*) ;; *) BASE=$(cd "$BASE" && pwd) || exit 3 ;; esac
+# <protocol> generated from cloudsend_prefect/protocol.py (shell_block): edit names there
+S_QUEUED='queued'
+S_WAITING='waiting'
+S_RUNNING='running'
+S_DONE='done'
+S_FAILED='failed'
+S_ABORTED='aborted'
+C_FENCED='fenced'
+C_CANCELLED='cancelled'
+C_ENV='environment'
+E_BUILDING='building'
+E_READY='ready'
+E_FAILED='failed'
+NEEDS_UV='needs-uv'
+NO_UV='nouv'
+D_FILES='files'
+D_INCOMING='files/.incoming'
+D_ENVS='envs'
+D_JOBS='jobs'
+D_QUEUE='queue'
+D_RUNNING='running'
+D_LEASES='leases'
+D_TOOLS='tools'
+D_BIN='bin'
+F_CONTACT='contact'
+RERUN_ANY='2'
+RUN_SEP='__'
+J_WORK='work'
+J_STDOUT='stdout'
+J_STDERR='stderr'
+J_PID='pid'
+J_END='end'
+V_STATE='state'
+V_LOG='bootstrap.log'
+L_STDOUT='o'
+L_STDERR='e'
+# </protocol>
+FENCED="not started: its batch's lease expired (the client stopped watching this host; a rerun queues it again)"
 JOB_SHELL=bash
 command -v bash >/dev/null 2>&1 || JOB_SHELL="sh"
-FENCED="not started: its batch's lease expired (the client stopped watching this host; a rerun queues it again)"
+
+# init BASE: the runtime's directories under BASE (made if missing), and BASE made absolute.
+init() {
+    BASE=$1
+    for dir in "$D_INCOMING" "$D_ENVS" "$D_JOBS" "$D_QUEUE" "$D_RUNNING" "$D_LEASES"; do # builtins: no fork per job
+        [ -d "$BASE/$dir" ] || mkdir -p "$BASE/$D_INCOMING" "$BASE/$D_ENVS" "$BASE/$D_JOBS" "$BASE/$D_QUEUE" \
+            "$BASE/$D_RUNNING" "$BASE/$D_LEASES" || exit 3
+    done
+    case $BASE in /*) ;; *) BASE=$(cd "$BASE" && pwd) || exit 3 ;; esac
+}
 
 now() {
     now_t=$(date +%s.%N)
@@ -64,17 +109,48 @@ stamp() {
     case $now_t in *N) date +%s >"$1" ;; esac
 }
 
-# clean TEXT: TEXT without control characters, quotes or backslashes, fit for a JSON string (failure paths only).
-clean() {
-    # shellcheck disable=SC1003 # a backslash inside single quotes, for tr
-    printf '%s' "$1" | tr -d '\000-\037"\\'
+# json_str TEXT: TEXT as a JSON string, quotes included, in $js: backslashes and quotes escaped, control
+# characters (newlines, tabs...) as \uXXXX. Text that needs none (the per-job path's) costs one case, no fork.
+json_str() {
+    case $1 in
+    *[\"\\[:cntrl:]]*) ;;
+    *)
+        js="\"$1\""
+        return 0
+        ;;
+    esac
+    js_in=$1
+    js=
+    while [ -n "$js_in" ]; do
+        js_rest=${js_in#?}
+        js_c=${js_in%"$js_rest"}
+        js_in=$js_rest
+        case $js_c in
+        \" | \\) js="$js\\$js_c" ;;
+        [[:cntrl:]]) js="$js$(printf '\\u%04x' "'$js_c")" ;;
+        *) js="$js$js_c" ;;
+        esac
+    done
+    js="\"$js\""
+}
+
+# record_state LINE: the state of a job record (a status file's line) in $rs; empty when LINE is none. The
+# key before it is escaped (json_str), so the first '","state":"' is the state's. No fork.
+record_state() {
+    case $1 in
+    '{"key":"'*'","state":"'*)
+        rs=${1#*'","state":"'}
+        rs=${rs%%'"'*}
+        ;;
+    *) rs= ;;
+    esac
 }
 
 # renew BATCH SECONDS: the batch's queued jobs may start for SECONDS more (0: leave the lease as it is).
 renew() {
     case $2 in '' | 0 | *[!0-9]*) return 0 ;; esac
     exp=$(($(date +%s) + $2 + 1)) # +1: date +%s is truncated: the lease runs at least $2 seconds
-    touch -d "@$exp" "$BASE/leases/$1" 2>/dev/null || {
+    touch -d "@$exp" "$BASE/$D_LEASES/$1" 2>/dev/null || {
         echo "host.sh: cannot set the lease of batch $1 (touch -d)" >&2
         exit 3
     }
@@ -126,24 +202,35 @@ unlock() {
     rm -f "$BASE/lock"
 }
 
-# write_status DIR STATE REASON [new]: the job's one-line JSON record, replaced atomically (a new record,
-# in a directory nothing else reads yet, is written in place: no fork).
+# write_status DIR STATE REASON [CAUSE [new]]: the job's one-line JSON record, replaced atomically (a new
+# record, in a directory nothing else reads yet, is written in place: no fork). CAUSE: one of the protocol's
+# C_* words, or empty. Strings are escaped (json_str); a number file holding anything else is written null.
 write_status() {
     ws_pid=null ws_start=null ws_end=null ws_exit=null
-    [ -f "$1/pid" ] && read -r ws_pid <"$1/pid"
+    [ -f "$1/$J_PID" ] && read -r ws_pid <"$1/$J_PID"
     [ -f "$1/start" ] && read -r ws_start <"$1/start"
-    [ -f "$1/end" ] && read -r ws_end <"$1/end"
+    [ -f "$1/$J_END" ] && read -r ws_end <"$1/$J_END"
     [ -f "$1/exit" ] && read -r ws_exit <"$1/exit"
+    case $ws_pid in '' | *[!0-9]*) ws_pid=null ;; esac
+    case $ws_exit in '' | *[!0-9]*) ws_exit=null ;; esac
+    case $ws_start in '' | *[!0-9.]* | *.*.* | .*) ws_start=null ;; esac
+    case $ws_end in '' | *[!0-9.]* | *.*.* | .*) ws_end=null ;; esac
     ws_logs= # which logs hold something (o: stdout, e: stderr): the client fetches no empty one
-    [ -s "$1/stdout" ] && ws_logs=o
-    [ -s "$1/stderr" ] && ws_logs=${ws_logs}e
-    if [ "${4:-}" = new ]; then ws_to=$1/status; else ws_to=$1/status.tmp; fi
-    printf '{"key":"%s","state":"%s","pid":%s,"start":%s,"end":%s,"exit":%s,"logs":"%s","reason":"%s"}\n' \
-        "${1##*/}" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$ws_logs" "$3" >"$ws_to" || return 1
+    [ -s "$1/$J_STDOUT" ] && ws_logs=$L_STDOUT
+    [ -s "$1/$J_STDERR" ] && ws_logs=$ws_logs$L_STDERR
+    ws_cause=null
+    [ -z "${4:-}" ] || ws_cause="\"$4\""
+    json_str "${1##*/}"
+    ws_key=$js
+    json_str "$3"
+    if [ "${5:-}" = new ]; then ws_to=$1/status; else ws_to=$1/status.tmp; fi
+    printf '{"key":%s,"state":"%s","pid":%s,"start":%s,"end":%s,"exit":%s,"logs":"%s","cause":%s,"reason":%s}\n' \
+        "$ws_key" "$2" "$ws_pid" "$ws_start" "$ws_end" "$ws_exit" "$ws_logs" "$ws_cause" "$js" >"$ws_to" || return 1
     [ "$ws_to" = "$1/status" ] || mv -f "$1/status.tmp" "$1/status"
 }
 
-# Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone.
+# Start queued jobs while their CPUs fit; a job bigger than the host still runs, alone (the rules of
+# cloudsend_prefect/placement.py; tests/test_host_sh.py checks this pass against them).
 #
 # Any process may ask for a dispatch (a job ended, jobs were staged, an environment got ready) and none
 # waits for another's: it raises the flag BASE/dispatch.wanted, then runs dispatch passes while it can take
@@ -177,14 +264,15 @@ dispatch() {
 # host, say): its CPUs are free again and the job is recorded aborted. Batch names hold no "__". No fork.
 vanished() {
     n=${1##*/}
-    jd="$BASE/jobs/${n%%__*}/${n#*__}"
+    jd="$BASE/$D_JOBS/${n%%"$RUN_SEP"*}/${n#*"$RUN_SEP"}"
     p=
-    [ -f "$jd/pid" ] && read -r p <"$jd/pid"
+    [ -f "$jd/$J_PID" ] && read -r p <"$jd/$J_PID"
     [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null || return 1
     line=
     IFS= read -r line <"$jd/status" 2>/dev/null
-    case $line in *'"state":"running"'*) ;; *) return 1 ;; esac
-    write_status "$jd" aborted "process vanished (killed, or the host restarted)"
+    record_state "$line"
+    [ "$rs" = "$S_RUNNING" ] || return 1
+    write_status "$jd" "$S_ABORTED" "process vanished (killed, or the host restarted)"
 }
 
 dispatch_pass() {
@@ -196,7 +284,7 @@ dispatch_pass() {
     gcap=${gcap:-0}
     used=0
     gused= # GPU devices in use: ",0,1"
-    for r in "$BASE"/running/*; do
+    for r in "$BASE/$D_RUNNING"/*; do
         [ -f "$r" ] || continue
         c='' g=''
         read -r c g <"$r"
@@ -215,23 +303,23 @@ dispatch_pass() {
             ;;
         esac
     done
-    for q in "$BASE"/queue/*; do
+    for q in "$BASE/$D_QUEUE"/*; do
         [ -f "$q" ] || continue
         [ "$used" -ge "$cap" ] && break
         batch='' key=''
         read -r batch key <"$q"
         [ -n "$key" ] || continue # never half-written (entries are moved in whole); skip anyway
-        d="$BASE/jobs/$batch/$key"
+        d="$BASE/$D_JOBS/$batch/$key"
         if [ ! -d "$d" ]; then
             consumed="$consumed$q
 "
             continue
         fi
         # shellcheck disable=SC3013 # -nt: in dash, bash, ksh and busybox alike
-        if [ ! "$BASE/leases/$batch" -nt "$BASE/now" ]; then
+        if [ ! "$BASE/$D_LEASES/$batch" -nt "$BASE/now" ]; then
             consumed="$consumed$q
 "
-            write_status "$d" aborted "$FENCED"
+            write_status "$d" "$S_ABORTED" "$FENCED" "$C_FENCED"
             continue
         fi
         read -r c <"$d/cpus"
@@ -240,34 +328,36 @@ dispatch_pass() {
         if [ "$g" -gt "$gcap" ]; then
             consumed="$consumed$q
 "
-            write_status "$d" aborted "needs $g GPUs; this host has $gcap"
+            write_status "$d" "$S_ABORTED" "needs $g GPUs; this host has $gcap"
             continue
         fi
         read -r env <"$d/env"
         if [ "$env" != - ]; then
             es=
-            read -r es <"$BASE/envs/$env/state" 2>/dev/null
+            read -r es <"$BASE/$D_ENVS/$env/$V_STATE" 2>/dev/null
             case $es in
-            ready) ;;
-            failed)
+            "$E_READY") ;;
+            "$E_FAILED")
                 consumed="$consumed$q
 "
-                write_status "$d" aborted "environment failed to build (see its bootstrap log)"
+                write_status "$d" "$S_ABORTED" "environment failed to build (see its bootstrap log)" "$C_ENV"
                 continue
                 ;;
             *)
-                [ -f "$d/waiting" ] || { : >"$d/waiting" && write_status "$d" waiting "waiting for environment"; }
+                [ -f "$d/waiting" ] || { : >"$d/waiting" && write_status "$d" "$S_WAITING" "waiting for environment"; }
                 continue
                 ;;
             esac
         fi
-        if [ $((used + c)) -le "$cap" ] || [ "$used" -eq 0 ]; then
+        claim=$c # placement.py's rule: a job asking more CPUs than the host claims all of them (and runs alone)
+        [ "$c" -gt "$cap" ] && claim=$cap
+        if [ $((used + claim)) -le "$cap" ]; then
             devs=-
             if [ "$g" -gt 0 ]; then
                 free_gpus "$g" || continue # its GPUs are busy: a later job may fit
                 gused="$gused,$devs"
             fi
-            echo "$c $devs" >"$BASE/running/${batch}__$key"
+            echo "$c $devs" >"$BASE/$D_RUNNING/$batch$RUN_SEP$key"
             consumed="$consumed$q
 "
             if [ "$chain" = chain ]; then
@@ -322,13 +412,13 @@ stage() {
     *) echo "$1 0" >"$BASE/capacity" ;;
     esac
     lease=$2
-    for f in "$BASE"/files/.incoming/*; do # sent with the client's umask: made private, then stored
+    for f in "$BASE/$D_INCOMING"/*; do # sent with the client's umask: made private, then stored
         [ -f "$f" ] || continue
-        [ -n "${private:-}" ] || { chmod go= "$BASE"/files/.incoming/* && private=1; }
-        mv -f "$f" "$BASE/files/${f##*/}"
+        [ -n "${private:-}" ] || { chmod go= "$BASE/$D_INCOMING"/* && private=1; }
+        mv -f "$f" "$BASE/$D_FILES/${f##*/}"
     done
-    manifest="$BASE/jobs/.manifest.$$"
-    incoming="$BASE/queue/.incoming.$$"
+    manifest="$BASE/$D_JOBS/.manifest.$$"
+    incoming="$BASE/$D_QUEUE/.incoming.$$"
     cat >"$manifest" || exit 3
     # J batch key cpus envkey timeout rerun maxout gpus: a known job is left alone (re-attached, never started
     # twice) unless rerun asks to replace it once it has ended: 1 if it ended other than done (a retry of a
@@ -342,21 +432,22 @@ stage() {
             # shellcheck disable=SC2086 # the fields of the line
             set -- ${line#J }
             [ -n "$renewed" ] || { renew "$1" "$lease" && renewed=1; }
-            d="$BASE/jobs/$1/$2"
+            d="$BASE/$D_JOBS/$1/$2"
             if [ -f "$d/status" ]; then
                 IFS= read -r line <"$d/status"
-                case $line in
-                *'"state":"done"'*)
-                    [ "$6" = 2 ] && gone="$gone$d
+                record_state "$line"
+                case $rs in
+                "$S_DONE")
+                    [ "$6" = "$RERUN_ANY" ] && gone="$gone$d
 "
                     ;;
-                *'"state":"failed"'* | *'"state":"aborted"'*)
+                "$S_FAILED" | "$S_ABORTED")
                     [ "$6" != 0 ] && gone="$gone$d
 "
                     ;;
                 esac
             else
-                new="$new$d/work
+                new="$new$d/$J_WORK
 "
             fi
             ;;
@@ -368,7 +459,7 @@ stage() {
     set -f
     # shellcheck disable=SC2086 # one path per line (IFS), globbing off
     [ -n "$gone" ] && rm -rf $gone
-    for g in $gone; do new="$new$g/work
+    for g in $gone; do new="$new$g/$J_WORK
 "; done
     # shellcheck disable=SC2086 # one path per line (IFS), globbing off
     [ -n "$new" ] && mkdir -p $new "$incoming"
@@ -385,7 +476,7 @@ stage() {
         J)
             # shellcheck disable=SC2086 # the fields of the line
             set -- $rest
-            d="$BASE/jobs/$1/$2"
+            d="$BASE/$D_JOBS/$1/$2"
             batch=$1 key=$2
             skip=1
             [ -f "$d/status" ] || [ ! -d "$d" ] && continue # known (or not made: nothing to queue)
@@ -404,8 +495,8 @@ stage() {
             rest=${rest#* }
             x=${rest%% *}
             rel=${rest#* }
-            case $rel in */*) mkdir -p "$d/work/${rel%/*}" ;; esac
-            src="$BASE/files/$sha" dst="$d/work/$rel"
+            case $rel in */*) mkdir -p "$d/$J_WORK/${rel%/*}" ;; esac
+            src="$BASE/$D_FILES/$sha" dst="$d/$J_WORK/$rel"
             case $x in
             *l*)
                 # A large file: a copy per job would cost its size in time and disk, so it is shared instead: a
@@ -427,31 +518,31 @@ stage() {
         E)
             [ $skip = 1 ] && continue
             skip=1 # a second E, or one without J, queues nothing
-            write_status "$d" queued "waiting for free CPUs" new
+            write_status "$d" "$S_QUEUED" "waiting for free CPUs" "" new
             i=$((i + 1))
             printf '%s %s\n' "$batch" "$key" >"$incoming/$stamp.$i"
             ;;
         esac
     done <"$manifest"
-    [ $i -gt 1000000 ] && mv -f "$incoming"/* "$BASE/queue/"
+    [ $i -gt 1000000 ] && mv -f "$incoming"/* "$BASE/$D_QUEUE/"
     rm -rf "$manifest" "$incoming"
     dispatch
 }
 
 # The job runs in DIR/work; everything of the runtime's stays in DIR, out of the job's way.
 runjob() {
-    d="$BASE/jobs/$1/$2"
-    cd -P "$d/work" || exit 1
+    d="$BASE/$D_JOBS/$1/$2"
+    cd -P "$d/$J_WORK" || exit 1
     work=$PWD
-    echo $$ >"$d/pid"
+    echo $$ >"$d/$J_PID"
     stamp "$d/start"
-    write_status "$d" running ""
+    write_status "$d" "$S_RUNNING" ""
     read -r env <"$d/env"
     read -r CLOUDSEND_CPUS <"$d/cpus"
     export CLOUDSEND_CPUS CLOUDSEND_BATCH="$1" CLOUDSEND_JOB="$2"
     # Its GPUs (given by dispatch_pass); on a host with GPUs, a job that asked for none sees none.
     _c='' devs='' _cap='' gcap=''
-    read -r _c devs <"$BASE/running/${1}__$2"
+    read -r _c devs <"$BASE/$D_RUNNING/$1$RUN_SEP$2"
     read -r _cap gcap <"$BASE/capacity"
     if [ "${devs:--}" != - ]; then
         export CUDA_VISIBLE_DEVICES="$devs"
@@ -462,39 +553,39 @@ runjob() {
     [ -f "$d/timeout" ] && read -r t <"$d/timeout"
     oom_kills
     oom_before=$oom
-    if [ "$env" != - ] && [ -f "$BASE/envs/$env/activate" ]; then
+    if [ "$env" != - ] && [ -f "$BASE/$D_ENVS/$env/activate" ]; then
         # In a subshell: this process may go on to the host's next job, which must not inherit the environment.
         # shellcheck disable=SC1090
-        (. "$BASE/envs/$env/activate" && run_cmd)
+        (. "$BASE/$D_ENVS/$env/activate" && run_cmd)
     else
         run_cmd
     fi
     ex=$?
     echo "$ex" >"$d/exit"
-    stamp "$d/end"
+    stamp "$d/$J_END"
     cd -P "$work" 2>/dev/null || cd / || exit 1
     if [ -f "$d/cancelled" ]; then
-        write_status "$d" aborted "cancelled"
+        write_status "$d" "$S_ABORTED" "cancelled" "$C_CANCELLED"
     elif [ "$ex" -eq 0 ]; then
         if check_outputs; then
-            write_status "$d" "done" ""
+            write_status "$d" "$S_DONE" ""
         else
-            write_status "$d" aborted "$bad"
+            write_status "$d" "$S_ABORTED" "$bad"
         fi
     elif [ -n "$t" ] && [ "$ex" -eq 124 ]; then
-        write_status "$d" failed "timed out after ${t}s"
+        write_status "$d" "$S_FAILED" "timed out after ${t}s"
     elif [ "$ex" -eq 137 ] && oom_kills && [ "$oom" -gt "$oom_before" ]; then
-        write_status "$d" failed "out of memory: killed by the kernel's OOM killer"
+        write_status "$d" "$S_FAILED" "out of memory: killed by the kernel's OOM killer"
     elif [ "$ex" -eq 137 ]; then
-        write_status "$d" failed "killed by SIGKILL (out of memory, or killed by someone)"
-    elif [ "$ex" -ne 0 ] && tail -n 5 "$d/stderr" | grep -qiE 'MemoryError|Cannot allocate memory|out of memory|bad_alloc'; then
-        write_status "$d" failed "out of memory (exit code $ex; see stderr)"
+        write_status "$d" "$S_FAILED" "killed by SIGKILL (out of memory, or killed by someone)"
+    elif [ "$ex" -ne 0 ] && tail -n 5 "$d/$J_STDERR" | grep -qiE 'MemoryError|Cannot allocate memory|out of memory|bad_alloc'; then
+        write_status "$d" "$S_FAILED" "out of memory (exit code $ex; see stderr)"
     elif [ "$ex" -gt 128 ]; then
-        write_status "$d" failed "killed by signal $((ex - 128))"
+        write_status "$d" "$S_FAILED" "killed by signal $((ex - 128))"
     else
-        write_status "$d" failed "exit code $ex"
+        write_status "$d" "$S_FAILED" "exit code $ex"
     fi
-    echo 0 >"$BASE/running/${1}__$2" # frees its CPUs (see dispatch_pass)
+    echo 0 >"$BASE/$D_RUNNING/$1$RUN_SEP$2" # frees its CPUs (see dispatch_pass)
     dispatch chain
     # The next job, if this process took one: same pid and process group (its own session), fresh shell.
     # shellcheck disable=SC2086
@@ -509,15 +600,15 @@ check_outputs() {
     set --
     while IFS= read -r o; do
         if [ -L "$o" ]; then
-            bad="output $(clean "$o") is a symbolic link: only regular files are fetched"
+            bad="output $o is a symbolic link: only regular files are fetched"
         elif [ ! -e "$o" ]; then
-            bad="missing output file: $(clean "$o")"
+            bad="missing output file: $o"
         elif [ ! -f "$o" ]; then
-            bad="output $(clean "$o") is not a regular file (a directory, FIFO, socket or device): only regular files are fetched"
+            bad="output $o is not a regular file (a directory, FIFO, socket or device): only regular files are fetched"
         else
             case $o in */*)
                 if ! cd -P "${o%/*}" 2>/dev/null || [ "$PWD" != "$work/${o%/*}" ]; then
-                    bad="output $(clean "$o") is under a symbolically linked directory: only files inside the job's directory are fetched"
+                    bad="output $o is under a symbolically linked directory: only files inside the job's directory are fetched"
                 fi
                 cd -P "$work" || return 1
                 ;;
@@ -552,9 +643,9 @@ oom_kills() {
 
 run_cmd() {
     if [ -n "$t" ] && command -v timeout >/dev/null 2>&1; then
-        timeout -k 10 "$t" "$JOB_SHELL" "$d/cmd.sh" >"$d/stdout" 2>"$d/stderr"
+        timeout -k 10 "$t" "$JOB_SHELL" "$d/cmd.sh" >"$d/$J_STDOUT" 2>"$d/$J_STDERR"
     else
-        "$JOB_SHELL" "$d/cmd.sh" >"$d/stdout" 2>"$d/stderr"
+        "$JOB_SHELL" "$d/cmd.sh" >"$d/$J_STDOUT" 2>"$d/$J_STDERR"
     fi
 }
 
@@ -565,9 +656,9 @@ status() {
     shift 2
     vanished=0
     if [ $# -gt 0 ]; then
-        for key in "$@"; do status_of "$BASE/jobs/$batch/$key"; done
+        for key in "$@"; do status_of "$BASE/$D_JOBS/$batch/$key"; done
     else
-        for d in "$BASE/jobs/$batch"/*/; do status_of "${d%/}"; done
+        for d in "$BASE/$D_JOBS/$batch"/*/; do status_of "${d%/}"; done
     fi
     if [ $vanished = 1 ]; then dispatch; fi
 }
@@ -576,21 +667,21 @@ status_of() {
     d=$1
     [ -f "$d/status" ] || return 0
     IFS= read -r line <"$d/status"
-    case $line in *'"state":"running"'*)
+    record_state "$line"
+    if [ "$rs" = "$S_RUNNING" ]; then
         pid=
-        read -r pid <"$d/pid" 2>/dev/null
+        read -r pid <"$d/$J_PID" 2>/dev/null
         if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
             IFS= read -r line <"$d/status" # it may have just finished
-            case $line in *'"state":"running"'*)
-                write_status "$d" aborted "process vanished (killed, or the host restarted)"
-                rm -f "$BASE/running/${batch}__${d##*/}"
+            record_state "$line"
+            if [ "$rs" = "$S_RUNNING" ]; then
+                write_status "$d" "$S_ABORTED" "process vanished (killed, or the host restarted)"
+                rm -f "$BASE/$D_RUNNING/$batch$RUN_SEP${d##*/}"
                 vanished=1
                 IFS= read -r line <"$d/status"
-                ;;
-            esac
+            fi
         fi
-        ;;
-    esac
+    fi
     printf '%s\n' "$line"
 }
 
@@ -600,7 +691,7 @@ cancel() {
     lock
     killed=
     # shellcheck disable=SC2231 # BATCH '*' means every batch
-    for d in "$BASE"/jobs/$batch/*/; do
+    for d in "$BASE/$D_JOBS"/$batch/*/; do
         d=${d%/}
         key=${d##*/}
         if [ $# -gt 0 ]; then
@@ -610,20 +701,21 @@ cancel() {
         fi
         [ -f "$d/status" ] || continue
         IFS= read -r line <"$d/status"
-        case $line in
-        *'"state":"queued"'* | *'"state":"waiting"'*)
-            for q in "$BASE"/queue/*; do
+        record_state "$line"
+        case $rs in
+        "$S_QUEUED" | "$S_WAITING")
+            for q in "$BASE/$D_QUEUE"/*; do
                 [ -f "$q" ] || continue
                 read -r qb qk <"$q"
-                [ "$qk" = "$key" ] && [ "$BASE/jobs/$qb/$qk" = "$d" ] && rm -f "$q"
+                [ "$qk" = "$key" ] && [ "$BASE/$D_JOBS/$qb/$qk" = "$d" ] && rm -f "$q"
             done
-            write_status "$d" aborted "cancelled"
+            write_status "$d" "$S_ABORTED" "cancelled" "$C_CANCELLED"
             echo "$key"
             ;;
-        *'"state":"running"'*)
+        "$S_RUNNING")
             : >"$d/cancelled"
             pid=
-            read -r pid <"$d/pid" 2>/dev/null
+            read -r pid <"$d/$J_PID" 2>/dev/null
             [ -n "$pid" ] && { kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; }
             killed="$killed$d
 "
@@ -640,11 +732,11 @@ cancel() {
 '
     for d in $killed; do
         pid=
-        read -r pid <"$d/pid" 2>/dev/null
+        read -r pid <"$d/$J_PID" 2>/dev/null
         [ -n "$pid" ] && kill -KILL -"$pid" 2>/dev/null
-        write_status "$d" aborted "cancelled"
+        write_status "$d" "$S_ABORTED" "cancelled" "$C_CANCELLED"
         b=${d%/*}
-        rm -f "$BASE/running/${b##*/}__${d##*/}"
+        rm -f "$BASE/$D_RUNNING/${b##*/}$RUN_SEP${d##*/}"
     done
     IFS=$old_ifs
     dispatch
@@ -654,10 +746,10 @@ missing() {
     present=
     while read -r sha; do
         case $sha in '' | *[!0-9a-f]*) continue ;; esac
-        if [ -f "$BASE/files/$sha" ]; then present="$present $sha"; else echo "$sha"; fi
+        if [ -f "$BASE/$D_FILES/$sha" ]; then present="$present $sha"; else echo "$sha"; fi
     done
     [ -n "$present" ] && command -v sha256sum >/dev/null 2>&1 || return 0
-    cd "$BASE/files" || exit 3
+    cd "$BASE/$D_FILES" || exit 3
     # A stored file whose content no longer matches its name is removed, and sent again.
     # shellcheck disable=SC2086
     sha256sum -- $present | while read -r sum name; do
@@ -672,24 +764,24 @@ missing() {
 # to BASE/bin/uv when it runs on the same OS and architecture and asks again, else asks again with `nouv`
 # (the build then installs python3-venv if root or sudo allows, or fails saying what the host lacks).
 ensure_env() {
-    e="$BASE/envs/$1"
+    e="$BASE/$D_ENVS/$1"
     mkdir -p "$e"
     lock
     st=
-    read -r st <"$e/state" 2>/dev/null
-    if [ "$st" = building ]; then
+    read -r st <"$e/$V_STATE" 2>/dev/null
+    if [ "$st" = "$E_BUILDING" ]; then
         pid=
         read -r pid <"$e/pid" 2>/dev/null
         [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || st=
     fi
-    if [ "$st" != ready ] && [ "$st" != building ]; then
-        if [ "${2:-}" != nouv ] && needs_python "$e" && ! python_tools "$e"; then
+    if [ "$st" != "$E_READY" ] && [ "$st" != "$E_BUILDING" ]; then
+        if [ "${2:-}" != "$NO_UV" ] && needs_python "$e" && ! python_tools "$e"; then
             unlock
-            echo "needs-uv $(uname -s) $(uname -m)"
+            echo "$NEEDS_UV $(uname -s) $(uname -m)"
             return 0
         fi
-        st=building
-        echo building >"$e/state"
+        st=$E_BUILDING
+        echo "$st" >"$e/$V_STATE"
         detach sh "$SELF" bootstrap "$BASE" "$1"
         echo $! >"$e/pid"
     fi
@@ -718,7 +810,7 @@ needs_python() {
 
 # uv_bin: the uv of this host (on PATH, or the one a client sent); prints nothing when there is none.
 uv_bin() {
-    command -v uv 2>/dev/null || { [ -x "$BASE/bin/uv" ] && echo "$BASE/bin/uv"; } || :
+    command -v uv 2>/dev/null || { [ -x "$BASE/$D_BIN/uv" ] && echo "$BASE/$D_BIN/uv"; } || :
 }
 
 # python_tools DIR: whether the environment in DIR can be built here without installing anything first: with
@@ -796,7 +888,7 @@ activate_var() {
 # Packages are cached in tools/conda-pkgs for every environment of the host. The script writes the pip
 # section of an environment.yml to pip.txt, installed below with requirements.txt.
 build_conda() {
-    tool="$BASE/tools/rattler-$RATTLER_VERSION"
+    tool="$BASE/$D_TOOLS/rattler-$RATTLER_VERSION"
     if [ ! -x "$tool/bin/python" ]; then
         echo "== rattler (py-rattler $RATTLER_VERSION), once per host"
         if [ -z "$(uv_bin)" ] && ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
@@ -804,7 +896,7 @@ build_conda() {
             echo "python3 is $(python3 --version 2>&1), and the client sent no uv (another OS or architecture)"
             return 1
         fi
-        mkdir -p "$BASE/tools"
+        mkdir -p "$BASE/$D_TOOLS"
         rm -rf "$tool.$$"
         make_venv "$tool.$$" ">=3.10" # what py-rattler needs
         pip_install "$tool.$$/bin/python" "py-rattler==$RATTLER_VERSION" PyYAML
@@ -812,7 +904,7 @@ build_conda() {
         if [ -x "$tool/bin/python" ]; then rm -rf "$tool.$$"; else mv "$tool.$$" "$tool"; fi
     fi
     echo "== conda"
-    "$tool/bin/python" "${SELF%.sh}-conda.py" "$e" "$e/conda" "$BASE/tools/conda-pkgs"
+    "$tool/bin/python" "${SELF%.sh}-conda.py" "$e" "$e/conda" "$BASE/$D_TOOLS/conda-pkgs"
     activate_var CONDA_PREFIX "$e/conda" 1
 }
 
@@ -849,7 +941,7 @@ install_julia() {
     esac
     url="https://julialang-s3.julialang.org/bin/linux/$dir/${JULIA_VERSION%.*}/julia-$JULIA_VERSION-linux-$arch.tar.gz"
     echo "== julia $JULIA_VERSION from $url, once per host"
-    t="$BASE/tools/julia-$JULIA_VERSION"
+    t="$BASE/$D_TOOLS/julia-$JULIA_VERSION"
     mkdir -p "$t.$$"
     if command -v curl >/dev/null 2>&1; then
         curl -fsSL -o "$t.$$.tar.gz" "$url"
@@ -867,9 +959,9 @@ install_julia() {
 build_julia() {
     jl=$(command -v julia 2>/dev/null) || jl=
     if [ -z "$jl" ]; then
-        jl="$BASE/tools/julia-$JULIA_VERSION/bin/julia"
+        jl="$BASE/$D_TOOLS/julia-$JULIA_VERSION/bin/julia"
         [ -x "$jl" ] || install_julia
-        activate_var CLOUDSEND_JULIA_HOME "$BASE/tools/julia-$JULIA_VERSION" 1
+        activate_var CLOUDSEND_JULIA_HOME "$BASE/$D_TOOLS/julia-$JULIA_VERSION" 1
     fi
     echo "== julia ($jl)"
     mkdir -p julia
@@ -886,7 +978,7 @@ build_julia() {
 }
 
 bootstrap() {
-    e="$BASE/envs/$1"
+    e="$BASE/$D_ENVS/$1"
     cd "$e" || exit 1
     : >activate
     rm -rf venv conda julia pip.txt # what a failed build left: a retry starts afresh
@@ -906,10 +998,10 @@ bootstrap() {
         if [ -f conda.txt ] || [ -f environment.yml ]; then build_conda; fi
         if [ -f requirements.txt ] || [ -f pip.txt ]; then build_pip; fi
         if [ -f julia.txt ] || [ -f Project.toml ]; then build_julia; fi
-    ) >bootstrap.log 2>&1
+    ) >"$V_LOG" 2>&1
     # shellcheck disable=SC2181 # the subshell above is not an `if` condition (see there)
-    if [ $? = 0 ]; then echo ready >state.tmp; else echo failed >state.tmp; fi
-    mv -f state.tmp state
+    if [ $? = 0 ]; then echo "$E_READY" >"$V_STATE.tmp"; else echo "$E_FAILED" >"$V_STATE.tmp"; fi
+    mv -f "$V_STATE.tmp" "$V_STATE"
     dispatch
 }
 
@@ -933,7 +1025,8 @@ notice() {
         "$1/latest/api/token") || return 0
     action=$(curl -sf --connect-timeout 1 -m 2 -H "X-aws-ec2-metadata-token: $token" \
         "$1/latest/meta-data/spot/instance-action") || return 0
-    printf '{"interruption":"%s"}\n' "$(clean "$action")"
+    json_str "$action"
+    printf '{"interruption":%s}\n' "$js"
 }
 
 # arm SECONDS: the client's contact, for an instance's dead-man switch (providers/deadman.sh): the file's
@@ -945,22 +1038,31 @@ arm() {
         exit 2
         ;;
     esac
-    echo "$1" >"$BASE/contact.tmp" && mv -f "$BASE/contact.tmp" "$BASE/contact"
+    echo "$1" >"$BASE/$F_CONTACT.tmp" && mv -f "$BASE/$F_CONTACT.tmp" "$BASE/$F_CONTACT"
 }
 
-case $cmd in
-tick) tick "$@" ;;
-arm) arm "$@" ;;
-status) status "$@" ;;
-lease) renew "$@" ;;
-cancel) cancel "$@" ;;
-missing) missing ;;
-env) ensure_env "$@" ;;
-run) runjob "$@" ;;
-bootstrap) bootstrap "$@" ;;
-dispatch) dispatch ;;
-*)
-    echo "host.sh: unknown command $cmd" >&2
-    exit 2
-    ;;
-esac
+# main COMMAND BASE ARG...: what the client (cloudsend_prefect.runtime.HostRuntime) or host.sh itself asks.
+main() {
+    cmd=$1
+    init "$2"
+    shift 2
+    case $cmd in
+    tick) tick "$@" ;;
+    arm) arm "$@" ;;
+    status) status "$@" ;;
+    lease) renew "$@" ;;
+    cancel) cancel "$@" ;;
+    missing) missing ;;
+    env) ensure_env "$@" ;;
+    run) runjob "$@" ;;
+    bootstrap) bootstrap "$@" ;;
+    dispatch) dispatch ;;
+    *)
+        echo "host.sh: unknown command $cmd" >&2
+        exit 2
+        ;;
+    esac
+}
+
+case $0 in /*) SELF=$0 ;; *) SELF=$PWD/$0 ;; esac
+[ -n "${HOST_SH_LIBRARY:-}" ] || main "$@"

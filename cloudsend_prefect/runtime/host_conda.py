@@ -60,6 +60,8 @@ def read_spec(env_dir: Path) -> tuple[list[str], list[str], list[str]]:
 
 
 async def build(env_dir: Path, prefix: Path, cache: Path) -> None:
+    """Solve the environment's conda packages and install them into ``prefix`` (packages cached in ``cache``);
+    its pip packages are left in ``pip.txt`` for host.sh to install with uv into the same prefix."""
     specs, channels, pip = read_spec(env_dir)
     platform = rattler.Subdir.current()
     print(f"solving {' '.join(specs)} for {platform} from {' '.join(channels)}", flush=True)
@@ -77,6 +79,8 @@ async def build(env_dir: Path, prefix: Path, cache: Path) -> None:
 
 
 def main() -> None:
+    """Entry point on the host: ``python3 host_conda.py ENV_DIR PREFIX CACHE``; a failure is one line on stderr
+    and exit status 1, which host.sh records as the environment's failure."""
     env_dir, prefix, cache = (Path(arg).resolve() for arg in sys.argv[1:4])
     try:
         asyncio.run(build(env_dir, prefix, cache))
