@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, get_args
 
@@ -63,6 +64,7 @@ LEASES = "leases"  # leases/<batch>: its mtime is when the batch's lease expires
 TOOLS = "tools"  # what environment builds share (rattler, the conda package cache, a Julia)
 BIN = "bin"  # host.sh itself (one file per version) and a uv the client sent
 CONTACT = "contact"  # a client's last contact (mtime) and its idle limit in seconds, for the dead-man switch
+JOB_REL = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*")  # <batch>/<key> under JOBS
 RUN_SEP = "__"  # between batch and key in a running/ entry's name (batch names never hold it)
 # ... in a job's directory
 WORK = "work"  # the job's working directory: its uploads and what it writes, nothing of the runtime's
@@ -175,6 +177,20 @@ def parse_interruption(out: str) -> str | None:
                     return ", ".join(f"{name}: {value}" for name, value in fields.items())
             return notice or "no details"
     return None
+
+
+def parse_old_jobs(out: str) -> tuple[float, list[tuple[int, float, str]]]:
+    """``host.sh old``'s answer: the host's clock, and per old job its size in bytes, when it ended (host clock)
+    and its ``<batch>/<key>``. A line that is not such a job (a name host.sh would never make) is skipped."""
+    lines = out.splitlines()
+    if not lines:
+        raise ValueError("host.sh old printed nothing")
+    rows = []
+    for line in lines[1:]:
+        size, end, rel = line.split(" ", 2)
+        if JOB_REL.fullmatch(rel):
+            rows.append((int(size) * 1024, float(end), rel))
+    return float(lines[0]), rows
 
 
 def parse_env_state(word: str) -> EnvState:

@@ -15,7 +15,6 @@ nothing the client kept.
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from cloudsend_prefect.paths import cloudsend_home
 from cloudsend_prefect.providers import Connections, HostInfo
+from cloudsend_prefect.runtime import HostCommandError, HostRuntime
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "": 86400}
@@ -70,44 +70,20 @@ def client_items(older_than: float) -> list[Item]:
     return items
 
 
-def _q(path: str) -> str:
-    """A host path for a shell line: a leading ``~/`` stays outside the quotes (the shell expands it)."""
-    return "~/" + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
-
-
-# Lists <size KiB> <end epoch> <batch>/<key> of every ended job whose end is older than the cutoff, skipping
-# batches whose lease is live; the host's clock decides both. $1: base dir, $2: minutes.
-_LIST = r"""
-base=$1 min=$2
-now=$(mktemp) || exit 1
-date +%s
-for d in "$base"/jobs/*/*; do
-    [ -f "$d/end" ] || continue
-    b=${d%/*}; b=${b##*/}
-    # shellcheck disable=SC3013 # -nt: in every sh host.sh runs on (it relies on it for leases too)
-    if [ -f "$base/leases/$b" ] && [ "$base/leases/$b" -nt "$now" ]; then continue; fi
-    [ -n "$(find "$d/end" -mmin +"$min" 2>/dev/null)" ] || continue
-    read -r e <"$d/end" || e=0
-    printf '%s %s %s\n' "$(du -sk "$d" | cut -f1)" "${e%%.*}" "${d#"$base"/jobs/}"
-done
-rm -f "$now"
-"""
+def _runtime(host: HostInfo, connections: Connections) -> HostRuntime:
+    """The host's runtime, its script shipped if this version's is missing (the listing is host.sh's)."""
+    runtime = HostRuntime(connections.get(host), host.base_dir, host.cpus, host.gpus)
+    runtime.install()
+    return runtime
 
 
 def host_items(host: HostInfo, older_than: float, connections: Connections) -> list[Item]:
     """A host's ended jobs, of batches no client is running, that ended over ``older_than`` seconds ago."""
-    minutes = max(0, int(older_than // 60))
-    line = f"sh -c {shlex.quote(_LIST)} prune {_q(host.base_dir.rstrip('/'))} {minutes}"
-    result = connections.get(host).run(line, timeout=300)
-    lines = result.stdout.splitlines()
-    if result.exit_code != 0 or not lines:
-        raise RuntimeError(f"{host.name}: listing its jobs failed ({result.exit_code}): {result.stderr.strip()}")
-    now, items = float(lines[0]), []
-    for row in lines[1:]:
-        size, end, rel = row.split(" ", 2)
-        if _REL.fullmatch(rel):  # anything else is not a job record of host.sh's: left alone
-            items.append(Item(host.name, "job", rel, int(size) * 1024, now - int(end)))
-    return items
+    try:
+        now, rows = _runtime(host, connections).old_jobs(int(older_than // 60))
+    except (HostCommandError, ValueError) as exc:
+        raise RuntimeError(f"{host.name}: listing its jobs failed: {exc}") from None
+    return [Item(host.name, "job", rel, size, now - end) for size, end, rel in rows]
 
 
 def remove(items: list[Item], hosts: dict[str, HostInfo], connections: Connections) -> int:
@@ -127,17 +103,9 @@ def remove(items: list[Item], hosts: dict[str, HostInfo], connections: Connectio
         if item.where != "client":
             by_host.setdefault(item.where, []).append(item)
     for name, jobs in by_host.items():
-        host = hosts[name]
-        base = _q(host.base_dir.rstrip("/"))
-        steps = []
-        for job in jobs:
-            assert _REL.fullmatch(job.path)  # checked when listed: no shell word can hide in it
-            d = f"{base}/jobs/{shlex.quote(job.path)}"
-            steps.append(f"if [ -f {d}/end ]; then rm -rf {d}; fi")
-        batches = sorted({job.path.split("/")[0] for job in jobs})
-        steps += [f"rmdir {base}/jobs/{shlex.quote(b)} 2>/dev/null" for b in batches]  # (only if now empty)
-        result = connections.get(host).run("; ".join(steps) + "; true", timeout=600)
-        if result.exit_code != 0:
-            raise RuntimeError(f"{name}: removing old jobs failed ({result.exit_code}): {result.stderr.strip()}")
+        try:
+            _runtime(hosts[name], connections).forget([job.path for job in jobs])
+        except HostCommandError as exc:
+            raise RuntimeError(f"{name}: removing old jobs failed: {exc}") from None
         freed += sum(job.size for job in jobs)
     return freed

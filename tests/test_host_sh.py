@@ -401,3 +401,29 @@ def test_a_spot_interruption_notice_is_printed_as_json_and_read_as_text(tmp_path
     assert protocol.parse_interruption(f"{out}\n") == "action: terminate, time: 2026-01-01T00:00:00Z"
     assert protocol.parse_interruption('{"interruption":""}\n') == "no details"
     assert protocol.parse_interruption('{"key":"a","state":"done"}\n') is None
+
+
+def test_old_lists_ended_jobs_of_batches_no_client_runs_and_forget_removes_only_those(tmp_path: Path) -> None:
+    """``old`` (what prune may remove): ended over the age, lease expired. ``forget`` removes a listed job only
+    if it has still ended, and nothing outside jobs/ whatever name it is given."""
+    base, jobs = tmp_path / "rt", tmp_path / "rt" / protocol.JOBS
+    sh(base, "true")
+    for batch, key, ended in [("b1", "old", True), ("b1", "running", False), ("live", "old", True)]:
+        d = jobs / batch / key
+        d.mkdir(parents=True)
+        (d / "stdout").write_text("x" * 5000)
+        if ended:
+            (d / protocol.END).write_text("1000.5\n")
+            os.utime(d / protocol.END, (time.time() - 7200, time.time() - 7200))
+    sh(base, 'renew live 600 && renew b1 0 && touch -d "@$(($(date +%s) - 60))" "$BASE/$D_LEASES/b1"')
+    now, rows = protocol.parse_old_jobs(sh(base, "old 60"))
+    assert abs(now - time.time()) < 5
+    assert [(end, rel) for _, end, rel in rows] == [(1000.0, "b1/old")]
+    assert rows[0][0] >= 4096  # its size, in bytes
+    assert protocol.parse_old_jobs(sh(base, "old 180"))[1] == []  # not old enough
+    (tmp_path / "outside").mkdir()
+    sh(base, "forget b1/old b1/running ../outside b1/old/x /tmp .hidden/x")
+    assert sorted(p.name for p in (jobs / "b1").iterdir()) == ["running"]  # running: not ended, kept
+    assert (tmp_path / "outside").is_dir() and (jobs / "live" / "old").is_dir()
+    sh(base, "forget live/old")
+    assert not (jobs / "live").exists()  # its batch folder went with its last job

@@ -234,6 +234,20 @@ class HostRuntime:
         killed with their process group; their records end aborted, cancelled. Returns the keys cancelled."""
         return self.call("cancel", batch, *(keys or [])).stdout.split()
 
+    def old_jobs(self, minutes: int) -> tuple[float, list[tuple[int, float, str]]]:
+        """Ended jobs' records older than ``minutes``, of batches no client is running (their lease expired).
+
+        Returns:
+            The host's clock, and per job its size in bytes, its end (host clock) and its ``<batch>/<key>``.
+        """
+        return protocol.parse_old_jobs(self.call("old", str(max(0, int(minutes))), timeout=300).stdout)
+
+    def forget(self, jobs: list[str]) -> None:
+        """Remove these jobs' records (``<batch>/<key>``, as ``old_jobs`` lists them), each only if it has
+        still ended when its turn comes."""
+        if jobs:
+            self.call("forget", *jobs, timeout=600)
+
     def job_dir(self, batch: str, key: str) -> str:
         """The job's record on the host (its status, logs...), out of the job's way."""
         return protocol.job_dir(self.base, batch, key)

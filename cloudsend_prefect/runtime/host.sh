@@ -14,6 +14,9 @@
 #   host.sh env      BASE KEY [nouv]              print an environment's state, starting its build if needed
 #                                                  (or needs-uv OS ARCH: see ensure_env)
 #   host.sh arm      BASE SECONDS                 a client's contact: re-arms an instance's dead-man switch
+#   host.sh old      BASE MINUTES                 the host's clock, then "KIB END BATCH/KEY" per job that ended
+#                                                  over MINUTES ago, of a batch no client runs (cloudsend prune)
+#   host.sh forget   BASE [BATCH/KEY...]          remove those jobs' records, each only if it has still ended
 #   host.sh run|bootstrap|dispatch ...            internal: started by the commands above
 #
 # A job's record (jobs/<batch>/<key>/status) is one JSON line, the JobStatus of cloudsend_prefect/protocol.py:
@@ -1042,6 +1045,38 @@ arm() {
 }
 
 # main COMMAND BASE ARG...: what the client (cloudsend_prefect.runtime.HostRuntime) or host.sh itself asks.
+# old BASE MINUTES: what `cloudsend prune` may remove here. The host's clock first (ages are the host's), then a
+# line per job whose end is over MINUTES old, skipping batches whose lease is live (a client is running them).
+old() {
+    min=$1
+    mark=$(mktemp) || exit 1
+    date +%s
+    for d in "$BASE/$D_JOBS"/*/*; do
+        [ -f "$d/$J_END" ] || continue
+        b=${d%/*}
+        b=${b##*/}
+        # shellcheck disable=SC3013 # -nt: in every sh host.sh runs on (leases rely on it too)
+        if [ -f "$BASE/$D_LEASES/$b" ] && [ "$BASE/$D_LEASES/$b" -nt "$mark" ]; then continue; fi
+        [ -n "$(find "$d/$J_END" -mmin +"$min" 2>/dev/null)" ] || continue
+        e=0
+        read -r e <"$d/$J_END"
+        printf '%s %s %s\n' "$(du -sk "$d" | cut -f1)" "${e%%.*}" "${d#"$BASE/$D_JOBS"/}"
+    done
+    rm -f "$mark"
+}
+
+# forget BASE [BATCH/KEY...]: remove these jobs' records, each only if it has still ended (a rerun may have
+# queued it again since it was listed), then their batch's folder if that is now empty.
+forget() {
+    for rel in "$@"; do
+        case $rel in */*/* | .* | */.* | */ | /*) continue ;; */*) ;; *) continue ;; esac
+        d="$BASE/$D_JOBS/$rel"
+        if [ -f "$d/$J_END" ]; then rm -rf "$d"; fi
+        rmdir "$BASE/$D_JOBS/${rel%%/*}" 2>/dev/null
+    done
+    return 0
+}
+
 main() {
     cmd=$1
     init "$2"
@@ -1049,6 +1084,8 @@ main() {
     case $cmd in
     tick) tick "$@" ;;
     arm) arm "$@" ;;
+    old) old "$@" ;;
+    forget) forget "$@" ;;
     status) status "$@" ;;
     lease) renew "$@" ;;
     cancel) cancel "$@" ;;
