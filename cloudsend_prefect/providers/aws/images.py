@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudsend_prefect.config import BatchConfig, InstanceType
-from cloudsend_prefect.providers.aws.session import AwsError, EC2Client, config_client, error_code
+from cloudsend_prefect.providers.aws.session import AwsError, EC2Client, client, config_client, error_code
 
 UBUNTU_SSM = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 # A GPU type's default: Ubuntu 24.04 with NVIDIA's driver and CUDA installed (AWS's Deep Learning Base AMI).
@@ -60,10 +60,8 @@ def _published_image(
 ) -> str:
     """The newest image of a kind: from the SSM public parameter its publisher keeps current, else the newest of
     the publisher's images by that name (an account without SSM access)."""
-    import boto3
-
     try:
-        ssm = boto3.Session(profile_name=config.profile).client("ssm", region_name=region)
+        ssm = client("ssm", region, credentials=config.aws_credentials, profile=config.profile)
         return str(ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
     except Exception:
         images = ec2.describe_images(Owners=[owner], Filters=[{"Name": "name", "Values": [name]}])["Images"]

@@ -26,6 +26,12 @@ def config_dir() -> Path:
 
 def ec2_client(region: str | None, *, credentials: str | None = None, profile: str | None = None) -> EC2Client:
     """An EC2 client from the named AwsCredentials block, else the profile, else boto3's default chain."""
+    return client("ec2", region, credentials=credentials, profile=profile)
+
+
+def client(service: str, region: str | None, *, credentials: str | None = None, profile: str | None = None) -> Any:
+    """A client of an AWS service (``ec2``, ``ssm``) from the named AwsCredentials block, else the profile, else
+    boto3's default chain: every AWS call of the provider is made with the same credentials."""
     if credentials:
         from prefect_aws import AwsCredentials
 
@@ -34,14 +40,14 @@ def ec2_client(region: str | None, *, credentials: str | None = None, profile: s
             creds = creds.model_copy(update={"region_name": region})
         if not creds.region_name:
             raise AwsError(f"no region: set `region` on the instance type or in block {credentials}")
-        return creds.get_client("ec2")
+        return creds.get_client(service)
     import boto3
 
     session = boto3.Session(profile_name=profile) if profile else boto3.Session()
     region = region or session.region_name
     if not region:
         raise AwsError("no region: set `region` on the instance type, in the AWS profile, or AWS_DEFAULT_REGION")
-    return session.client("ec2", region_name=region)
+    return session.client(service, region_name=region)
 
 
 def config_client(config: BatchConfig, region: str | None) -> EC2Client:
