@@ -762,7 +762,7 @@ class BatchConfig(ClusterSettings, _Strict):
             raise ValueError(f"instances: duplicate name {next(n for n in labels if labels.count(n) > 1)!r}")
         self._check_host_names()
         for i, inst in enumerate(self.instances):
-            provider = inst.provider or self.provider
+            provider = self.provider_of(inst)
             if provider == "ssh" and not inst.host:
                 raise ValueError(f"instances[{i}].host: required for the ssh provider")
             if provider == "ssh" and inst.host_key is not None and inst.accept_new_host_key:
@@ -819,16 +819,20 @@ class BatchConfig(ClusterSettings, _Strict):
         """
         owner: dict[str, int] = {}
         for i, inst in enumerate(self.instances):
-            for name in host_names(inst.name, inst.provider or self.provider, i, inst.number):
+            for name in host_names(inst.name, self.provider_of(inst), i, inst.number):
                 if name in owner and owner[name] != i:
                     raise ValueError(f"instances[{i}]: host name {name!r} is also used by instances[{owner[name]}]")
                 owner[name] = i
+
+    def provider_of(self, inst: InstanceType) -> Provider:
+        """The provider of an instance type: its own ``provider``, else the config's."""
+        return inst.provider or self.provider
 
     def instance_cpus(self, inst: InstanceType) -> int:
         """CPUs of one instance of this type, before any cloud lookup."""
         if inst.cpus is not None:
             return inst.cpus
-        if (inst.provider or self.provider) == "local":
+        if self.provider_of(inst) == "local":
             return os.cpu_count() or 1
         return 1 << 30  # unknown until the provider asks the cloud; checked again at provisioning
 
@@ -837,7 +841,7 @@ class BatchConfig(ClusterSettings, _Strict):
         job asks; its provider knows the type's count, see ``providers.validate``)."""
         if inst.gpus is not None:
             return inst.gpus
-        return MAX_GPUS if (inst.provider or self.provider) == "aws" else 0
+        return MAX_GPUS if self.provider_of(inst) == "aws" else 0
 
     def env_for(self, job: Job) -> Environment | None:
         """The job's environment: the named one, or the only one when there is exactly one."""
@@ -865,7 +869,7 @@ class BatchConfig(ClusterSettings, _Strict):
         self._base_dir = base_dir
         self._source = source
         self._notes = [*notes, *self._provider_notes()]
-        if self.profile is not None and all((inst.provider or self.provider) != "aws" for inst in self.instances):
+        if self.profile is not None and all(self.provider_of(inst) != "aws" for inst in self.instances):
             self._notes.append("'profile' is ignored: it selects AWS credentials and no instance uses the aws provider")
         if self.maestro == "lambda":
             self._notes.append(
@@ -876,7 +880,7 @@ class BatchConfig(ClusterSettings, _Strict):
     def _provider_notes(self) -> list[str]:
         notes = []
         for i, inst in enumerate(self.instances):
-            provider = inst.provider or self.provider
+            provider = self.provider_of(inst)
             # only keys given a value other than their default: `eco: False` or `region: None` asks for nothing
             given = [k for k in inst.model_fields_set if getattr(inst, k) != InstanceType.model_fields[k].default]
             unused = [k for k in given if k in AWS_ONLY_KEYS] if provider != "aws" else []

@@ -304,7 +304,7 @@ def _check_key_files(config: BatchConfig) -> None:
     directory), so that is where it must exist; the config's directory is tried only to say what went wrong.
     """
     for i, inst in enumerate(config.instances):
-        if (inst.provider or config.provider) != "ssh" or not inst.key_file:
+        if config.provider_of(inst) != "ssh" or not inst.key_file:
             continue
         field = f"instances[{i}].key_file"
         path = Path(os.path.expanduser(inst.key_file))

@@ -35,7 +35,6 @@ __all__ = [
     "places",
     "plan",
     "project_providers",
-    "provider_of",
     "provision_all",
     "quote",
     "release",
@@ -53,11 +52,6 @@ def get_provider(name: str) -> Provider:
     return module
 
 
-def provider_of(config: BatchConfig, inst: InstanceType) -> str:
-    """The provider of an instance type: its own, else the config's."""
-    return inst.provider or config.provider
-
-
 def validate(config: BatchConfig) -> None:
     """The checks only providers can make of a loaded config, run where the batch is loaded, before anything is
     created: each instance type's own (aws: a type, a known address kind), then that every job fits an instance
@@ -68,8 +62,8 @@ def validate(config: BatchConfig) -> None:
     """
     try:
         for index, inst in enumerate(config.instances):
-            get_provider(provider_of(config, inst)).validate(config, index, inst)
-        config.check_fit([get_provider(provider_of(config, inst)).shape(config, inst) for inst in config.instances])
+            get_provider(config.provider_of(inst)).validate(config, index, inst)
+        config.check_fit([get_provider(config.provider_of(inst)).shape(config, inst) for inst in config.instances])
     except ValueError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
 
@@ -80,7 +74,7 @@ def plan(config: BatchConfig) -> list[PlannedHost]:
     return [
         host
         for index, inst in enumerate(config.instances)
-        for host in get_provider(provider_of(config, inst)).plan(config, index, inst)
+        for host in get_provider(config.provider_of(inst)).plan(config, index, inst)
     ]
 
 
@@ -88,7 +82,7 @@ def provision_all(config: BatchConfig, connections: Connections, *, create: bool
     """Hosts of every instance type; if one provider fails, what the others provided is released first."""
     by_provider: dict[str, list[tuple[int, InstanceType]]] = defaultdict(list)
     for index, inst in enumerate(config.instances):
-        by_provider[provider_of(config, inst)].append((index, inst))
+        by_provider[config.provider_of(inst)].append((index, inst))
     hosts: list[HostInfo] = []
     try:
         for name, insts in by_provider.items():
@@ -173,7 +167,7 @@ def project_providers(config: BatchConfig, *, from_file: bool) -> list[str]:
     """The providers a project's fleet commands ask: a config file's own; a bare project name (no file) may
     have machines with every provider that creates them."""
     if from_file:
-        return list(dict.fromkeys(provider_of(config, inst) for inst in config.instances))
+        return list(dict.fromkeys(config.provider_of(inst) for inst in config.instances))
     return [name for name in get_args(ProviderName) if creates_hosts(name)]
 
 

@@ -84,5 +84,5 @@ def machines(config: BatchConfig, asked: list[str] | None) -> list[dict[str, Any
     return [
         {"provider": "local", "name": host_name(inst.name, "local", i), "state": "this machine"}
         for i, inst in enumerate(config.instances)
-        if (inst.provider or config.provider) == "local"
+        if config.provider_of(inst) == "local"
     ]

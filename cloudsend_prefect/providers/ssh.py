@@ -110,5 +110,5 @@ def machines(config: BatchConfig, asked: list[str] | None) -> list[dict[str, Any
             "address": f"{inst.user + '@' if inst.user else ''}{inst.host}:{inst.port}",
         }
         for i, inst in enumerate(config.instances)
-        if (inst.provider or config.provider) == "ssh"
+        if config.provider_of(inst) == "ssh"
     ]

@@ -25,7 +25,7 @@ def regions_of(config: BatchConfig, asked: list[str] | None) -> list[str | None]
     """The regions to look in: those asked for, else the config's aws instance types' (else the default one)."""
     if asked:
         return [*asked]
-    found: set[str | None] = {i.region for i in config.instances if (i.provider or config.provider) == "aws"}
+    found: set[str | None] = {i.region for i in config.instances if config.provider_of(i) == "aws"}
     return sorted(found, key=str) or [None]
 
 
