@@ -97,4 +97,6 @@ def test_thirty_hosts_cost_one_round_trip_per_host_per_poll(tmp_path: Path) -> N
     setup = 4  # per host: look for the runtime, send it, make it private, read what the host holds of the batch
     commands = {host: summary.round_trips[host] - 2 * jobs - setup for host, jobs in per_host.items()}
     print(f"wall {wall:.1f}s, job phase {phase:.1f}s: {polls:.0f} polls; commands per host {sorted(commands.values())}")
-    assert max(commands.values()) <= polls + 4, commands  # a few stages between polls, while tasks trickle in
+    # A few stages between polls, while tasks trickle in: more of them on a loaded machine (CI measured 56 for 52
+    # polls; a second round trip per poll would be over 100).
+    assert max(commands.values()) <= 1.1 * polls + 4, commands
