@@ -312,7 +312,7 @@ def _find_jobs(
     found: dict[str, tuple[str, JobStatus]] = {}
     runtimes = {}
     for host in provision_all(cfg, connections, create=False):
-        runtime = HostRuntime(connections.get(host), host.base_dir, host.cpus, host.gpus)
+        runtime = HostRuntime.for_host(host, connections, watching=False)
         try:
             states = runtime.status(batch)
         except (TransportError, OSError) as exc:
@@ -531,7 +531,7 @@ def cancel(
     names = {s.key: s.name for s in specs}
     with Connections() as connections:
         for host in provision_all(cfg, connections, create=False):
-            cancelled = HostRuntime(connections.get(host), host.base_dir, host.cpus, host.gpus).cancel(name, keys)
+            cancelled = HostRuntime.for_host(host, connections, watching=False).cancel(name, keys)
             for key in cancelled:
                 out.print(f"{host.name}: cancelled {escape(names.get(key, key))}")
 
@@ -548,7 +548,7 @@ def down(
 ) -> None:
     """Remove everything a project created on AWS (instances, security group, key pair), found by its tags."""
     cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
-    names = [p for p in providers.project_providers(cfg, from_file=config is not None) if providers.creates_hosts(p)]
+    names = providers.project_providers(cfg, from_file=config is not None, creating=True)
     where = ", ".join(r or "the default region" for r in providers.places(cfg, names, region))
     if not yes and not typer.confirm(f"Terminate every instance of project {cfg.project} in {where}?"):
         raise typer.Exit(1)
@@ -632,7 +632,7 @@ def _set_running(
     exec_python_config: bool,
 ) -> None:
     cfg = _project_config(config, project, exec_python_config, aws_credentials=aws_credentials, profile=profile)
-    names = [p for p in providers.project_providers(cfg, from_file=config is not None) if providers.creates_hosts(p)]
+    names = providers.project_providers(cfg, from_file=config is not None, creating=True)
     if not names:
         console.print(f"[yellow]note:[/yellow] project {cfg.project} has no aws instance type: nothing to do")
         return
@@ -772,10 +772,9 @@ def init(
     out.print(f"wrote {path} and {schema}; try `cloudsend validate {path}` then `cloudsend run {path}`")
 
 
-if __name__ == "__main__":
-    app()
-
-
 # The controller instance and remote batches (controller_cli.py).
 app.add_typer(controller_cli.app, name="controller")
 app.command()(controller_cli.fetch)
+
+if __name__ == "__main__":
+    app()

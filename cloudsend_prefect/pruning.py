@@ -72,7 +72,7 @@ def client_items(older_than: float) -> list[Item]:
 
 def _runtime(host: HostInfo, connections: Connections) -> HostRuntime:
     """The host's runtime, its script shipped if this version's is missing (the listing is host.sh's)."""
-    runtime = HostRuntime(connections.get(host), host.base_dir, host.cpus, host.gpus)
+    runtime = HostRuntime.for_host(host, connections, watching=False)
     runtime.install()
     return runtime
 

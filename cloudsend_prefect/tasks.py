@@ -30,8 +30,6 @@ from cloudsend_prefect.transport import FileRefused, TransportError
 class BootstrapFailed(RuntimeError):
     """An environment did not build on a host: the bootstrap task fails with the end of the build's log in it."""
 
-    pass
-
 
 @task(name="provision", cache_policy=NO_CACHE)
 def provision(config: BatchConfig, connections: Connections) -> list[HostInfo]:

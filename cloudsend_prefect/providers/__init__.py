@@ -163,11 +163,13 @@ def cost_report(hosts: Sequence[HostInfo], seconds: float | Mapping[str, float])
     return estimate([quotes[h.name] for h in billed], seconds)
 
 
-def project_providers(config: BatchConfig, *, from_file: bool) -> list[str]:
+def project_providers(config: BatchConfig, *, from_file: bool, creating: bool = False) -> list[str]:
     """The providers a project's fleet commands ask: a config file's own; a bare project name (no file) may
-    have machines with every provider that creates them."""
+    have machines with every provider that creates them. ``creating``: only providers that create hosts (what
+    can be stopped, started or removed)."""
     if from_file:
-        return list(dict.fromkeys(config.provider_of(inst) for inst in config.instances))
+        names: list[str] = list(dict.fromkeys(config.provider_of(inst) for inst in config.instances))
+        return [name for name in names if creates_hosts(name)] if creating else names
     return [name for name in get_args(ProviderName) if creates_hosts(name)]
 
 

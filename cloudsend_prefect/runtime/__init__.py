@@ -65,13 +65,21 @@ class HostRuntime:
         self._sizes: dict[str, int] = {}
 
     @classmethod
-    def for_host(cls, info: HostInfo, connections: Connections) -> HostRuntime:
-        """The runtime of a batch's host, as its provider describes it: a cloud instance's dead-man switch is
-        re-armed at each install, and a spot instance's interruption notice read every ``SPOT_CHECK`` seconds
-        of ticks. (Someone merely looking at a host, as ``cloudsend status`` does, makes a plain one.) Its
-        connection is the run's, from ``connections``."""
-        care = upkeep(info)
+    def for_host(cls, info: HostInfo, connections: Connections, *, watching: bool = True) -> HostRuntime:
+        """The runtime of a host, its connection the one in ``connections``.
+
+        Args:
+            info: The host, as its provider describes it.
+            connections: The pool of the run (or command) that reaches the host.
+            watching: The batch's own client: it also keeps the host's upkeep (a cloud instance's dead-man
+                switch re-armed at each install, a spot instance's interruption notice read every
+                ``SPOT_CHECK`` seconds of ticks). Someone looking at a host or acting on it once (``cloudsend
+                status``, ``cancel``, ``prune``) does neither.
+        """
         transport = connections.get(info)
+        if not watching:
+            return cls(transport, info.base_dir, info.cpus, info.gpus)
+        care = upkeep(info)
         return cls(transport, info.base_dir, info.cpus, info.gpus, idle=care.idle_seconds, imds=care.notices)
 
     def _q(self, path: str) -> str:
