@@ -231,8 +231,10 @@ def cloudsend(
         if dispatcher is not None:
             dispatcher.stop()
         trips = {host.name: connections.get(host).round_trips for host in hosts}
-        teardown(hosts, cfg, connections)
-        connections.close_all()
+        try:
+            teardown(hosts, cfg, connections)
+        finally:  # a teardown that failed leaves no connection open either
+            connections.close_all()
         ended = time.time()
         usage = measure(results.values(), {job.key: job.cpus for job in specs}, hosts, ended - provisioning)
         billed = fleet.billed(provisioning, ended) if fleet is not None else {h.name: usage.seconds for h in hosts}
@@ -280,7 +282,7 @@ def run_batch(resolved: Batch | None = None, *, listeners: Sequence[Listener] = 
         The batch's summary.
 
     Raises:
-        ConfigError: Without ``batch``, the parameters name no valid batch.
+        ConfigError: Without ``resolved``, the parameters name no valid batch.
         Exception: Whatever else stops the flow itself (no host, for one).
     """
     token = _given.set(_Given(batch=resolved, listeners=tuple(listeners)))
