@@ -131,7 +131,7 @@ class Wire:
 def wire(aws_env: AwsEnv, monkeypatch: pytest.MonkeyPatch) -> Wire:
     """Record (and optionally answer) every EC2 call the provider makes."""
     recorder = Wire()
-    real = aws_session.ec2_client
+    real = aws_session.client  # every AWS client of the provider is made there
 
     def client(*args: Any, **kwargs: Any) -> Any:
         made = real(*args, **kwargs)
@@ -139,7 +139,7 @@ def wire(aws_env: AwsEnv, monkeypatch: pytest.MonkeyPatch) -> Wire:
         made.meta.events.register("after-call.ec2", recorder.after)
         return made
 
-    monkeypatch.setattr(aws_session, "ec2_client", client)
+    monkeypatch.setattr(aws_session, "client", client)
     return recorder
 
 
@@ -452,7 +452,7 @@ def test_io_volume_types_get_the_iops_ec2_requires() -> None:
         "BlockDeviceMappings": [{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-1", "VolumeType": "gp2"}}],
     }
     want = aws_launch.Want("0", 2, 0, "aws-0")
-    params = aws_launch.run_params(config, config.instances[0], image, "k", "sg-1", want, "c")
+    params = aws_launch.run_params(config, config.instances[0], image, "k", "sg-1", want.rank, "c")
     (mapping,) = params["BlockDeviceMappings"]
     assert mapping["DeviceName"] == "/dev/xvda"
     assert mapping["Ebs"] == {
@@ -471,12 +471,13 @@ def test_second_run_reuses_instances_by_tags_and_creates_none(
     config = make_config(tmp_path, "reuse", [instance(ami, number=2)])
     first = provision(config)
     assert all(h.created for h in first)
-    created = len(wire.sent("RunInstances"))
+    created, images = len(wire.sent("RunInstances")), len(wire.sent("DescribeImages"))
     assert created == 2
     second = provision(config)
     assert [h.machine_id for h in second] == [h.machine_id for h in first]
     assert not any(h.created for h in second)  # reused: not this run's to remove
     assert len(wire.sent("RunInstances")) == created
+    assert len(wire.sent("DescribeImages")) == images  # nothing to launch: no image looked up
     assert len(described("reuse")) == 2
 
     # What the machine is changed (another disk size): never reused for it, a new one is made.

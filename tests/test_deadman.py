@@ -29,7 +29,7 @@ import yaml
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.providers import Upkeep, aws
 from cloudsend_prefect.providers.aws import boot as aws_boot
-from cloudsend_prefect.providers.aws import hosts as aws_hosts
+from cloudsend_prefect.providers.models import REMOTE_BASE_DIR
 from cloudsend_prefect.runtime import HostRuntime
 from tests.host_runtime import job
 from tests.moto_server import CONNECTIONS, AwsEnv, ec2
@@ -196,7 +196,7 @@ def test_a_stopped_and_started_instance_still_carries_its_switch_and_is_rearmed(
     # The client re-arms it as it connects, with the limit of its own config.
     assert aws.upkeep(host) == Upkeep(idle_seconds=300, notices=None)  # on demand: no spot notices to read
     sshd = aws_env.resolver.host_for("0")
-    contact = sshd.home / aws_hosts.REMOTE_DIR / "contact"
+    contact = sshd.home / REMOTE_BASE_DIR / "contact"
     contact.unlink(missing_ok=True)
     before = time.time()
     HostRuntime.for_host(host, CONNECTIONS).install()

@@ -455,7 +455,7 @@ def test_a_folder_without_the_file_is_refused_before_anything_runs(tmp_path: Pat
 
 
 # -- the aws provider's login user, per image -------------------------------------------------------------------
-def test_img_username_defaults_to_the_images_own_user(aws_env, tmp_path: Path) -> None:
+def test_img_username_defaults_to_the_images_own_user(aws_env) -> None:
     """Ubuntu images log in as ubuntu, Debian's as admin, Amazon Linux's as ec2-user; `img_username` overrides."""
     from tests.moto_server import ec2, linux_ami
 
@@ -465,14 +465,9 @@ def test_img_username_defaults_to_the_images_own_user(aws_env, tmp_path: Path) -
     debian = client.register_image(
         Name="debian-12-amd64-20251001-2250", Description="Debian 12 (20251001-2250)", RootDeviceName="/dev/xvda"
     )["ImageId"]
-    path = write_config(
-        tmp_path, {"provider": "aws", "instances": [{"type": "t3.micro", "region": aws_env.region}], "jobs": []}
-    )
-    config = load_config(path)
-    inst = config.instances[0]
-    users = {image: aws_images.image_user(config, inst, aws_env.region, image) for image in (ubuntu, debian)}
+    users = {image: aws_images.image_user(client, aws_env.region, image) for image in (ubuntu, debian)}
     users[amazon["Images"][0]["ImageId"]] = aws_images.image_user(
-        config, inst, aws_env.region, amazon["Images"][0]["ImageId"]
+        client, aws_env.region, amazon["Images"][0]["ImageId"]
     )
     assert sorted(users.values()) == ["admin", "ec2-user", "ubuntu"]
     assert users[ubuntu] == "ubuntu" and users[debian] == "admin"

@@ -26,6 +26,7 @@ from cloudsend_prefect import runtime
 from cloudsend_prefect.providers import aws
 from cloudsend_prefect.providers.aws import hosts as aws_hosts
 from cloudsend_prefect.providers.aws import spot as aws_spot
+from cloudsend_prefect.providers.models import REMOTE_BASE_DIR
 from cloudsend_prefect.runtime import FINAL_STATES
 from tests.faults import Fault, assert_done_once, counted_jobs, forget_batch, host_statuses, wait_for, write_config
 from tests.moto_server import AwsEnv
@@ -143,7 +144,7 @@ def test_a_spot_notice_moves_the_hosts_jobs_to_the_other_at_once(
     )
     aws_env.resolver.slots.update({"0.0": 0, "0.1": 1})
     monkeypatch.setattr(runtime, "SPOT_CHECK", 0.5)  # read every 0.5 s (5 s by default): a shorter test
-    jobs_dirs = {f"aws-0.{i}": sshd_hosts[i].home / aws_hosts.REMOTE_DIR / "jobs" / project for i in range(2)}
+    jobs_dirs = {f"aws-0.{i}": sshd_hosts[i].home / REMOTE_BASE_DIR / "jobs" / project for i in range(2)}
     at_notice: dict[str, dict[str, Any]] = {}
 
     def first_wave_running() -> bool:
@@ -164,7 +165,7 @@ def test_a_spot_notice_moves_the_hosts_jobs_to_the_other_at_once(
 
     def cleanup() -> None:
         for host in sshd_hosts[:2]:
-            forget_batch(host.home / aws_hosts.REMOTE_DIR, project)
+            forget_batch(host.home / REMOTE_BASE_DIR, project)
 
     summary = run_with_fault(config, results, Fault(announce), cleanup)
     assert_done_once(summary, counters, results / project, 12)

@@ -65,7 +65,7 @@ def provision(
             name=planned.name,
             provider="local",
             cpus=planned.cpus,
-            gpus=inst.gpus or 0,
+            gpus=planned.gpus,
             base_dir=str(home / planned.name),
             pass_env=config.pass_env,
         )

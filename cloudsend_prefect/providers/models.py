@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 HostHealth = Literal["running", "stopped", "terminated", "unreachable", "unknown"]
+REMOTE_BASE_DIR = ".cloudsend"  # a remote host's runtime folder unless the config names one: in the login's home
 
 
 class HostInfo(BaseModel):

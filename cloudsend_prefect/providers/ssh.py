@@ -7,7 +7,7 @@ from typing import Any
 from cloudsend_prefect.config import BatchConfig, InstanceType
 from cloudsend_prefect.naming import host_name
 from cloudsend_prefect.providers.connections import Connections
-from cloudsend_prefect.providers.models import HostHealth, HostInfo, PlannedHost
+from cloudsend_prefect.providers.models import REMOTE_BASE_DIR, HostHealth, HostInfo, PlannedHost
 from cloudsend_prefect.providers.own import (
     CREATES_HOSTS,
     down,
@@ -40,8 +40,6 @@ __all__ = [
     "validate",
 ]
 
-DEFAULT_REMOTE_DIR = ".cloudsend"  # relative to the login user's home
-
 
 def validate(config: BatchConfig, index: int, inst: InstanceType) -> None:
     """Nothing to check beyond the config's own checks (a host, one machine per entry)."""
@@ -66,7 +64,7 @@ def provision(
             provider="ssh",
             cpus=inst.cpus or 1,
             gpus=inst.gpus or 0,
-            base_dir=inst.remote_dir or DEFAULT_REMOTE_DIR,
+            base_dir=inst.remote_dir or REMOTE_BASE_DIR,
             address=inst.host,
             port=inst.port,
             user=inst.user,

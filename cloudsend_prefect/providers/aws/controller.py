@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 from cloudsend_prefect.config import BatchConfig
-from cloudsend_prefect.providers.aws.boot import user_data
 from cloudsend_prefect.providers.aws.hosts import host_info
 from cloudsend_prefect.providers.aws.images import resolve_image, shape_of
 from cloudsend_prefect.providers.aws.instances import InstanceView, teardown_region, view
@@ -54,12 +53,8 @@ def ensure_controller(config: BatchConfig, busy: str, connections: Connections) 
         if instance is None:
             image = resolve_image(ec2, config, inst, region)
             cluster = cluster_hash(inst, region)
-            want = _controller_want(config, ec2, inst.type or "")
-            params = {
-                **run_params(config, inst, image, key, group, want, cluster),
-                "UserData": user_data(config, busy),
-            }
-            params.pop("InstanceMarketOptions", None)  # on-demand: a controller preempted mid-batch helps no one
+            # On-demand (the settings' instance type is never spot): a controller preempted mid-batch helps no one.
+            params = run_params(config, inst, image, key, group, CONTROLLER_RANK, cluster, busy)
             instance = launch_instance(ec2, params, [inst.type or "", *inst.fallback_types], subnets, launches, cluster)
             launches.created.append((ec2, instance["InstanceId"]))
             log.info("created controller %s (%s)", instance["InstanceId"], instance["InstanceType"])
@@ -72,7 +67,7 @@ def ensure_controller(config: BatchConfig, busy: str, connections: Connections) 
         )
         (instance,) = describe(ec2, [instance_id])
         want = _controller_want(config, ec2, instance.get("InstanceType") or inst.type or "")
-        host = host_info(config, inst, 0, want, instance, region, created)
+        host = host_info(ec2, config, inst, want, instance, region, created)
         launches.contacted.append(host)
         wait_for_ssh(host, connections)
     except BaseException:
@@ -96,7 +91,7 @@ def controller_host(config: BatchConfig) -> HostInfo | None:
     if instance is None or instance["State"]["Name"] != "running":
         return None
     want = _controller_want(config, ec2, instance.get("InstanceType") or inst.type or "")
-    return host_info(config, inst, 0, want, instance, ec2.meta.region_name)
+    return host_info(ec2, config, inst, want, instance, ec2.meta.region_name)
 
 
 def remove_controller(config: BatchConfig, *, terminate: bool) -> str | None:

@@ -14,11 +14,8 @@ from cloudsend_prefect.providers.aws.boot import idle_seconds
 from cloudsend_prefect.providers.aws.images import image_user
 from cloudsend_prefect.providers.aws.keys import key_path
 from cloudsend_prefect.providers.aws.launch import Want
-from cloudsend_prefect.providers.aws.session import AwsError, EC2Client, config_dir
-from cloudsend_prefect.providers.base import HostInfo
-
-REMOTE_DIR = ".cloudsend"
-# The instance metadata service as an instance sees it; host.sh reads spot interruption notices there (IMDSv2).
+from cloudsend_prefect.providers.aws.session import EC2Client, config_dir
+from cloudsend_prefect.providers.models import REMOTE_BASE_DIR, HostInfo
 
 
 class AwsHost(BaseModel):
@@ -63,19 +60,17 @@ def by_region(hosts: list[HostInfo]) -> dict[str | None, list[HostInfo]]:
 
 
 def host_info(
+    ec2: EC2Client,
     config: BatchConfig,
     inst: InstanceType,
-    index: int,
     want: Want,
     instance: dict[str, Any],
     region: str,
     created: bool = False,
 ) -> HostInfo:
-    """The host of an EC2 instance (a ``describe_instances`` entry) for ``want`` (its name, CPUs and GPUs)."""
-    resolver = ADDRESS_RESOLVERS.get(inst.address)
-    if resolver is None:
-        raise AwsError(f"instances[{index}].address: unknown {inst.address!r} (known: {', '.join(ADDRESS_RESOLVERS)})")
-    endpoint = resolver(instance)
+    """The host of an EC2 instance (a ``describe_instances`` entry, from ``ec2``) for ``want`` (its name, CPUs
+    and GPUs). The instance type's ``address`` kind is known (``validate`` checked it)."""
+    endpoint = ADDRESS_RESOLVERS[inst.address](instance)
     known_hosts = config_dir() / "known_hosts" / instance["InstanceId"]
     known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     is_spot = instance.get("InstanceLifecycle") == "spot"
@@ -93,10 +88,10 @@ def host_info(
         provider="aws",
         cpus=want.cpus,
         gpus=want.gpus,
-        base_dir=REMOTE_DIR,
+        base_dir=REMOTE_BASE_DIR,
         address=endpoint.host,
         port=endpoint.port,
-        user=endpoint.user or inst.img_username or image_user(config, inst, region, instance.get("ImageId")),
+        user=endpoint.user or inst.img_username or image_user(ec2, region, instance.get("ImageId")),
         key_file=endpoint.key_file or str(key_path(config, region)),
         # A new instance's key is trusted on first contact and pinned per instance id from then on
         # (addresses are recycled between instances, so they cannot key the pin).

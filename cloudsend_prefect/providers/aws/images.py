@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudsend_prefect.config import BatchConfig, InstanceType
-from cloudsend_prefect.providers.aws.session import AwsError, EC2Client, client, config_client, error_code
+from cloudsend_prefect.providers.aws.session import AwsError, EC2Client, config_client, error_code
 
 UBUNTU_SSM = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
-# A GPU type's default: Ubuntu 24.04 with NVIDIA's driver and CUDA installed (AWS's Deep Learning Base AMI).
 # A GPU type's default: Ubuntu 24.04 with NVIDIA's driver and CUDA installed (AWS's Deep Learning Base AMI).
 GPU_IMAGE_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
 GPU_IMAGE_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04)*"
@@ -61,7 +60,7 @@ def _published_image(
     """The newest image of a kind: from the SSM public parameter its publisher keeps current, else the newest of
     the publisher's images by that name (an account without SSM access)."""
     try:
-        ssm = client("ssm", region, credentials=config.aws_credentials, profile=config.profile)
+        ssm = config_client(config, region, "ssm")
         return str(ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
     except Exception:
         images = ec2.describe_images(Owners=[owner], Filters=[{"Name": "name", "Values": [name]}])["Images"]
@@ -97,13 +96,14 @@ def login_user(image: dict[str, Any]) -> str:
     return next((user for word, user in IMAGE_USERS if word in text), DEFAULT_USER)
 
 
-def image_user(config: BatchConfig, inst: InstanceType, region: str, image_id: str | None) -> str:
-    """The login user of the image an instance was booted from (its id is all the instance says of it)."""
+def image_user(ec2: EC2Client, region: str, image_id: str | None) -> str:
+    """The login user of the image an instance was booted from (its id is all the instance says of it), asked of
+    ``ec2`` (the client of the instance's region) once per image."""
     if not image_id:
         return DEFAULT_USER
     if (region, image_id) not in _image_users:
         try:
-            images = config_client(config, inst.region).describe_images(ImageIds=[image_id])["Images"]
+            images = ec2.describe_images(ImageIds=[image_id])["Images"]
         except Exception as exc:  # an image deregistered since: its instances keep running
             if not error_code(exc).startswith("InvalidAMIID"):
                 raise

@@ -182,8 +182,7 @@ def machine_rows(config: BatchConfig, regions: list[str | None]) -> list[dict[st
     rows: list[dict[str, Any]] = []
     now = time.time()
     for seen in list_instances(config, regions):
-        running = seen.state == "running" and seen.launched is not None
-        uptime = now - seen.launched if running and seen.launched is not None else None
+        uptime = now - seen.launched if seen.state == "running" and seen.launched is not None else None
         price = on_demand_price(seen.instance_type)
         rows.append(
             {

@@ -93,20 +93,28 @@ def _root_volume(mapped: dict[str, Any], size: int | None, volume_type: str | No
 
 
 def run_params(
-    config: BatchConfig, inst: InstanceType, image: dict[str, Any], key: str, group: str, want: Want, cluster: str
+    config: BatchConfig,
+    inst: InstanceType,
+    image: dict[str, Any],
+    key: str,
+    group: str,
+    rank: str,
+    cluster: str,
+    busy: str | None = None,
 ) -> dict[str, Any]:
     """The run_instances parameters of one host of an instance type: image, root volume, key, security group,
-    metadata service (IMDSv2 only), shutdown behaviour, user data, tags and, for spot, the market options."""
+    metadata service (IMDSv2 only), shutdown behaviour, user data (``busy``: see ``boot.user_data``), tags
+    (``rank`` among them) and, for spot, the market options."""
     root_name = image.get("RootDeviceName", "/dev/sda1")
     # The image's own root volume (snapshot, size), resized or retyped as asked, on its real device name.
     mappings = image.get("BlockDeviceMappings", [])
     mapped: dict[str, Any] = next((m.get("Ebs", {}) for m in mappings if m["DeviceName"] == root_name), {})
     root = _root_volume(mapped, inst.disk_size, inst.disk_type)
     tags = [
-        {"Key": "Name", "Value": f"cloudsend-{config.project}-{want.rank}"},
+        {"Key": "Name", "Value": f"cloudsend-{config.project}-{rank}"},
         {"Key": TAG_PROJECT, "Value": config.project},
         {"Key": TAG_CLUSTER, "Value": cluster},
-        {"Key": TAG_RANK, "Value": want.rank},
+        {"Key": TAG_RANK, "Value": rank},
     ]
     params: dict[str, Any] = {
         "ImageId": image["ImageId"],
@@ -116,7 +124,7 @@ def run_params(
         "SecurityGroupIds": [group],
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
         "InstanceInitiatedShutdownBehavior": "terminate" if config.auto_stop == "terminate" or inst.eco else "stop",
-        "UserData": user_data(config),
+        "UserData": user_data(config, busy),
         "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
     }
     if inst.disk_size or inst.disk_type:

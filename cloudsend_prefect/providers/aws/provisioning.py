@@ -56,9 +56,9 @@ def provision_type(
     launches: Launches,
     only: Want | None = None,
 ) -> list[HostInfo]:
-    """The hosts of one instance type (``only``: just this one of them), waited for until SSH answers."""
-    if not inst.type:
-        raise AwsError(f"instances[{index}].type: required for the aws provider (e.g. t3.large)")
+    """The hosts of one instance type (``only``: just this one of them), waited for until SSH answers. The
+    instance type was checked by ``validate`` (it has a ``type``, a known ``address``)."""
+    assert inst.type is not None  # validate refuses an aws instance type without one
     ec2 = config_client(config, inst.region)
     region = ec2.meta.region_name
     cluster = cluster_hash(inst, region)
@@ -78,13 +78,15 @@ def provision_type(
     existing = {tag(i, TAG_RANK): i for i in find(ec2, config.project, cluster)}
     if not create:
         return [
-            host_info(config, inst, index, fitted(w, existing[w.rank]), existing[w.rank], region)
+            host_info(ec2, config, inst, fitted(w, existing[w.rank]), existing[w.rank], region)
             for w in wants
             if w.rank in existing
         ]
     key, _ = ensure_key(ec2, config, region)
     group, subnets = ensure_network(ec2, config, inst)
-    image = resolve_image(ec2, config, inst, region, gpus=shapes[inst.type].gpus)
+    # The image is looked up (SSM, describe_images) only when an instance is to be launched, not to reuse some.
+    missing = any(w.rank not in existing for w in wants)
+    image = resolve_image(ec2, config, inst, region, gpus=shapes[inst.type].gpus) if missing else None
     # A pending one is waited for below with the new ones; only stopping or stopped ones need a start.
     stopped = [
         i["InstanceId"] for w in wants if (i := existing.get(w.rank)) and i["State"]["Name"] in ("stopping", "stopped")
@@ -96,7 +98,8 @@ def provision_type(
         if want.rank in existing:
             log.info("reusing %s for rank %s", existing[want.rank]["InstanceId"], want.rank)
             return existing[want.rank]
-        params = run_params(config, inst, image, key, group, want, cluster)
+        assert image is not None  # looked up above, as this rank was missing
+        params = run_params(config, inst, image, key, group, want.rank, cluster)
         instance = launch_instance(ec2, params, [inst.type or "", *inst.fallback_types], subnets, launches, cluster)
         with launches.lock:
             launches.created.append((ec2, instance["InstanceId"]))
@@ -107,12 +110,10 @@ def provision_type(
         launched = list(pool.map(one, wants))
     ids = [i["InstanceId"] for i in launched]
     ec2.get_waiter("instance_running").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-    described = {
-        i["InstanceId"]: i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]
-    }
+    described = {i["InstanceId"]: i for i in describe(ec2, ids)}
     fresh = {instance_id for _, instance_id in launches.created}
     hosts = [
-        host_info(config, inst, index, fitted(w, i), described[i["InstanceId"]], region, i["InstanceId"] in fresh)
+        host_info(ec2, config, inst, fitted(w, i), described[i["InstanceId"]], region, i["InstanceId"] in fresh)
         for w, i in zip(wants, launched, strict=True)
     ]
     launches.contacted += hosts

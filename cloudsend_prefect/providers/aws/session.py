@@ -50,9 +50,10 @@ def client(service: str, region: str | None, *, credentials: str | None = None, 
     return session.client(service, region_name=region)
 
 
-def config_client(config: BatchConfig, region: str | None) -> EC2Client:
-    """An EC2 client for ``region`` with the config's credentials (its block, else its profile)."""
-    return ec2_client(region, credentials=config.aws_credentials, profile=config.profile)
+def config_client(config: BatchConfig, region: str | None, service: str = "ec2") -> EC2Client:
+    """A client of ``service`` (EC2 by default) for ``region`` with the config's credentials (its block, else its
+    profile)."""
+    return client(service, region, credentials=config.aws_credentials, profile=config.profile)
 
 
 def error_code(exc: Exception) -> str:
