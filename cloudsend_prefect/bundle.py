@@ -46,14 +46,12 @@ def pack(
     batch = resolved or resolve_batch(config_path, allow_exec=allow_exec)
     config, specs = batch.config, batch.jobs
     base = Path(os.path.abspath(config.base_dir))
-    named = [Path(os.path.abspath(config_path))]
+    config_file = Path(os.path.abspath(config_path))
+    named = [config_file]
     for f in {f.rel: f for spec in specs for f in spec.files}.values():
         # rel is the file's path under the config's folder, or only its name for a file elsewhere
         if not (base / f.rel).is_file() or not os.path.samefile(base / f.rel, f.local):
-            raise ConfigError(
-                f"{config.source}: {f.local} is outside the config's folder ({base}): a remote batch is sent the "
-                "config's folder only; move the file there"
-            )
+            raise _outside(config.source, f.local, base)
         named.append(base / f.rel)
     named += env_paths(config)
     files: dict[str, str] = {}
@@ -63,10 +61,7 @@ def pack(
         try:
             rel = path.relative_to(base).as_posix()
         except ValueError:
-            raise ConfigError(
-                f"{config.source}: {path} is outside the config's folder ({base}): a remote batch is sent the "
-                "config's folder only; move the file there"
-            ) from None
+            raise _outside(config.source, path, base) from None
         data = base64.b64encode(zlib.compress(path.read_bytes(), 9)).decode()
         size += len(data)
         if size > max_bytes:
@@ -78,8 +73,14 @@ def pack(
         files[rel] = data
         if os.access(path, os.X_OK):
             executable.append(rel)
-    return Bundle(
-        config=Path(os.path.abspath(config_path)).relative_to(base).as_posix(), files=files, executable=executable
+    return Bundle(config=config_file.relative_to(base).as_posix(), files=files, executable=executable)
+
+
+def _outside(source: str, path: Path | str, base: Path) -> ConfigError:
+    """The error for a file a remote batch cannot carry: it is sent the config's folder only."""
+    return ConfigError(
+        f"{source}: {path} is outside the config's folder ({base}): a remote batch is sent the config's folder "
+        "only; move the file there"
     )
 
 
@@ -96,11 +97,12 @@ def unpack(bundle: Bundle, root: Path) -> Path:
     folder = root / bundle.digest[:16]
     if not folder.is_dir():
         part = root / f".{folder.name}.{os.getpid()}"
+        executable = set(bundle.executable)
         for rel, data in bundle.files.items():
             path = _inside(part, rel)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(zlib.decompress(base64.b64decode(data)))
-            if rel in bundle.executable:
+            if rel in executable:
                 path.chmod(0o755)
         os.replace(part, folder)
     return _inside(folder, bundle.config)

@@ -402,21 +402,19 @@ class Up:
         host: The controller instance.
         created: Whether the instance was created now (else an existing one was reused).
         installed: Whether cloudsend was (re)installed on it (else the same code was already there).
-        layout: Where its files are.
         worker: The worker's name in its pool.
     """
 
     host: HostInfo
     created: bool
     installed: bool
-    layout: Layout
     worker: str
 
 
 def up(settings: ControllerSettings, *, passed: dict[str, str]) -> Up:
     """The controller running its worker, created or reused; the deployment pointed at its pool."""
-    from cloudsend_prefect.providers.aws.boot import idle_seconds
     from cloudsend_prefect.providers.aws.controller import ensure_controller
+    from cloudsend_prefect.runtime import HostRuntime
 
     api = prefect_api(settings)  # before anything is created: without an API there is nothing to run
     config = settings.batch_config()
@@ -429,10 +427,10 @@ def up(settings: ControllerSettings, *, passed: dict[str, str]) -> Up:
         name = worker_name(host.machine_id or host.name)
         env_text = env_file_text(api, layout, passed)
         write_worker_files(transport, layout, env_text, unit_text(layout, settings.pool, name))
-        # In contact: the dead-man switch counts from now, with the controller's own limit (see deadman.sh).
-        limit = idle_seconds(config)
-        _must(transport, f"mkdir -p .cloudsend && echo {limit} > .cloudsend/contact", "arming the idle guard")
+        # In contact: the dead-man switch counts from now, with the controller's own limit (see deadman.sh);
+        # the runtime's install arms it as a batch's client does.
+        HostRuntime.for_host(host, connections).install()
         register(settings, layout.work)
         _must(transport, START_WORKER(layout, settings.pool, name), "starting the worker")
     save_settings(settings)
-    return Up(host, created, installed, layout, name)
+    return Up(host, created, installed, name)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cloudsend_prefect import reporting
+from cloudsend_prefect import controller, remote, reporting
 from cloudsend_prefect.controller import ControllerError, load_settings
 from cloudsend_prefect.errors import ConfigError
 from cloudsend_prefect.resolve import Batch
@@ -61,7 +61,6 @@ def up(
 ) -> None:
     """Start the controller (create it, or start the stopped one), install this cloudsend there, run its worker,
     and point the deployment cloudsend/batch at its pool."""
-    from cloudsend_prefect import controller
 
     try:
         settings = load_settings(
@@ -94,7 +93,7 @@ def up(
         f"controller {host.machine_id} ({how}, {aws_data(host).instance_type}) at {host.address}: "
         f"worker {result.worker} "
         f"serves work pool {settings.pool}; cloudsend {'installed' if result.installed else 'already installed'}; "
-        f"deployment cloudsend/batch runs there ({time.monotonic() - started:.0f}s)",
+        f"deployment {remote.DEPLOYMENT} runs there ({time.monotonic() - started:.0f}s)",
         highlight=False,
     )
     out.print(
@@ -122,7 +121,6 @@ def _warn_if_loopback() -> None:
 @app.command()
 def status(project: ProjectOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The controller instance (state, address, uptime) and its worker's last heartbeat (from the Prefect API)."""
-    from cloudsend_prefect import controller
     from cloudsend_prefect.providers.aws.controller import controller_view
 
     settings = load_settings(project=project)
@@ -220,7 +218,6 @@ def run_remote(
 ) -> None:
     """Submit the batch to the controller's deployment and return (or, with ``wait``, follow it to its end);
     ``resolved``: the batch ``config`` describes, already resolved by the caller (not read again)."""
-    from cloudsend_prefect import controller, remote
     from cloudsend_prefect.bundle import pack
 
     try:
@@ -236,7 +233,7 @@ def run_remote(
     except (ConfigError, ControllerError) as exc:
         raise _fail(exc, 2 if isinstance(exc, ConfigError) else 1) from None
     out.print(
-        f"submitted batch {batch}: flow run {flow_run.name} ({flow_run.id}) of cloudsend/batch. "
+        f"submitted batch {batch}: flow run {flow_run.name} ({flow_run.id}) of {remote.DEPLOYMENT}. "
         f"`cloudsend status {config} --remote` follows it; `cloudsend fetch {batch}` gets its results",
         highlight=False,
     )
@@ -244,8 +241,7 @@ def run_remote(
         return
     seen = None
     while True:
-        run = remote.flow_run_of(batch)
-        state = run.state
+        state = remote.flow_run(flow_run.id).state
         if state and state.name != seen:
             seen = state.name
             out.print(f"{datetime.now(UTC):%H:%M:%S} {batch}: {state.name}", highlight=False)
@@ -258,14 +254,18 @@ def run_remote(
         time.sleep(POLL)
 
 
-def status_remote(config: Path, jobs: list[JobSpec], batch: str, as_json: bool) -> None:
-    """The batch's flow run and its jobs' task runs, from the Prefect API."""
-    from cloudsend_prefect import remote
-
+def _flow_run(batch: str) -> Any:
+    """The batch's newest flow run on the controller's deployment, or exit 1 saying there is none."""
     try:
-        run = remote.flow_run_of(batch)
+        return remote.flow_run_of(batch)
     except ControllerError as exc:
         raise _fail(exc) from None
+
+
+def status_remote(config: Path, jobs: list[JobSpec], batch: str, as_json: bool) -> None:
+    """The batch's flow run and its jobs' task runs, from the Prefect API."""
+
+    run = _flow_run(batch)
     runs = {r.name: r for r in remote.job_runs(run.id, {job.name for job in jobs})}
     rows = [{"job": job.name, "state": runs[job.name].state if job.name in runs else "not started"} for job in jobs]
     state = run.state.name if run.state else "?"
@@ -282,12 +282,8 @@ def status_remote(config: Path, jobs: list[JobSpec], batch: str, as_json: bool) 
 
 def logs_remote(job: JobSpec, batch: str) -> None:
     """What the job's task run logged (its live output for a job of more than a few seconds)."""
-    from cloudsend_prefect import remote
 
-    try:
-        run = remote.flow_run_of(batch)
-    except ControllerError as exc:
-        raise _fail(exc) from None
+    run = _flow_run(batch)
     found = remote.job_runs(run.id, {job.name})
     if not found:
         raise _fail(ControllerError(f"job {job.name} has no task run in batch {batch} yet"))
@@ -297,14 +293,10 @@ def logs_remote(job: JobSpec, batch: str) -> None:
 
 def cancel_remote(batch: str, names: list[str]) -> None:
     """Cancel the batch's flow run: its jobs on their hosts are cancelled by the flow."""
-    from cloudsend_prefect import remote
 
     if names:
         raise _fail(ControllerError("a remote batch is cancelled whole: give no job names"), 2)
-    try:
-        run = remote.flow_run_of(batch)
-    except ControllerError as exc:
-        raise _fail(exc) from None
+    run = _flow_run(batch)
     if run.state and run.state.is_final():
         out.print(f"batch {batch}: flow run {run.name} already ended ({run.state.name})")
         return

@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from pydantic import BaseModel
 
@@ -195,10 +195,7 @@ def parse_old_jobs(out: str) -> tuple[float, list[tuple[int, float, str]]]:
 
 def parse_env_state(word: str) -> EnvState:
     """An environment's state as the host wrote or printed it; absent when it gave none (or something else)."""
-    for state in ENV_STATES:
-        if word == state:
-            return state
-    return "absent"
+    return cast(EnvState, word) if word in ENV_STATES else "absent"
 
 
 def slots_arg(cpus: int, gpus: int) -> str:

@@ -4,9 +4,10 @@ batch name through the Prefect API (status, logs, cancel), their results fetched
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from cloudsend_prefect.bundle import Bundle
 from cloudsend_prefect.controller import (
@@ -19,6 +20,20 @@ from cloudsend_prefect.controller import (
 from cloudsend_prefect.transport import Transport
 
 DEPLOYMENT = f"{DEPLOYMENT_FLOW}/{DEPLOYMENT_NAME}"
+PAGE = 200  # rows per API read: the server's default and largest page (PREFECT_API_DEFAULT_LIMIT)
+
+T = TypeVar("T")
+
+
+def paged(read: Callable[[int, int], list[T]]) -> list[T]:
+    """Every row of an API listing, read a page at a time (``read(limit, offset)``) until a short page: one read
+    returns at most ``PAGE`` rows, so a batch of thousands of jobs needs several."""
+    rows: list[T] = []
+    while True:
+        page = read(PAGE, len(rows))
+        rows += page
+        if len(page) < PAGE:
+            return rows
 
 
 def submit(bundle: Bundle, batch: str, *, rerun: bool, bucket: str | None, exec_python_config: bool) -> Any:
@@ -44,6 +59,8 @@ def flow_run_of(batch: str) -> Any:
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
         FlowRunFilter,
         FlowRunFilterName,
     )
@@ -51,6 +68,7 @@ def flow_run_of(batch: str) -> Any:
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[DEPLOYMENT_FLOW])),
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[batch])),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT_NAME])),
             sort=FlowRunSort.START_TIME_DESC,
@@ -59,6 +77,14 @@ def flow_run_of(batch: str) -> Any:
     if not runs:
         raise ControllerError(f"no run of {DEPLOYMENT} for batch {batch} in the Prefect API")
     return max(runs, key=lambda r: r.created.timestamp() if r.created else 0.0)
+
+
+def flow_run(flow_run_id: Any) -> Any:
+    """A flow run as the API has it now (its state among the rest)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
 
 
 @dataclass
@@ -73,12 +99,20 @@ class JobRun:
 
 
 def job_runs(flow_run_id: Any, job_names: set[str]) -> list[JobRun]:
-    """The jobs' task runs of a flow run (its other tasks, provision or plan, left out), by job name."""
+    """The jobs' task runs of a flow run (its other tasks, provision or plan, left out), by job name; a few jobs
+    are looked for by name on the server, a whole batch read page by page."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
 
+    of_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    named = TaskRunFilter(name=TaskRunFilterName(any_=sorted(job_names))) if len(job_names) <= PAGE else None
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        runs = paged(
+            lambda limit, offset: client.read_task_runs(
+                flow_run_filter=of_run, task_run_filter=named, sort=TaskRunSort.ID_DESC, limit=limit, offset=offset
+            )
+        )
     newest: dict[str, Any] = {}
     for run in runs:
         if run.name in job_names and (run.name not in newest or run.created > newest[run.name].created):
@@ -92,9 +126,12 @@ def log_lines(task_run_id: Any) -> list[str]:
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
     from prefect.client.schemas.sorting import LogSort
 
+    of_run = LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id]))
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])), sort=LogSort.TIMESTAMP_ASC
+        logs = paged(
+            lambda limit, offset: client.read_logs(
+                log_filter=of_run, limit=limit, offset=offset, sort=LogSort.TIMESTAMP_ASC
+            )
         )
     return [log.message for log in logs]
 

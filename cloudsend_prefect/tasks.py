@@ -19,6 +19,7 @@ from prefect.states import Cancelled, Failed, State
 from cloudsend_prefect.config import BatchConfig
 from cloudsend_prefect.dispatch import BatchCancelled, Dispatcher
 from cloudsend_prefect.planning import Placement, plan
+from cloudsend_prefect.protocol import BUILDING, READY
 from cloudsend_prefect.providers import Connections, HostInfo, kept_hint, provision_all, release
 from cloudsend_prefect.reporting import plan_description, plan_table
 from cloudsend_prefect.results import JobResult, store_dir, store_lock, tail_lines
@@ -51,14 +52,14 @@ def bootstrap(host: HostInfo, env: EnvSpec, dispatcher: Dispatcher) -> str:
     runtime = dispatcher.runtime(host.name)
     state = runtime.ensure_env(env)
     logger = get_run_logger()
-    if state == "ready":
+    if state == READY:
         logger.info("environment %s (%s) already on %s: reused", env.name, env.key, host.name)
         return "reused"
     started = time.monotonic()
-    while state == "building":
+    while state == BUILDING:
         time.sleep(dispatcher.poll_interval)
         state = runtime.env_state(env)
-    if state != "ready":
+    if state != READY:
         tail = runtime.env_log_tail(env)
         raise BootstrapFailed(f"environment {env.name} failed to build on {host.name}; end of its log:\n{tail}")
     logger.info("environment %s built on %s in %.1fs", env.name, host.name, time.monotonic() - started)

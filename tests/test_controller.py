@@ -119,6 +119,22 @@ def test_unpack_refuses_paths_that_climb(tmp_path: Path) -> None:
     assert not (tmp_path / "evil").exists()
 
 
+def test_remote_listings_are_read_to_their_end_page_by_page() -> None:
+    """The API returns at most a page per read: a batch's task runs or a job's log lines past the first 200 are
+    read too, one page after another until a short one."""
+    from cloudsend_prefect import remote
+
+    rows, reads = list(range(2 * remote.PAGE + 50)), []
+
+    def read(limit: int, offset: int) -> list[int]:
+        reads.append(offset)
+        return rows[offset : offset + limit]
+
+    assert remote.paged(read) == rows
+    assert reads == [0, remote.PAGE, 2 * remote.PAGE]
+    assert remote.paged(lambda limit, offset: []) == []
+
+
 def test_up_needs_a_prefect_api_the_instance_can_reach() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

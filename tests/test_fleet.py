@@ -22,10 +22,10 @@ import pytest
 
 from cloudsend_prefect import dispatch, flow
 from cloudsend_prefect.flow import run_batch
+from cloudsend_prefect.protocol import FINAL_STATES
 from cloudsend_prefect.providers import aws
 from cloudsend_prefect.providers.aws import addresses as aws_addresses
 from cloudsend_prefect.results import BatchSummary
-from cloudsend_prefect.runtime import FINAL_STATES
 from tests.faults import (
     Fault,
     assert_done_once,

@@ -408,17 +408,18 @@ def test_old_lists_ended_jobs_of_batches_no_client_runs_and_forget_removes_only_
     if it has still ended, and nothing outside jobs/ whatever name it is given."""
     base, jobs = tmp_path / "rt", tmp_path / "rt" / protocol.JOBS
     sh(base, "true")
+    ended_at = int(time.time()) - 7200  # two hours ago, as the record's end file says (and its mtime)
     for batch, key, ended in [("b1", "old", True), ("b1", "running", False), ("live", "old", True)]:
         d = jobs / batch / key
         d.mkdir(parents=True)
         (d / "stdout").write_text("x" * 5000)
         if ended:
-            (d / protocol.END).write_text("1000.5\n")
-            os.utime(d / protocol.END, (time.time() - 7200, time.time() - 7200))
+            (d / protocol.END).write_text(f"{ended_at}.5\n")
+            os.utime(d / protocol.END, (ended_at, ended_at))
     sh(base, 'renew live 600 && renew b1 0 && touch -d "@$(($(date +%s) - 60))" "$BASE/$D_LEASES/b1"')
     now, rows = protocol.parse_old_jobs(sh(base, "old 60"))
     assert abs(now - time.time()) < 5
-    assert [(end, rel) for _, end, rel in rows] == [(1000.0, "b1/old")]
+    assert [(end, rel) for _, end, rel in rows] == [(float(ended_at), "b1/old")]
     assert rows[0][0] >= 4096  # its size, in bytes
     assert protocol.parse_old_jobs(sh(base, "old 180"))[1] == []  # not old enough
     (tmp_path / "outside").mkdir()

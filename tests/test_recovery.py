@@ -29,9 +29,9 @@ from typer.testing import CliRunner
 from cloudsend_prefect import dispatch
 from cloudsend_prefect.cli import app
 from cloudsend_prefect.flow import run_batch
+from cloudsend_prefect.protocol import FINAL_STATES
 from cloudsend_prefect.resolve import load_config
 from cloudsend_prefect.results import BatchSummary
-from cloudsend_prefect.runtime import FINAL_STATES
 from cloudsend_prefect.specs import expand_jobs
 from tests.faults import (
     CLOUDSEND,

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 
 from cloudsend_prefect import runtime
+from cloudsend_prefect.protocol import FINAL_STATES
 from cloudsend_prefect.providers import aws
 from cloudsend_prefect.providers.aws import hosts as aws_hosts
 from cloudsend_prefect.providers.aws import spot as aws_spot
 from cloudsend_prefect.providers.models import REMOTE_BASE_DIR
-from cloudsend_prefect.runtime import FINAL_STATES
 from tests.faults import Fault, assert_done_once, counted_jobs, forget_batch, host_statuses, wait_for, write_config
 from tests.moto_server import AwsEnv
 from tests.sshd import SshdHost

@@ -19,7 +19,6 @@ from pathlib import Path
 import uv
 
 from cloudsend_prefect import protocol
-from cloudsend_prefect.protocol import FINAL_STATES as FINAL_STATES  # re-exported: what tests import from here
 from cloudsend_prefect.protocol import EnvState, JobStatus
 from cloudsend_prefect.providers import Connections, HostInfo, upkeep
 from cloudsend_prefect.specs import DEFAULT_MAX_OUTPUT_BYTES, EnvSpec, FileSpec, JobSpec
@@ -143,8 +142,8 @@ class HostRuntime:
         architecture: nothing needs installing as root, and no download from outside a package registry.
         Otherwise the host installs python3-venv if it can, or the build fails saying what the host lacks.
         """
-        if self.env_state(env) == "ready":
-            return "ready"
+        if self.env_state(env) == protocol.READY:
+            return protocol.READY
         self.transport.run(f"mkdir -p {self._q(self.env_dir(env))}")
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in env.files.items():

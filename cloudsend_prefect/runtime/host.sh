@@ -1044,23 +1044,26 @@ arm() {
     echo "$1" >"$BASE/$F_CONTACT.tmp" && mv -f "$BASE/$F_CONTACT.tmp" "$BASE/$F_CONTACT"
 }
 
-# main COMMAND BASE ARG...: what the client (cloudsend_prefect.runtime.HostRuntime) or host.sh itself asks.
 # old BASE MINUTES: what `cloudsend prune` may remove here. The host's clock first (ages are the host's), then a
 # line per job whose end is over MINUTES old, skipping batches whose lease is live (a client is running them).
+# The end is read from the record's end file (builtins): only the jobs listed pay a fork, for their size.
 old() {
-    min=$1
     mark=$(mktemp) || exit 1
-    date +%s
+    clock=$(date +%s)
+    echo "$clock"
+    cut=$((clock - $1 * 60))
     for d in "$BASE/$D_JOBS"/*/*; do
         [ -f "$d/$J_END" ] || continue
+        e=
+        read -r e <"$d/$J_END"
+        e=${e%%.*}
+        case $e in '' | *[!0-9]*) continue ;; esac
+        [ "$e" -le "$cut" ] || continue
         b=${d%/*}
         b=${b##*/}
         # shellcheck disable=SC3013 # -nt: in every sh host.sh runs on (leases rely on it too)
-        if [ -f "$BASE/$D_LEASES/$b" ] && [ "$BASE/$D_LEASES/$b" -nt "$mark" ]; then continue; fi
-        [ -n "$(find "$d/$J_END" -mmin +"$min" 2>/dev/null)" ] || continue
-        e=0
-        read -r e <"$d/$J_END"
-        printf '%s %s %s\n' "$(du -sk "$d" | cut -f1)" "${e%%.*}" "${d#"$BASE/$D_JOBS"/}"
+        [ "$BASE/$D_LEASES/$b" -nt "$mark" ] && continue
+        printf '%s %s %s\n' "$(du -sk "$d" | cut -f1)" "$e" "${d#"$BASE/$D_JOBS"/}"
     done
     rm -f "$mark"
 }
@@ -1077,6 +1080,7 @@ forget() {
     return 0
 }
 
+# main COMMAND BASE ARG...: what the client (cloudsend_prefect.runtime.HostRuntime) or host.sh itself asks.
 main() {
     cmd=$1
     init "$2"
